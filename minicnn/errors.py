@@ -1,0 +1,17 @@
+"""The errors minicnn raises on bad input: each carries one sentence a user can act on."""
+
+
+class MinicnnError(Exception):
+    """Base class of every error minicnn raises on purpose."""
+
+
+class DataError(MinicnnError, ValueError):
+    """A dataset path, archive or image that cannot be used."""
+
+
+class CheckpointError(MinicnnError, ValueError):
+    """A model or checkpoint file that is missing, truncated, corrupt or not minicnn's."""
+
+
+class BackendError(MinicnnError, RuntimeError):
+    """A backend (CuPy, a GPU) that was asked for and is not available."""

@@ -1,0 +1,445 @@
+"""Layers: thin classes that own parameters, gradients and the cache; the maths is in minicnn.ops.
+
+Every layer has
+    forward(x, training=False) -> y      training=True keeps the cache backward needs
+    backward(dy) -> dx                   fills self.grads (same keys and shapes as self.params)
+    params, grads                        dicts of live arrays, named "weight" and "bias"
+    state                                non-trainable arrays (BatchNorm's running statistics)
+Images are NCHW. Parameters use PyTorch's shapes, so weights can be copied across.
+"""
+import math
+
+import numpy as np
+
+from minicnn import ops
+from minicnn.backend import array_module
+from minicnn.ops.im2col import to_pair, same_padding
+
+
+class Layer:
+    """Base class: bookkeeping shared by every layer; subclasses add forward and backward."""
+
+    def __init__(self):
+        self.params = {}
+        self.grads = {}
+        self.state = {}
+        self._cache = None
+
+    def __call__(self, x, training=False):
+        return self.forward(x, training)
+
+    def forward(self, x, training=False):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g[...] = 0
+
+    def config(self):
+        """The constructor arguments, JSON-serialisable: enough to rebuild the layer."""
+        return {}
+
+    def layers(self):
+        """The sub-layers of a container; none for a plain layer."""
+        return []
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- helpers for subclasses ---------------------------------------------------------------
+    def _add_param(self, name, value):
+        xp = array_module(value)
+        self.params[name] = value
+        self.grads[name] = xp.zeros_like(value)
+
+    def _keep(self, cache, training):
+        """Keep the cache only in training mode: inference holds on to no activations."""
+        self._cache = cache if training else None
+
+    def _cached(self):
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() was called before "
+                               f"forward(x, training=True); run a training forward pass first.")
+        return self._cache
+
+    def _check_input(self, x, ndim=None, channels=None, dtype=None):
+        """Raise ValueError naming the layer and the expected vs received shape or dtype.
+
+        ndim None: any number of dimensions; dtype None: any floating-point dtype.
+        """
+        name = type(self).__name__
+        layout = {None: "an array", 2: "(N, features)", 4: "(N, C, H, W)"}[ndim]
+        if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+            raise ValueError(f"{name} expects an array of shape {layout}, got {type(x).__name__}.")
+        if ndim is not None and x.ndim != ndim:
+            raise ValueError(f"{name} expects input of shape {layout}, got shape {tuple(x.shape)}.")
+        if channels is not None and x.shape[1] != channels:
+            what = "features" if ndim == 2 else "channels"
+            raise ValueError(f"{name} expects {channels} input {what}, got shape {tuple(x.shape)} "
+                             f"({x.shape[1]} {what}).")
+        if dtype is not None and x.dtype != dtype:
+            raise ValueError(f"{name} has {np.dtype(dtype).name} parameters and expects "
+                             f"{np.dtype(dtype).name} input, got {x.dtype}.")
+        if x.dtype.kind != "f":
+            raise ValueError(f"{name} expects floating-point input, got {x.dtype}.")
+
+
+def _uniform(rng, bound, shape, dtype):
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def _rng(rng):
+    return rng if rng is not None else np.random.default_rng()
+
+
+class Conv2D(Layer):
+    """2-D convolution, weight (out, in, kh, kw), bias (out,); padding int, pair, "same" or "valid".
+
+    Initialised as PyTorch's Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = to_pair(kernel_size, "kernel_size")
+        self.stride = to_pair(stride, "stride")
+        if padding not in ("same", "valid"):
+            padding = to_pair(padding, "padding")
+        self.padding = padding
+        self.dtype = np.dtype(dtype)
+        kh, kw = self.kernel_size
+        fan_in = in_channels * kh * kw
+        rng = _rng(rng)
+        bound = 1.0 / math.sqrt(fan_in)
+        self._add_param("weight", _uniform(rng, bound, (out_channels, in_channels, kh, kw), self.dtype))
+        if bias:
+            self._add_param("bias", _uniform(rng, bound, (out_channels,), self.dtype))
+
+    def _padding_for(self, h, w):
+        """((top, bottom), (left, right)) for an input of size h x w."""
+        if self.padding == "valid":
+            return (0, 0), (0, 0)
+        if self.padding == "same":
+            return (same_padding(h, self.kernel_size[0], self.stride[0]),
+                    same_padding(w, self.kernel_size[1], self.stride[1]))
+        ph, pw = self.padding
+        return (ph, ph), (pw, pw)
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4, self.in_channels, self.dtype)
+        pad = self._padding_for(*x.shape[2:])
+        if any(x.shape[2 + a] + sum(pad[a]) < self.kernel_size[a] for a in (0, 1)):
+            raise ValueError(f"Conv2D kernel {self.kernel_size} is larger than the padded input "
+                             f"of shape {tuple(x.shape)}.")
+        out, cache = ops.conv2d_forward(x, self.params["weight"], self.params.get("bias"),
+                                        self.stride, pad)
+        self._keep(cache, training)
+        return out
+
+    def backward(self, dy):
+        dx, dw, db = ops.conv2d_backward(dy, self._cached())
+        self.grads["weight"][...] = dw
+        if "bias" in self.grads:
+            self.grads["bias"][...] = db
+        return dx
+
+    def config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "bias": "bias" in self.params, "dtype": self.dtype.name}
+
+
+class _Pool2D(Layer):
+    """Shared constructor and checks of the pooling layers; stride defaults to the kernel size."""
+    _forward = _backward = None
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        self.kernel_size = to_pair(kernel_size, "kernel_size")
+        self.stride = to_pair(stride if stride is not None else kernel_size, "stride")
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4)
+        if x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
+            raise ValueError(f"{type(self).__name__} window {self.kernel_size} is larger than the "
+                             f"input of shape {tuple(x.shape)}.")
+        out, cache = type(self)._forward(x, self.kernel_size, self.stride)
+        self._keep(cache, training)
+        return out
+
+    def backward(self, dy):
+        return type(self)._backward(dy, self._cached())
+
+    def config(self):
+        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride)}
+
+
+class MaxPool2D(_Pool2D):
+    """Max over each window; the gradient goes to the (first) maximum."""
+    _forward, _backward = ops.maxpool2d_forward, ops.maxpool2d_backward
+
+
+class AvgPool2D(_Pool2D):
+    """Mean over each window; the gradient is shared equally."""
+    _forward, _backward = ops.avgpool2d_forward, ops.avgpool2d_backward
+
+
+class Dense(Layer):
+    """Fully connected: y = x @ weight.T + bias, weight (out, in). PyTorch's Linear init."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = np.dtype(dtype)
+        rng = _rng(rng)
+        bound = 1.0 / math.sqrt(in_features)
+        self._add_param("weight", _uniform(rng, bound, (out_features, in_features), self.dtype))
+        if bias:
+            self._add_param("bias", _uniform(rng, bound, (out_features,), self.dtype))
+
+    def forward(self, x, training=False):
+        self._check_input(x, 2, self.in_features, self.dtype)
+        y, cache = ops.dense_forward(x, self.params["weight"], self.params.get("bias"))
+        self._keep(cache, training)
+        return y
+
+    def backward(self, dy):
+        dx, dw, db = ops.dense_backward(dy, self._cached())
+        self.grads["weight"][...] = dw
+        if "bias" in self.grads:
+            self.grads["bias"][...] = db
+        return dx
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": "bias" in self.params, "dtype": self.dtype.name}
+
+
+class Flatten(Layer):
+    """(N, C, H, W) -> (N, C*H*W)."""
+
+    def forward(self, x, training=False):
+        if not hasattr(x, "ndim") or x.ndim < 2:
+            raise ValueError(f"Flatten expects input of shape (N, ...), got "
+                             f"{getattr(x, 'shape', type(x).__name__)}.")
+        self._keep(x.shape, training)
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy):
+        return dy.reshape(self._cached())
+
+
+class ReLU(Layer):
+    """y = max(x, 0)."""
+
+    def forward(self, x, training=False):
+        self._check_input(x)
+        y, mask = ops.relu_forward(x)
+        self._keep(mask, training)
+        return y
+
+    def backward(self, dy):
+        return ops.relu_backward(dy, self._cached())
+
+
+class Softmax(Layer):
+    """Softmax over the class axis of (N, K). For training, prefer SoftmaxCrossEntropy on logits."""
+
+    def forward(self, x, training=False):
+        self._check_input(x, 2)
+        y = ops.softmax(x)
+        self._keep(y, training)
+        return y
+
+    def backward(self, dy):
+        return ops.softmax_backward(dy, self._cached())
+
+
+class Dropout(Layer):
+    """Inverted dropout with probability p in training mode; the identity at inference.
+
+    rng: the numpy Generator that draws the masks (part of a checkpoint's state).
+    """
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout probability must be in [0, 1], got {p}.")
+        self.p = p
+        self.rng = _rng(rng)
+
+    def forward(self, x, training=False):
+        self._check_input(x)
+        if not training:
+            self._keep(None, False)
+            return x
+        if self.p == 0:
+            self._keep(1, True)                    # nothing dropped: a mask of ones
+            return x
+        y, mask = ops.dropout_forward(x, self.p, self.rng)
+        self._keep(mask, training)
+        return y
+
+    def backward(self, dy):
+        return ops.dropout_backward(dy, self._cached())
+
+    def config(self):
+        return {"p": self.p}
+
+
+class _BatchNorm(Layer):
+    """Batch normalisation over every axis but the channel, PyTorch's conventions:
+    biased variance to normalise, unbiased variance in the running estimate,
+    running = (1 - momentum) * running + momentum * batch.
+    """
+    ndim = None
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, dtype=np.float32):
+        super().__init__()
+        self.num_features, self.momentum, self.eps = num_features, momentum, eps
+        self.dtype = np.dtype(dtype)
+        self._add_param("weight", np.ones(num_features, dtype=self.dtype))
+        self._add_param("bias", np.zeros(num_features, dtype=self.dtype))
+        self.state["running_mean"] = np.zeros(num_features, dtype=self.dtype)
+        self.state["running_var"] = np.ones(num_features, dtype=self.dtype)
+
+    def forward(self, x, training=False):
+        self._check_input(x, self.ndim, self.num_features, self.dtype)
+        w, b = self.params["weight"], self.params["bias"]
+        if not training:
+            y, _, _ = ops.batchnorm_forward(x, w, b, self.eps,
+                                            self.state["running_mean"], self.state["running_var"])
+            self._keep(None, False)
+            return y
+        m = x.size // x.shape[1]
+        if m < 2:
+            raise ValueError(f"{type(self).__name__} needs more than one value per channel in "
+                             f"training mode, got input of shape {tuple(x.shape)}.")
+        y, cache, (mean, var) = ops.batchnorm_forward(x, w, b, self.eps)
+        mom = self.momentum
+        self.state["running_mean"][...] = (1 - mom) * self.state["running_mean"] + mom * mean
+        self.state["running_var"][...] = (1 - mom) * self.state["running_var"] + mom * var * (m / (m - 1))
+        self._keep(cache, training)
+        return y
+
+    def backward(self, dy):
+        dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._cached())
+        self.grads["weight"][...] = dgamma
+        self.grads["bias"][...] = dbeta
+        return dx
+
+    def config(self):
+        return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps,
+                "dtype": self.dtype.name}
+
+
+class BatchNorm2D(_BatchNorm):
+    """Batch norm of (N, C, H, W) over N, H and W."""
+    ndim = 4
+
+
+class BatchNorm1D(_BatchNorm):
+    """Batch norm of (N, C) over N."""
+    ndim = 2
+
+
+class Container(Layer):
+    """A layer made of named sub-layers; params, grads and state are flat "name.key" views
+    of the sub-layers' live arrays, built on each access.
+    """
+
+    def __init__(self):
+        self._cache = None
+
+    def named_layers(self):
+        raise NotImplementedError
+
+    def layers(self):
+        return [layer for _, layer in self.named_layers()]
+
+    def _flat(self, attr):
+        return {f"{name}.{k}": v for name, layer in self.named_layers()
+                for k, v in getattr(layer, attr).items()}
+
+    params = property(lambda self: self._flat("params"))
+    grads = property(lambda self: self._flat("grads"))
+    state = property(lambda self: self._flat("state"))
+
+    def zero_grad(self):
+        for layer in self.layers():
+            layer.zero_grad()
+
+
+def _as_layer(body):
+    from minicnn.model import Sequential
+    return Sequential(body) if isinstance(body, (list, tuple)) else body
+
+
+class Residual(Container):
+    """y = body(x) + shortcut(x): a ResNet block without autograd.
+
+    body: a layer or a list of layers; shortcut: None for the identity, or a layer/list (e.g. a
+    1x1 Conv2D projection, with stride, when the body changes the shape). Put the ReLU that
+    follows the addition after the block. dx = body.backward(dy) + shortcut.backward(dy).
+    """
+
+    def __init__(self, body, shortcut=None):
+        super().__init__()
+        self.body = _as_layer(body)
+        self.shortcut = _as_layer(shortcut) if shortcut is not None else None
+
+    def named_layers(self):
+        named = [("body", self.body)]
+        return named + [("shortcut", self.shortcut)] if self.shortcut is not None else named
+
+    def forward(self, x, training=False):
+        y = self.body.forward(x, training)
+        s = x if self.shortcut is None else self.shortcut.forward(x, training)
+        if y.shape != s.shape:
+            raise ValueError(f"Residual body output {tuple(y.shape)} does not match the shortcut "
+                             f"{tuple(s.shape)}; give the block a projection shortcut.")
+        self._keep(True, training)
+        return y + s
+
+    def backward(self, dy):
+        self._cached()
+        dx = self.body.backward(dy)
+        return dx + (dy if self.shortcut is None else self.shortcut.backward(dy))
+
+    def config(self):
+        return {"body": layer_config(self.body),
+                "shortcut": layer_config(self.shortcut) if self.shortcut is not None else None}
+
+
+# ---- (de)serialising layer descriptions ------------------------------------------------------
+def _registry():
+    from minicnn.model import Sequential
+    classes = [Conv2D, MaxPool2D, AvgPool2D, Dense, Flatten, ReLU, Softmax, Dropout,
+               BatchNorm2D, BatchNorm1D, Residual, Sequential]
+    return {cls.__name__: cls for cls in classes}
+
+
+def layer_config(layer):
+    """{"type": class name, **constructor arguments}, nested for containers."""
+    return {"type": type(layer).__name__, **layer.config()}
+
+
+def layer_from_config(config):
+    """Rebuild a layer (fresh parameters) from layer_config's output."""
+    config = dict(config)
+    cls = _registry().get(config.pop("type", None))
+    if cls is None:
+        raise ValueError(f"unknown layer type in config: {config!r}")
+    if cls is Residual:
+        config["body"] = layer_from_config(config["body"])
+        if config.get("shortcut") is not None:
+            config["shortcut"] = layer_from_config(config["shortcut"])
+    elif cls.__name__ == "Sequential":
+        config["layers"] = [layer_from_config(c) for c in config["layers"]]
+    return cls(**config)

@@ -1,0 +1,32 @@
+"""Losses: callables (logits, labels) -> (mean loss as a Python float, dlogits)."""
+from minicnn import ops
+
+
+class SoftmaxCrossEntropy:
+    """Softmax followed by cross-entropy, fused: the gradient is simply softmax(z) - target.
+
+    label_smoothing: eps in [0, 1); the target is (1 - eps) * onehot + eps / K, as PyTorch's
+    CrossEntropyLoss(label_smoothing=eps). Stable for logits of any magnitude (log-sum-exp).
+    """
+
+    def __init__(self, label_smoothing=0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, logits, labels):
+        """logits (N, K) float, labels (N,) ints in [0, K) -> (loss, dlogits (N, K))."""
+        if getattr(logits, "ndim", None) != 2:
+            raise ValueError(f"SoftmaxCrossEntropy expects logits of shape (N, K), got "
+                             f"{getattr(logits, 'shape', type(logits).__name__)}.")
+        if getattr(labels, "shape", None) != logits.shape[:1] or labels.dtype.kind not in "iu":
+            raise ValueError(f"SoftmaxCrossEntropy expects integer labels of shape "
+                             f"({logits.shape[0]},), got {getattr(labels, 'shape', labels)!r} "
+                             f"of {getattr(labels, 'dtype', type(labels).__name__)}.")
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+            raise ValueError(f"SoftmaxCrossEntropy labels must lie in [0, {logits.shape[1]}), got "
+                             f"values from {int(labels.min())} to {int(labels.max())}.")
+        return ops.softmax_cross_entropy(logits, labels, self.label_smoothing)
+
+    def __repr__(self):
+        return f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"

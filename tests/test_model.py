@@ -1,0 +1,173 @@
+"""Sequential, training a small model, save/load, and the errors users see on bad input."""
+import os
+
+import numpy as np
+import pytest
+
+import minicnn
+from minicnn import optim
+from minicnn.errors import CheckpointError
+from minicnn.layers import (BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D,
+                            ReLU, Residual, Softmax)
+from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.zoo import keras_tutorial
+
+
+def small_resnet(rng):
+    return minicnn.Sequential([
+        Conv2D(3, 8, 3, padding="same", rng=rng), BatchNorm2D(8), ReLU(),
+        Residual([Conv2D(8, 8, 3, padding=1, rng=rng), BatchNorm2D(8), ReLU(),
+                  Conv2D(8, 8, 3, padding=1, rng=rng), BatchNorm2D(8)]), ReLU(),
+        Residual([Conv2D(8, 16, 3, stride=2, padding=1, rng=rng), BatchNorm2D(16)],
+                 shortcut=Conv2D(8, 16, 1, stride=2, rng=rng)), ReLU(),
+        MaxPool2D(2), Flatten(), Dense(16 * 2 * 2, 16, rng=rng), BatchNorm1D(16), ReLU(),
+        Dropout(0.1, rng=rng), Dense(16, 10, rng=rng)])
+
+
+def test_small_model_overfits_64_random_images():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    model = small_resnet(rng)
+    opt = optim.Adam(model, lr=3e-3)
+    loss_fn = SoftmaxCrossEntropy()
+    for _ in range(150):
+        loss, d = loss_fn(model.forward(x, training=True), y)
+        model.backward(d)
+        opt.step()
+    accuracy = (model.forward(x).argmax(axis=1) == y).mean()
+    assert accuracy == 1.0, (accuracy, loss)
+
+
+def test_keras_tutorial_training_step_lowers_the_loss():
+    rng = np.random.default_rng(0)
+    model = keras_tutorial(rng=rng)
+    x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    loss_fn, opt = SoftmaxCrossEntropy(), optim.SGD(model, 0.05, momentum=0.9)
+    losses = []
+    for _ in range(10):
+        loss, d = loss_fn(model.forward(x, training=True), y)
+        losses.append(loss)
+        model.backward(d)
+        opt.step()
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == np.float32 for p in model.params.values())
+
+
+def test_params_and_grads_are_live_and_named_like_pytorch():
+    model = keras_tutorial(rng=np.random.default_rng(0))
+    assert list(model.params)[:2] == ["0.weight", "0.bias"]
+    assert model.params["0.weight"].shape == (32, 3, 3, 3)
+    assert model.params["9.weight"].shape == (64, 1024)
+    assert model.params.keys() == model.grads.keys()
+    model[0].params["weight"][...] = 0.5
+    assert np.all(model.params["0.weight"] == 0.5)
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    model.forward(x, training=True)
+    model.backward(np.ones((2, 10), np.float32))
+    assert np.abs(model.grads["11.bias"]).sum() > 0
+    model.zero_grad()
+    assert all(np.all(g == 0) for g in model.grads.values())
+
+
+def test_summary_table(capsys):
+    model = keras_tutorial(rng=np.random.default_rng(0))
+    lines = []
+    model.summary((3, 32, 32), print_fn=lines.append)
+    text = "\n".join(lines)
+    assert "Conv2D" in text and "(N, 64, 4, 4)" in text.replace("'", "")
+    assert "Total params: 122,570" in text
+    with pytest.raises(ValueError, match="input_shape"):
+        keras_tutorial().summary()
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    model = small_resnet(rng)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    model.forward(x, training=True)              # moves BatchNorm running statistics
+    path = tmp_path / "model.npz"
+    model.save(path, note="round trip")
+    loaded = minicnn.load(path)
+    np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+    assert loaded.state.keys() == model.state.keys()
+    assert repr(loaded) == repr(model)
+    assert [f for f in os.listdir(tmp_path)] == ["model.npz"]     # no temporary left behind
+
+
+def test_bad_model_files_raise_clear_errors(tmp_path):
+    path = tmp_path / "model.npz"
+    keras_tutorial(rng=np.random.default_rng(0)).save(path)
+    data = path.read_bytes()
+    cases = {
+        "truncated.npz": data[: len(data) // 2],
+        "corrupt.npz": data[:200] + bytes(b ^ 0xFF for b in data[200:400]) + data[400:],
+        "foreign.npz": b"just some text, not a model",
+        "empty.npz": b"",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=r"truncated or corrupt|not a minicnn file"):
+            minicnn.load(tmp_path / name)
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a minicnn file"):
+        minicnn.load(tmp_path / "plain.npz")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        minicnn.load(tmp_path / "missing.npz")
+
+
+def test_pickle_payload_is_never_unpickled(tmp_path):
+    import pickle
+    import zipfile
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    path = tmp_path / "evil.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("__minicnn__.npy", pickle.dumps(Boom()))
+    with pytest.raises(CheckpointError):
+        minicnn.load(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("layer,x,match", [
+    (Conv2D(3, 4, 3), np.zeros((2, 3, 8), np.float32), r"Conv2D expects input of shape \(N, C, H, W\), got shape \(2, 3, 8\)"),
+    (Conv2D(3, 4, 3), np.zeros((2, 5, 8, 8), np.float32), r"Conv2D expects 3 input channels, got shape \(2, 5, 8, 8\)"),
+    (Conv2D(3, 4, 3), np.zeros((2, 3, 8, 8), np.float64), r"Conv2D has float32 parameters and expects float32 input, got float64"),
+    (Conv2D(3, 4, 5), np.zeros((1, 3, 3, 3), np.float32), r"larger than the padded input"),
+    (Dense(10, 2), np.zeros((4, 9), np.float32), r"Dense expects 10 input features"),
+    (Dense(10, 2), np.zeros((4, 2, 5), np.float32), r"Dense expects input of shape \(N, features\)"),
+    (BatchNorm2D(4), np.zeros((2, 3, 2, 2), np.float32), r"BatchNorm2D expects 4 input channels"),
+    (MaxPool2D(2), np.zeros((2, 3), np.float32), r"MaxPool2D expects input of shape \(N, C, H, W\)"),
+    (MaxPool2D(4), np.zeros((1, 1, 3, 3), np.float32), r"larger than the input"),
+    (ReLU(), np.zeros((2, 3), np.int64), r"ReLU expects floating-point input"),
+    (Softmax(), [[1.0, 2.0]], r"Softmax expects an array"),
+])
+def test_bad_input_raises_value_error_naming_the_layer(layer, x, match):
+    with pytest.raises(ValueError, match=match):
+        layer.forward(x)
+
+
+@pytest.mark.parametrize("layer", [Conv2D(1, 1, 1), Dense(2, 2), MaxPool2D(2), ReLU(),
+                                   BatchNorm2D(1), Dropout(0.5), Flatten(), Softmax()])
+def test_backward_before_forward_is_a_clear_error(layer):
+    with pytest.raises(RuntimeError, match=r"backward\(\) was called before forward\(x, training=True\)"):
+        layer.backward(np.zeros((1, 1, 2, 2), np.float32))
+
+
+def test_inference_forward_keeps_no_cache():
+    layer = Conv2D(1, 1, 1)
+    layer.forward(np.zeros((1, 1, 2, 2), np.float32), training=True)
+    layer.forward(np.zeros((1, 1, 2, 2), np.float32))
+    with pytest.raises(RuntimeError):
+        layer.backward(np.zeros((1, 1, 2, 2), np.float32))
+
+
+def test_loss_rejects_bad_labels():
+    loss = SoftmaxCrossEntropy()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        loss(np.zeros((2, 3)), np.array([0, 3]))
+    with pytest.raises(ValueError, match="integer labels"):
+        loss(np.zeros((2, 3)), np.array([0.0, 1.0]))

@@ -1,0 +1,67 @@
+"""The fast NumPy paths against the nested-loop spec, and im2col/col2im as adjoints."""
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minicnn.layers import AvgPool2D, Conv2D, MaxPool2D
+from minicnn.ops import col2im, im2col
+from reference import conv2d_reference, pool2d_reference
+from strategies import conv_problems, pool_problems
+
+
+def _layer_and_input(problem, seed):
+    n, c, h, w, f, kernel, stride, padding = problem
+    rng = np.random.default_rng(seed)
+    layer = Conv2D(c, f, kernel, stride, padding, dtype=np.float64, rng=rng)
+    return layer, rng.standard_normal((n, c, h, w))
+
+
+@given(conv_problems(), st.integers(0, 2**32 - 1))
+def test_im2col_and_col2im_are_adjoint(problem, seed):
+    layer, x = _layer_and_input(problem, seed)
+    pad = layer._padding_for(*x.shape[2:])
+    cols = im2col(x, layer.kernel_size, layer.stride, pad)
+    c = np.random.default_rng(seed + 1).standard_normal(cols.shape)
+    lhs = np.vdot(cols, c)                                   # <im2col(x), c>
+    rhs = np.vdot(x, col2im(c, x.shape, layer.kernel_size, layer.stride, pad))  # <x, col2im(c)>
+    assert np.isclose(lhs, rhs, rtol=1e-10, atol=1e-10)
+
+
+@given(conv_problems(), st.integers(0, 2**32 - 1))
+def test_conv_matches_nested_loop_reference(problem, seed):
+    layer, x = _layer_and_input(problem, seed)
+    pad = layer._padding_for(*x.shape[2:])
+    expected = conv2d_reference(x, layer.params["weight"], layer.params["bias"], layer.stride, pad)
+    np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_same_padding_keeps_size_and_valid_shrinks():
+    x = np.zeros((1, 2, 9, 8), dtype=np.float32)
+    assert Conv2D(2, 4, 3, padding="same").forward(x).shape == (1, 4, 9, 8)
+    assert Conv2D(2, 4, (4, 2), padding="same").forward(x).shape == (1, 4, 9, 8)
+    assert Conv2D(2, 4, 3, stride=2, padding="same").forward(x).shape == (1, 4, 5, 4)
+    assert Conv2D(2, 4, 3, padding="valid").forward(x).shape == (1, 4, 7, 6)
+
+
+@given(pool_problems(), st.integers(0, 2**32 - 1))
+def test_maxpool_matches_reference(problem, seed):
+    n, c, h, w, kernel, stride = problem
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w))
+    out = MaxPool2D(kernel, stride).forward(x)
+    np.testing.assert_array_equal(out, pool2d_reference(x, kernel, stride, np.max))
+
+
+@given(pool_problems(), st.integers(0, 2**32 - 1))
+def test_avgpool_matches_reference(problem, seed):
+    n, c, h, w, kernel, stride = problem
+    x = np.random.default_rng(seed).standard_normal((n, c, h, w))
+    out = AvgPool2D(kernel, stride).forward(x)
+    np.testing.assert_allclose(out, pool2d_reference(x, kernel, stride, np.mean), rtol=1e-12)
+
+
+def test_maxpool_ties_send_the_gradient_to_the_first_maximum():
+    x = np.ones((1, 1, 2, 2))
+    pool = MaxPool2D(2)
+    pool.forward(x, training=True)
+    dx = pool.backward(np.full((1, 1, 1, 1), 3.0))
+    np.testing.assert_array_equal(dx, [[[[3.0, 0.0], [0.0, 0.0]]]])
