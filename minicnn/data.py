@@ -148,7 +148,8 @@ def _cached(kind, key_parts, build):
     path = cache_dir() / f"{kind}-{key}.npz"
     if path.exists():
         try:
-            with np.load(path, allow_pickle=False) as z:
+            # Opened here, so the file is closed even when np.load finds no zip in it.
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
                 has_test = "x_test" in z.files
                 return Dataset(x_train=z["x_train"], y_train=z["y_train"],
                                x_test=z["x_test"] if has_test else None,
@@ -188,7 +189,7 @@ def load_cifar10(path=None, url=CIFAR10_BINARY_URL, md5=CIFAR10_BINARY_MD5):
     """
     if path is None:
         path = cache_dir() / url.rsplit("/", 1)[-1]
-        if not path.exists() or file_md5(path) != md5:
+        if not path.exists() or (md5 is not None and file_md5(path) != md5):
             download(url, path, md5=md5)
         expected_md5 = None                                  # verified just above
     else:
@@ -246,7 +247,7 @@ def _parse_cifar_files(files, source):
     if binary:
         classes = [line.strip() for line in files[meta].decode().splitlines() if line.strip()]
     else:
-        labels = _unpickle(files[meta], source).get(b"label_names")
+        labels = _unpickle(files[meta], source).get("label_names")
         if not isinstance(labels, list):
             raise DataError(f"{source} has a batches.meta without label names; "
                             f"it is not a CIFAR-10 archive.")
@@ -268,9 +269,9 @@ def _parse_binary_batch(raw, source):
 
 
 def _parse_python_batch(raw, source):
-    """One python-version batch: {b"data": (n, 3072) uint8, b"labels": [n ints]}."""
+    """One python-version batch: {"data": (n, 3072) uint8, "labels": [n ints]} -> images, labels."""
     batch = _unpickle(raw, source)
-    data, labels = batch.get(b"data"), batch.get(b"labels")
+    data, labels = batch.get("data"), batch.get("labels")
     if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
             or data.shape[1] != 3072 or labels is None or len(labels) != len(data)):
         raise DataError(f"{source} has a batch that is not a CIFAR-10 python batch; "
@@ -301,7 +302,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def _unpickle(raw, source):
-    """Load one CIFAR-10 python batch (a dict with bytes keys) through the restricted Unpickler."""
+    """Load one CIFAR-10 python batch through the restricted Unpickler; keys come back as str."""
     try:
         obj = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except DataError as error:
@@ -312,7 +313,8 @@ def _unpickle(raw, source):
     if not isinstance(obj, dict):
         raise DataError(f"{source} holds a batch that is not a dict; "
                         f"it is not a CIFAR-10 python archive.")
-    return obj
+    # Python 2 wrote the keys as str, which encoding="bytes" reads back as bytes.
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
 # ---------------------------------------------------------------- image folders
@@ -331,22 +333,24 @@ def load_image_folder(root, image_size=(32, 32)):
         raise DataError(f"Data path {root} does not exist.")
     if not root.is_dir():
         raise DataError(f"{root} is not a directory; give a folder of class folders.")
-    train_dir, test_dir = (root / "train", root / "test") if (root / "train").is_dir() else (root, None)
-    has_test = test_dir is not None and test_dir.is_dir()
+    split_layout = (root / "train").is_dir()
+    train_dir = root / "train" if split_layout else root
+    test_dir = root / "test"
+    has_test = split_layout and test_dir.is_dir()
     listing = _list_class_files(train_dir)
+    classes = sorted(listing)
     test_listing = _list_class_files(test_dir) if has_test else {}
-    key = (str(root.resolve()), tuple(image_size),
-           [_signature_of_listing(train_dir, listing), _signature_of_listing(test_dir, test_listing)])
+    unknown = sorted(set(test_listing) - set(classes))
+    if unknown:
+        raise DataError(f"{test_dir} has class folders {unknown} that {train_dir} lacks; "
+                        f"give the test split only classes the training split has.")
+    key = (str(root.resolve()), tuple(image_size), _signature_of_listing(train_dir, listing),
+           _signature_of_listing(test_dir, test_listing) if has_test else None)
 
     def build():
-        classes = sorted(listing)
         x_train, y_train = _decode_class_files(train_dir, listing, classes, image_size)
         if not has_test:
             return Dataset(x_train, y_train, None, None, classes)
-        unknown = sorted(set(test_listing) - set(classes))
-        if unknown:
-            raise DataError(f"{test_dir} has class folders {unknown} that {train_dir} lacks; "
-                            f"give the test split only classes the training split has.")
         x_test, y_test = _decode_class_files(test_dir, test_listing, classes, image_size)
         return Dataset(x_train, y_train, x_test, y_test, classes)
 
@@ -371,9 +375,26 @@ def _list_class_files(folder):
 def _signature_of_listing(folder, listing):
     """Sorted (relative path, size, mtime) of every listed file: cheap to compute, and it
     changes when any image is added, removed or rewritten."""
-    return [(f"{c}/{n}", s.st_size, s.st_mtime_ns)
-            for c in sorted(listing) for n in listing[c]
-            for s in [os.stat(Path(folder) / c / n)]]
+    signature = []
+    for name in sorted(listing):
+        for file_name in listing[name]:
+            stat = os.stat(Path(folder) / name / file_name)
+            signature.append((f"{name}/{file_name}", stat.st_size, stat.st_mtime_ns))
+    return signature
+
+
+def decode_image(path, image_size=(32, 32)):
+    """One image file -> uint8 (3, H, W): converted to RGB (from grayscale, RGBA, palette...) and
+    resized bilinearly to image_size = (H, W) when its size differs. DataError if unreadable."""
+    height, width = image_size
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        if rgb.size != (width, height):                                     # PIL sizes are (W, H)
+            rgb = rgb.resize((width, height), Image.BILINEAR)
+        return np.asarray(rgb).transpose(2, 0, 1)                           # (H,W,3) -> (3,H,W)
+    except (OSError, SyntaxError, ValueError) as e:   # not an image, or a truncated one
+        raise DataError(f"Cannot read {path} as an image ({type(e).__name__}).") from None
 
 
 def _decode_class_files(folder, listing, classes, image_size):
@@ -386,12 +407,8 @@ def _decode_class_files(folder, listing, classes, image_size):
     for path, label in tqdm(paths, desc=f"decoding {folder}", unit="img",
                             disable=not sys.stderr.isatty()):
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if image.size != (width, height):                           # PIL sizes are (W, H)
-                    image = image.resize((width, height), Image.BILINEAR)
-                images[count] = np.asarray(image).transpose(2, 0, 1)         # (H,W,3) -> (3,H,W)
-        except (OSError, SyntaxError):   # not an image, or a truncated one
+            images[count] = decode_image(path, image_size)
+        except DataError:
             skipped.append(path)
             continue
         labels[count] = label
@@ -548,8 +565,8 @@ class BatchIterator:
                             f"use a smaller batch size.")
         if shuffle and rng is None:
             raise ValueError("BatchIterator(shuffle=True) needs rng=np.random.default_rng(seed).")
-        self.x, self.y = x, y
-        self.batch_size, self.shuffle, self.rng, self.drop_last = batch_size, shuffle, rng, drop_last
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.shuffle, self.rng, self.drop_last = shuffle, rng, drop_last
 
     def __len__(self):
         if self.drop_last:
@@ -557,7 +574,7 @@ class BatchIterator:
         return -(-len(self.x) // self.batch_size)                            # ceil division
 
     def __iter__(self):
-        # Drawn here, not lazily on the first next(), so the rng state before iter() fixes the epoch.
+        # Drawn here, not on the first next(), so the rng state before iter() fixes the epoch.
         order = self.rng.permutation(len(self.x)) if self.shuffle else np.arange(len(self.x))
         return self._batches(order)
 

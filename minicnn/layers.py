@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from minicnn import ops
-from minicnn.backend import array_module
+from minicnn.backend import array_module, to_device
 from minicnn.ops.im2col import to_pair, same_padding
 
 
@@ -45,6 +45,14 @@ class Layer:
     def layers(self):
         """The sub-layers of a container; none for a plain layer."""
         return []
+
+    def to(self, backend):
+        """Move parameters, gradients and state to backend ("numpy" or "cupy"); returns self."""
+        for arrays in (self.params, self.grads, self.state):
+            for name in arrays:
+                arrays[name] = to_device(arrays[name], backend)
+        self._cache = None
+        return self
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -374,6 +382,12 @@ class Container(Layer):
     def zero_grad(self):
         for layer in self.layers():
             layer.zero_grad()
+
+    def to(self, backend):
+        for layer in self.layers():
+            layer.to(backend)
+        self._cache = None
+        return self
 
 
 def _as_layer(body):

@@ -3,6 +3,7 @@ import hashlib
 import http.server
 import io
 import pickle
+import struct
 import tarfile
 import threading
 
@@ -29,20 +30,46 @@ def binary_batch(images, labels):
 def binary_files(batches):
     """{file name: bytes} of cifar-10-batches-bin/."""
     files = {name + ".bin": binary_batch(*batches[name]) for name in BATCHES}
-    files["batches.meta.txt"] = ("\n".join(CLASSES) + "\n\n").encode()   # the real one ends in blank lines
+    # The real batches.meta.txt ends in blank lines.
+    files["batches.meta.txt"] = ("\n".join(CLASSES) + "\n\n").encode()
     return files
 
 
-def python_files(batches):
-    """{file name: bytes} of cifar-10-batches-py/: protocol-3 pickles of dicts with bytes keys
-    and a uint8 (n, 3072) array, like the Python 2 pickles of the official archive."""
-    files = {name: pickle.dumps({b"batch_label": name.encode(),
-                                 b"labels": [int(v) for v in labels],
-                                 b"data": images.reshape(len(images), 3072),
-                                 b"filenames": [b"x.png"] * len(images)}, protocol=3)
+class _Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2 did for the official archive: protocol 2, strings as BINSTRING
+    opcodes (read back as bytes with encoding="bytes"), numpy.core.multiarray._reconstruct."""
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_binstring(self, obj):                  # no memo entry: every string is written out
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+
+    dispatch[bytes] = save_binstring
+    dispatch[str] = save_binstring
+
+
+def python2_dumps(obj):
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+
+def numpy2_dumps(obj):
+    """A pickle as Python 3 and NumPy 2 write it (numpy._core.multiarray._reconstruct)."""
+    return pickle.dumps(obj, protocol=3)
+
+
+def python_files(batches, dumps=python2_dumps):
+    """{file name: bytes} of cifar-10-batches-py/: pickled dicts with a uint8 (n, 3072) array."""
+    files = {name: dumps({"batch_label": name,
+                          "labels": [int(v) for v in labels],
+                          "data": images.reshape(len(images), 3072),
+                          "filenames": ["x.png"] * len(images)})
              for name, (images, labels) in batches.items()}
-    files["batches.meta"] = pickle.dumps({b"label_names": [c.encode() for c in CLASSES],
-                                          b"num_vis": 3072}, protocol=3)
+    files["batches.meta"] = dumps({"label_names": CLASSES, "num_vis": 3072})
     return files
 
 

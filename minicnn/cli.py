@@ -1,0 +1,25 @@
+"""What the command-line tools share: one sentence on stderr and a non-zero status for bad input."""
+import sys
+
+from minicnn.errors import MinicnnError
+
+EXIT_BAD_INPUT = 2
+
+
+def run(main, argv=None):
+    """Call main(argv); a MinicnnError (or a ValueError from bad arguments) becomes one line on
+    stderr and exit status 2. --debug shows the full traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return main(argv)
+    except (MinicnnError, ValueError) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
