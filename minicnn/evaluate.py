@@ -62,7 +62,7 @@ def evaluate(checkpoint, data=None, backend="numpy", batch_size=500, tta=False):
     return report
 
 
-def main(argv=None):
+def _main(argv):
     args = build_parser().parse_args(argv)
     report = evaluate(args.checkpoint, args.data, args.backend, args.batch_size, args.tta)
     if args.json:
@@ -73,5 +73,10 @@ def main(argv=None):
     return 0
 
 
+def main(argv=None):
+    """The command line: exit status 0, or 2 with one sentence on stderr for bad input."""
+    return run(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(main())

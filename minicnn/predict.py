@@ -61,12 +61,17 @@ def predict(checkpoint, images, top=3, backend="numpy"):
     return results
 
 
-def main(argv=None):
+def _main(argv):
     args = build_parser().parse_args(argv)
     for path, note, ranked in predict(args.checkpoint, args.images, args.top, args.backend):
         print(f"{path}{note}: " + " | ".join(f"{name} {prob:.3f}" for name, prob in ranked))
     return 0
 
 
+def main(argv=None):
+    """The command line: exit status 0, or 2 with one sentence on stderr for bad input."""
+    return run(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(main())

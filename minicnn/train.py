@@ -311,6 +311,8 @@ def fit(**overrides):
             layer.rng.bit_generator.state = state
         print(f"Resuming {last_path} at epoch {info['epoch'] + 1}, step {info['step']}.")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.tmp"):        # left by a run killed while writing a file
+        stale.unlink()
     _write_json(out / "settings.json", {"settings": s, "code_version": code_version(),
                                         "classes": d["classes"], "train_images": len(d["x_train"]),
                                         "val_images": len(d["x_val"])})
@@ -319,7 +321,8 @@ def fit(**overrides):
     loop = dict(s=s, d=d, xp=xp, model=model, optimizer=optimizer, schedule=schedule,
                 schedule_unit=schedule_unit, rng_order=rng_order, rng_augment=rng_augment,
                 steps_per_epoch=steps_per_epoch, out=out, info=info)
-    with _StopSignal() as stop:
+    # A diverging loss is reported by the loop in one sentence, not by NumPy's overflow warnings.
+    with _StopSignal() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         status = _train(loop, stop)
     if status == "interrupted":
         return {"status": status, "history": info["history"], "out": str(out),
@@ -354,10 +357,12 @@ def _train(loop, stop):
             loss, dlogits = loss_fn(logits, yb_dev)
             if not math.isfinite(loss):
                 bar.close()
+                last = loop["out"] / "last.npz"
+                kept = (f"the last good checkpoint is {last}" if last.exists()
+                        else "no checkpoint had been written yet")
                 raise TrainingStopped(
                     f"The loss became {loss} at epoch {epoch}, step {i + 1}; training stopped and "
-                    f"the last good checkpoint is {loop['out'] / 'last.npz'}. Try a lower "
-                    f"learning rate than --lr {s['lr']}.")
+                    f"{kept}. Try a lower learning rate than --lr {s['lr']}.")
             model.backward(dlogits)
             loop["optimizer"].step()
             if loop["schedule_unit"] == "batch":
@@ -423,6 +428,8 @@ def _end_of_epoch(loop, seconds):
 
 def _save(loop, name):
     info, s = loop["info"], loop["s"]
+    if info["step"] == 0:    # between epochs: the next epoch's order comes from the current state
+        info["rng"]["order"] = loop["rng_order"].bit_generator.state
     info["rng"]["augment"] = loop["rng_augment"].bit_generator.state
     info["rng"]["dropout"] = [layer.rng.bit_generator.state for layer in _dropout_layers(loop["model"])]
     info["schedule"] = loop["schedule"].state_dict() if loop["schedule"] is not None else None
@@ -517,7 +524,7 @@ def _softmax_np(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def main(argv=None):
+def _main(argv):
     args = build_parser().parse_args(argv)
     result = fit(**vars(args))
     if result["status"] == "interrupted":
@@ -525,5 +532,10 @@ def main(argv=None):
     return 0
 
 
+def main(argv=None):
+    """The command line: exit status 0, or 2 with one sentence on stderr for bad input."""
+    return run(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(main())

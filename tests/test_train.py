@@ -1,0 +1,203 @@
+"""The training tool end to end on tiny synthetic data: train, evaluate, predict, resume, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import minicnn
+from minicnn import evaluate, predict, train
+
+CLASSES = ["circle", "cross", "stripes"]
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+
+
+def _image(kind, rng, size=32):
+    """A noisy 32x32 RGB picture whose class is visible: a colour and a shape."""
+    img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    r, c = np.mgrid[:size, :size]
+    if kind == "circle":
+        img[(r - 16) ** 2 + (c - 16) ** 2 < 80] = (220, 40, 40)
+    elif kind == "cross":
+        img[(abs(r - c) < 3) | (abs(r + c - 31) < 3)] = (40, 220, 40)
+    else:
+        img[(c // 4) % 2 == 0] = (40, 40, 220)
+    return img
+
+
+def make_folder(root, per_class=24, seed=0, classes=CLASSES):
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(_image(name, rng)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
+    return make_folder(tmp_path / "shapes")
+
+
+def _train_args(folder, out, *extra):
+    return ["--data", str(folder), "--out", str(out), "--epochs", "2", "--batch-size", "16",
+            "--val-split", "0.25", *extra]
+
+
+def test_train_cli_writes_checkpoints_history_report_and_pictures(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--augment", "crop+flip")) == 0
+    printed = capsys.readouterr().out
+    assert train.TABLE_HEADER in printed and "top-1 accuracy" in printed
+    for name in ("last.npz", "best.npz", "history.json", "history.csv", "settings.json",
+                 "curves.png", "report.json", "confusion.png", "predictions.png"):
+        assert (out / name).is_file(), name
+    for name in ("curves.png", "confusion.png", "predictions.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((out / "history.json").read_text())
+    assert history["epoch"] == [1, 2] and len(history["val_acc"]) == 2
+    assert (out / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss")
+    report = json.loads((out / "report.json").read_text())
+    assert {"top1", "top5", "per_class", "confusion"} <= report.keys()
+    assert set(report["per_class"]) == set(CLASSES)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["settings"]["batch_size"] == 16 and settings["code_version"]
+    model = minicnn.load(out / "last.npz")
+    assert isinstance(model, minicnn.Sequential)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_training_learns_the_synthetic_classes(folder, tmp_path):
+    result = train.fit(data=str(folder), out=str(tmp_path / "run"), epochs=6, batch_size=16,
+                       val_split=0.25, lr=3e-3)
+    assert result["status"] == "finished"
+    assert result["history"]["val_acc"][-1] >= 0.9       # chance is 1/3
+
+
+def test_evaluate_json_and_predict(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(_train_args(folder, out))
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(out / "best.npz"), "--data", str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"top1", "top5", "per_class", "confusion"} <= report.keys()
+    assert report["num_samples"] == 72 and np.array(report["confusion"]).sum() == 72
+    # a grayscale image of another size is converted and resized, and says so
+    gray = tmp_path / "gray.png"
+    Image.fromarray(_image("circle", np.random.default_rng(1), 48)[..., 0]).save(gray)
+    assert predict.main(["--checkpoint", str(out / "best.npz"), "--top", "2", str(gray)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "converted L to RGB" in line and "resized 48x48 to 32x32" in line
+    assert sum(name in line for name in CLASSES) == 2
+
+
+def test_evaluate_rejects_unknown_class_folders(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(_train_args(folder, out))
+    other = make_folder(tmp_path / "other", per_class=2, classes=["circle", "zebra"])
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(out / "best.npz"), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "zebra" in err and "Traceback" not in err
+
+
+def test_resume_refuses_other_settings_unless_forced(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(_train_args(folder, out, "--epochs", "1"))
+    capsys.readouterr()
+    assert train.main(_train_args(folder, out, "--resume", "--lr", "0.01")) == 2
+    err = capsys.readouterr().err
+    assert "--lr was 0.001, now 0.01" in err and "--epochs was 1, now 2" in err and "--force" in err
+    assert train.main(_train_args(folder, out, "--resume", "--lr", "0.01", "--force")) == 0
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2]
+
+
+def _sigterm_after(calls, monkeypatch, module, name):
+    """Wrap module.name so that its calls-th call sends this process SIGTERM."""
+    original, count = getattr(module, name), {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] == calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    monkeypatch.setattr(module, name, wrapped)
+
+
+@pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
+def test_sigterm_saves_and_resume_continues_exactly(folder, tmp_path, monkeypatch, capsys, where):
+    """A run stopped by SIGTERM and resumed ends bitwise equal to an uninterrupted run."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = dict(data=str(folder), batch_size=16, val_split=0.25, augment="crop+flip+cutout",
+                  epochs=3, schedule="cosine", optimizer="sgd", lr=0.02, model="keras-tutorial")
+    train.fit(out=str(whole), **common)
+    if where == "epoch end":
+        _sigterm_after(1, monkeypatch, train, "_end_of_epoch")
+    else:
+        _sigterm_after(5, monkeypatch, train.datasets, "augment")      # during epoch 2
+    stopped = train.fit(out=str(split), **common)
+    assert stopped["status"] == "interrupted"
+    err = capsys.readouterr().err
+    assert "SIGTERM received" in err and "--resume" in err
+    monkeypatch.undo()
+    train.fit(out=str(split), resume=True, **common)
+    a, b = (minicnn.load(d / "last.npz") for d in (whole, split))
+    for name, value in a.params.items():
+        np.testing.assert_array_equal(value, b.params[name])
+    ha, hb = (json.loads((d / "history.json").read_text()) for d in (whole, split))
+    ha.pop("seconds"), hb.pop("seconds")
+    assert ha == hb
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/dir"], "Data path /no/such/dir does not exist."),
+    (["--batch-size", "1000"], "larger than the training split"),
+    (["--backend", "cupy"], "cupy backend needs"),
+    (["--optimizer", "rmsprop"], "--optimizer must be sgd, adam or adamw"),
+    (["--augment", "rotate"], "--augment takes none or crop, flip, cutout"),
+    (["--resume"], "no checkpoint to resume from"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(folder, tmp_path, capsys, args, message):
+    argv = ["--data", str(folder), "--out", str(tmp_path / "run"), "--epochs", "1"] + args
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_nan_loss_stops_with_a_suggestion(folder, tmp_path, capsys):
+    args = _train_args(folder, tmp_path / "run", "--optimizer", "sgd", "--lr", "1e12")
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "The loss became" in err and "lower learning rate" in err
+
+
+def test_cli_runs_as_a_module(folder, tmp_path):
+    env = dict(os.environ, MINICNN_DATA=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "minicnn.train", "--data", "/no/such/dir"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: Data path /no/such/dir does not exist."
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="the shared CIFAR-10 JPEG archive is absent")
+def test_brief_training_on_a_slice_of_real_cifar10(tmp_path, monkeypatch):
+    """2,000 real CIFAR-10 images (200 per class): a few epochs land far above chance (10%)."""
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
+    root = tmp_path / "cifar-slice"
+    with tarfile.open(SHARED) as tar:
+        members = [m for m in tar.getmembers()
+                   if m.isfile() and int(Path(m.name).stem) < 200]
+        tar.extractall(root, members=members, filter="data")
+    folder = next(p.parent.parent for p in root.rglob("*.jpg"))
+    result = train.fit(data=str(folder), out=str(tmp_path / "run"), epochs=4, batch_size=32,
+                       val_split=0.2, seed=0)
+    assert len(result["history"]["val_acc"]) == 4
+    assert result["history"]["val_acc"][-1] > 0.3
