@@ -8,6 +8,7 @@ import tarfile
 import threading
 
 import numpy as np
+from PIL import Image
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck"]
@@ -125,3 +126,29 @@ class LocalServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# ---- a tiny image-folder dataset the models can learn in seconds ----------------------------
+SHAPES = ["circle", "cross", "stripes"]
+
+
+def shape_image(kind, rng, size=32):
+    """A noisy 32x32 RGB picture whose class is visible: a colour and a shape."""
+    img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    r, c = np.mgrid[:size, :size]
+    if kind == "circle":
+        img[(r - 16) ** 2 + (c - 16) ** 2 < 80] = (220, 40, 40)
+    elif kind == "cross":
+        img[(abs(r - c) < 3) | (abs(r + c - 31) < 3)] = (40, 220, 40)
+    else:
+        img[(c // 4) % 2 == 0] = (40, 40, 220)
+    return img
+
+
+def make_folder(root, per_class=24, seed=0, classes=SHAPES):
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(shape_image(name, rng)).save(root / name / f"{i:03d}.png")
+    return root

@@ -12,32 +12,10 @@ import pytest
 from PIL import Image
 
 import minicnn
+from _data_helpers import SHAPES as CLASSES, make_folder, shape_image as _image
 from minicnn import evaluate, predict, train
 
-CLASSES = ["circle", "cross", "stripes"]
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
-
-
-def _image(kind, rng, size=32):
-    """A noisy 32x32 RGB picture whose class is visible: a colour and a shape."""
-    img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
-    r, c = np.mgrid[:size, :size]
-    if kind == "circle":
-        img[(r - 16) ** 2 + (c - 16) ** 2 < 80] = (220, 40, 40)
-    elif kind == "cross":
-        img[(abs(r - c) < 3) | (abs(r + c - 31) < 3)] = (40, 220, 40)
-    else:
-        img[(c // 4) % 2 == 0] = (40, 40, 220)
-    return img
-
-
-def make_folder(root, per_class=24, seed=0, classes=CLASSES):
-    rng = np.random.default_rng(seed)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(_image(name, rng)).save(root / name / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture
