@@ -50,7 +50,7 @@ HYPERPARAMETERS = {
     "optimizer": (None, str, "sgd (Nesterov momentum 0.9), adam or adamw"),
     "lr": (None, float, "learning rate; the peak rate for --schedule onecycle"),
     "weight_decay": (None, float, "L2 penalty (decoupled for adamw)"),
-    "schedule": (None, str, "none, step (x0.1 at 50%% and 75%% of the epochs), cosine, "
+    "schedule": (None, str, "none, step (x0.1 after each third of the epochs), cosine, "
                             "onecycle (linear warm-up then linear decay, per step) or plateau "
                             "(x0.1 after 2 epochs without val-loss improvement)"),
     "label_smoothing": (None, float, "cross-entropy label smoothing, 0 to switch off"),
@@ -88,7 +88,11 @@ class TrainingStopped(MinicnnError):
 
 # ---- settings --------------------------------------------------------------------------------
 def build_parser():
+    presets = "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in d.items())
+                         for name, d in MODEL_DEFAULTS.items())
     parser = argparse.ArgumentParser(prog="python -m minicnn.train", description=__doc__,
+                                     epilog="Each model preset chooses the settings you leave "
+                                            "out:\n" + presets,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, (default, kind, help_text) in HYPERPARAMETERS.items():
         flag = "--" + name.replace("_", "-")
@@ -211,7 +215,7 @@ def make_schedule(settings, optimizer, steps_per_epoch):
     """-> (schedule or None, when it steps: "batch", "epoch" or "metric")."""
     kind, epochs = settings["schedule"], settings["epochs"]
     if kind == "step":
-        return optim.StepLR(optimizer, max(1, epochs // 4), 0.1 ** 0.5), "epoch"
+        return optim.StepLR(optimizer, max(1, epochs // 3), 0.1), "epoch"
     if kind == "cosine":
         return optim.CosineAnnealingLR(optimizer, epochs), "epoch"
     if kind == "onecycle":
