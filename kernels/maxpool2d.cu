@@ -1,0 +1,72 @@
+// Max pooling over KH x KW windows with stride (SH, SW), no padding. float32, row-major.
+//
+// Computes: forward  x (N, C, H, W) -> out (N, C, OH, OW), the max of each window, and argmax
+//           (N, C, OH, OW) uint8: the winning tap kh*KW + kw (first maximum wins: strict >, as
+//           NumPy's loop and PyTorch do);
+//           backward dout (N, C, OH, OW), argmax -> dx (N, C, H, W): each window's gradient goes
+//           to its winning tap; pixels in several windows (stride < kernel) get the sum.
+// Layout:   NCHW; OH = (H - KH) / SH + 1, OW = (W - KW) / SW + 1; KH*KW <= 256 (uint8 taps).
+// Launch:   forward: one thread per output pixel; backward: one thread per input pixel (a
+//           gather over the windows that contain it, no atomics, summed in NumPy's tap order so
+//           dx is bit-identical). Block 256, 1-D grid with a grid-stride loop.
+// Must match: minicnn/ops/pool.py::maxpool2d_forward and ::maxpool2d_backward (NumPy).
+// Time:     python -m minicnn.bench kernels
+
+extern "C" __global__ void maxpool2d_forward(const float* __restrict__ x, float* __restrict__ out,
+                                             unsigned char* __restrict__ argmax,
+                                             int N, int C, int H, int W, int KH, int KW,
+                                             int SH, int SW, int OH, int OW)
+{
+    const long long total = (long long)N * C * OH * OW;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        long long t = i;
+        const int ow = (int)(t % OW); t /= OW;
+        const int oh = (int)(t % OH);
+        const long long plane = t / OH;                           // n * C + c
+        const float* window = x + (plane * H + (long long)oh * SH) * W + (long long)ow * SW;
+        float best = window[0];
+        int best_tap = 0;
+        for (int kh = 0; kh < KH; ++kh) {
+            for (int kw = 0; kw < KW; ++kw) {
+                const float v = window[kh * W + kw];
+                if (v > best) {                                   // strict: earlier taps keep ties
+                    best = v;
+                    best_tap = kh * KW + kw;
+                }
+            }
+        }
+        out[i] = best;
+        argmax[i] = (unsigned char)best_tap;
+    }
+}
+
+extern "C" __global__ void maxpool2d_backward(const float* __restrict__ dout,
+                                              const unsigned char* __restrict__ argmax,
+                                              float* __restrict__ dx,
+                                              int N, int C, int H, int W, int KH, int KW,
+                                              int SH, int SW, int OH, int OW)
+{
+    const long long total = (long long)N * C * H * W;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        long long t = i;
+        const int w = (int)(t % W); t /= W;
+        const int h = (int)(t % H);
+        const long long plane = t / H;                            // n * C + c
+        // Windows oh whose rows oh*SH .. oh*SH + KH - 1 contain h, likewise ow for w.
+        const int oh_first = h - KH + 1 <= 0 ? 0 : (h - KH + SH) / SH;
+        const int ow_first = w - KW + 1 <= 0 ? 0 : (w - KW + SW) / SW;
+        const int oh_last = h / SH < OH - 1 ? h / SH : OH - 1;
+        const int ow_last = w / SW < OW - 1 ? w / SW : OW - 1;
+        float sum = 0.0f;
+        // NumPy adds tap by tap, k = kh*KW + kw ascending; kh = h - oh*SH grows as oh falls.
+        for (int oh = oh_last; oh >= oh_first; --oh) {
+            for (int ow = ow_last; ow >= ow_first; --ow) {
+                const long long o = (plane * OH + oh) * OW + ow;
+                if (argmax[o] == (h - oh * SH) * KW + (w - ow * SW)) sum += dout[o];
+            }
+        }
+        dx[i] = sum;
+    }
+}

@@ -1,0 +1,208 @@
+"""Every layer, the loss and the optimisers on each backend, against NumPy with the same weights.
+
+The xp fixture (conftest.py) runs each test on numpy and on cupy. On cupy a layer moved to the
+GPU with .to("cupy") is compared with its CPU twin (float32, so within a tolerance); on numpy the
+same test checks that .to("numpy") keeps every value and that the results are bit-identical.
+Then the backend module itself: errors, seeding, timing.
+"""
+import copy
+import time
+
+import numpy as np
+import pytest
+
+import minicnn
+from minicnn import backend, optim
+from minicnn.backend import array_module, get_backend, to_device, to_numpy
+from minicnn.errors import BackendError
+from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                            MaxPool2D, ReLU, Residual, Softmax)
+from minicnn.losses import SoftmaxCrossEntropy
+
+
+def assert_same(got, expected, xp):
+    """Bit-identical on NumPy (the same code on the same data); float32-close on the GPU."""
+    got = to_numpy(got)
+    assert got.shape == np.shape(expected) and got.dtype == np.asarray(expected).dtype
+    if xp is np:
+        np.testing.assert_array_equal(got, expected)
+    else:
+        scale = max(1.0, float(np.abs(expected).max(initial=0)))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def assert_on(arrays, xp):
+    for name, a in arrays.items():
+        assert array_module(a) is xp, f"{name} lives on {array_module(a).__name__}, not {xp.__name__}"
+
+
+LAYERS = {
+    "conv 3x3": (lambda r: Conv2D(3, 4, 3, rng=r), (2, 3, 7, 7)),
+    "conv stride 2 pad 1": (lambda r: Conv2D(3, 5, 3, stride=2, padding=1, rng=r), (2, 3, 9, 8)),
+    "conv 2x3 stride (2,1) same": (lambda r: Conv2D(2, 3, (2, 3), stride=(2, 1), padding="same",
+                                                    rng=r), (1, 2, 7, 6)),
+    "conv 1x1 valid no bias": (lambda r: Conv2D(4, 2, 1, padding="valid", bias=False, rng=r),
+                               (3, 4, 5, 5)),
+    "maxpool 2": (lambda r: MaxPool2D(2), (2, 3, 8, 8)),
+    "maxpool 3 stride 2": (lambda r: MaxPool2D(3, stride=2), (2, 3, 9, 7)),
+    "avgpool 2": (lambda r: AvgPool2D(2), (2, 3, 6, 6)),
+    "dense": (lambda r: Dense(12, 5, rng=r), (4, 12)),
+    "dense no bias": (lambda r: Dense(12, 5, bias=False, rng=r), (4, 12)),
+    "batchnorm2d": (lambda r: BatchNorm2D(3), (4, 3, 5, 5)),
+    "batchnorm1d": (lambda r: BatchNorm1D(6), (8, 6)),
+    "dropout": (lambda r: Dropout(0.3, rng=r), (4, 3, 5, 5)),
+    "relu": (lambda r: ReLU(), (4, 3, 5, 5)),
+    "flatten": (lambda r: Flatten(), (4, 3, 5, 5)),
+    "softmax": (lambda r: Softmax(), (4, 10)),
+    "residual identity": (lambda r: Residual([Conv2D(3, 3, 3, padding=1, rng=r), BatchNorm2D(3),
+                                              ReLU(), Conv2D(3, 3, 3, padding=1, rng=r)]),
+                          (2, 3, 6, 6)),
+    "residual projection": (lambda r: Residual([Conv2D(3, 6, 3, stride=2, padding=1, rng=r)],
+                                               shortcut=Conv2D(3, 6, 1, stride=2, rng=r)),
+                            (2, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_forward_and_backward_match_numpy(xp, name):
+    make, shape = LAYERS[name]
+    reference = make(np.random.default_rng(0))
+    layer = copy.deepcopy(reference).to(xp.__name__)          # same weights, same dropout rng
+    assert_on(layer.params, xp)
+    assert_on(layer.state, xp)
+    for key, p in reference.params.items():
+        assert_same(layer.params[key], p, np)                 # moving copies values exactly
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = reference.forward(x, training=True)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = reference.backward(dy)
+
+    got_y = layer.forward(xp.asarray(x), training=True)
+    got_dx = layer.backward(xp.asarray(dy))
+    assert array_module(got_y, got_dx) is xp
+    assert_same(got_y, y, xp)
+    assert_same(got_dx, dx, xp)
+    for key in reference.grads:
+        assert_same(layer.grads[key], reference.grads[key], xp)
+    for key in reference.state:                               # BatchNorm's running statistics
+        assert_same(layer.state[key], reference.state[key], xp)
+    assert_same(layer.forward(xp.asarray(x)), reference.forward(x), xp)   # inference mode
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy_matches_numpy(xp, smoothing):
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((6, 10)) * 5).astype(np.float32)
+    labels = rng.integers(0, 10, 6)
+    loss, dlogits = SoftmaxCrossEntropy(smoothing)(logits, labels)
+    got_loss, got_dlogits = SoftmaxCrossEntropy(smoothing)(xp.asarray(logits), xp.asarray(labels))
+    assert isinstance(got_loss, float)
+    if xp is np:
+        assert got_loss == loss
+    else:
+        assert got_loss == pytest.approx(loss, rel=1e-5)
+    assert_same(got_dlogits, dlogits, xp)
+
+
+OPTIMISERS = {
+    "sgd nesterov wd": lambda m: optim.SGD(m, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "adam l2": lambda m: optim.Adam(m, lr=1e-2, weight_decay=1e-2),
+    "adamw": lambda m: optim.AdamW(m, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMISERS)
+def test_optimiser_steps_match_numpy_and_keep_their_state_on_the_parameters_device(xp, name):
+    rng = np.random.default_rng(3)
+    reference = minicnn.Sequential([Conv2D(2, 3, 3, rng=rng), BatchNorm2D(3), ReLU(), Flatten(),
+                                    Dense(3 * 4 * 4, 5, rng=rng)])
+    model = copy.deepcopy(reference).to(xp.__name__)
+    x = rng.standard_normal((4, 2, 6, 6)).astype(np.float32)
+    labels = rng.integers(0, 5, 4)
+    loss_fn = SoftmaxCrossEntropy()
+    states = []
+    for net, xs, ys in ((reference, x, labels), (model, xp.asarray(x), xp.asarray(labels))):
+        opt = OPTIMISERS[name](net)
+        for _ in range(3):
+            net.zero_grad()
+            _, dlogits = loss_fn(net.forward(xs, training=True), ys)
+            net.backward(dlogits)
+            opt.step()
+        states.append(opt.state)
+    for key, p in reference.params.items():
+        assert_same(model.params[key], p, xp)
+    reference_state, state = states
+    for key, buffers in reference_state.items():
+        assert set(state[key]) == set(buffers) != set()
+        for buffer, value in buffers.items():
+            assert array_module(state[key][buffer]) is xp           # created on the device
+            assert_same(state[key][buffer], value, xp)
+
+
+def test_a_model_moves_there_and_back_unchanged(xp):
+    rng = np.random.default_rng(4)
+    model = minicnn.Sequential([Conv2D(3, 4, 3, rng=rng), BatchNorm2D(4), ReLU(), Flatten(),
+                                Dense(4 * 3 * 3, 2, rng=rng)])
+    original = {k: v.copy() for k, v in {**model.params, **model.state}.items()}
+    model.to(xp.__name__)
+    assert_on({**model.params, **model.grads, **model.state}, xp)
+    model.to("numpy")
+    assert_on({**model.params, **model.grads, **model.state}, np)
+    for key, value in {**model.params, **model.state}.items():
+        np.testing.assert_array_equal(value, original[key])
+        assert value.dtype == np.float32
+    assert all(not g.any() for g in model.grads.values())
+
+
+def test_to_device_and_to_numpy_copy_values_between_backends(xp):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    on_device = to_device(a, xp.__name__)
+    assert array_module(on_device) is xp and backend.backend_name(on_device) == xp.__name__
+    back = to_numpy(on_device)
+    assert type(back) is np.ndarray
+    np.testing.assert_array_equal(back, a)
+
+
+# ---- the backend module itself ---------------------------------------------------------------
+def test_asking_for_cupy_without_it_says_what_to_install():
+    if backend.gpu_available():
+        pytest.skip("CuPy and a GPU are available here: there is no error to check")
+    with pytest.raises(BackendError) as info:
+        Conv2D(1, 1, 1).to("cupy")
+    message = str(info.value)
+    assert message.startswith("The cupy backend needs ")
+    # without CuPy: the pip command; with CuPy but no GPU: what CUDA said about the GPU
+    assert 'pip install -e ".[gpu]"' in message or "NVIDIA GPU" in message
+    with pytest.raises(BackendError, match="Unknown backend 'tpu'; choose 'numpy' or 'cupy'"):
+        get_backend("tpu")
+
+
+def test_seed_all_returns_a_reproducible_generator_and_seeds_the_global_ones():
+    a = backend.seed_all(7)
+    legacy = np.random.random(3)
+    b = backend.seed_all(7)
+    assert isinstance(a, np.random.Generator)
+    np.testing.assert_array_equal(a.random(5), b.random(5))
+    np.testing.assert_array_equal(np.random.random(3), legacy)
+    np.testing.assert_array_equal(backend.seed_all(7).random(5), np.random.default_rng(7).random(5))
+    if backend.gpu_available():
+        cupy = get_backend("cupy")
+        backend.seed_all(7)
+        first = cupy.random.random(4)
+        backend.seed_all(7)
+        np.testing.assert_array_equal(to_numpy(cupy.random.random(4)), to_numpy(first))
+
+
+def test_timer_and_cuda_time_measure_milliseconds(xp):
+    with backend.Timer(xp) as t:
+        time.sleep(0.02)          # the GPU records its end event only after the host returns
+    assert 15 <= t.ms < 2000
+    calls = []
+    median = backend.cuda_time(lambda: calls.append(time.sleep(0.002)), xp=xp, repeats=5, warmup=2)
+    assert len(calls) == 7
+    assert 1.5 <= median < 1000
+    backend.synchronize(xp)       # a no-op on NumPy; waits for the device on CuPy
+    with pytest.raises(ValueError, match="repeats"):
+        backend.cuda_time(lambda: None, xp=xp, repeats=0)

@@ -1,0 +1,391 @@
+"""The CUDA kernels (kernels/*.cu through minicnn.kernels) against their NumPy twins in minicnn.ops.
+
+Every kernel test runs on two devices:
+  "emulated"  the .cu files compiled as C++ against tests/cuda_emulator.h and run on the CPU
+              (needs g++): the real kernel text, launch shapes and argument lists, checked on
+              any machine;
+  "cupy"      CuPy on a GPU (NVRTC, the real hardware); skipped without one.
+Plus CPU-only checks: the .cu headers, the package finding its sources once installed as a wheel,
+the implementation switch, and the benchmark's CPU path.
+"""
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minicnn import kernels, ops
+from minicnn.backend import get_backend, to_numpy
+from minicnn.errors import BackendError
+from strategies import pool_problems
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER_FIELDS = ("Computes:", "Layout:", "Launch:", "Must match:", "Time:")
+
+
+# ---- the two devices -------------------------------------------------------------------------
+class EmulatedCUDA:
+    """Runs kernels._launch's calls on the CPU emulation; arrays stay NumPy arrays."""
+    name = "emulated"
+    _ctypes = {"i": (np.int32, ctypes.c_int32), "q": (np.int64, ctypes.c_int64),
+               "f": (np.float32, ctypes.c_float)}
+
+    def __init__(self, library):
+        self.lib = ctypes.CDLL(str(library))
+
+    def asarray(self, a):
+        return np.ascontiguousarray(a)
+
+    def launch(self, name, grid, block, args):
+        signature = getattr(self.lib, f"signature_{name}")
+        signature.restype = ctypes.c_char_p
+        expected = signature().decode()
+        assert len(args) == len(expected), f"{name}: {len(args)} arguments, kernel takes {len(expected)}"
+        holders = []
+        for i, (code, a) in enumerate(zip(expected, args)):
+            if code == "p":
+                assert isinstance(a, np.ndarray) and a.flags.c_contiguous, f"{name} argument {i}"
+                holders.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                numpy_type, c_type = self._ctypes[code]
+                assert type(a) is numpy_type, f"{name} argument {i}: {type(a).__name__} for {code!r}"
+                holders.append(c_type(a.item()))
+        argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        if 0 not in grid:
+            getattr(self.lib, f"launch_{name}")(*map(ctypes.c_uint, grid + block), argv)
+
+    @contextmanager
+    def active(self):
+        with mock.patch.object(kernels, "_launch", self.launch):
+            yield
+
+
+class RealCUDA:
+    name = "cupy"
+
+    def __init__(self, cupy):
+        self.asarray = cupy.asarray
+
+    @contextmanager
+    def active(self):
+        yield
+
+
+def build_emulator(folder):
+    """Compile every kernels/*.cu against the emulation header into one shared library."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("the CUDA emulation needs g++ (apt-get install g++)")
+    lines = [f'#include "{ROOT / "tests" / "cuda_emulator.h"}"']
+    lines += [f'#include "{path}"' for path in sorted((ROOT / "kernels").glob("*.cu"))]
+    lines += [f"EXPORT_KERNEL({name})" for name in kernels.KERNEL_FILES]
+    source, library = folder / "emulated_kernels.cpp", folder / "emulated_kernels.so"
+    source.write_text("\n".join(lines) + "\n")
+    subprocess.run([compiler, "-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas", "-Werror",
+                    "-shared", "-fPIC", "-pthread", str(source), "-o", str(library)], check=True)
+    return library
+
+
+@pytest.fixture(scope="session", params=["emulated", "cupy"])
+def device(request, tmp_path_factory):
+    if request.param == "emulated":
+        return EmulatedCUDA(build_emulator(tmp_path_factory.mktemp("cuda_emulator")))
+    try:
+        return RealCUDA(get_backend("cupy"))
+    except BackendError as e:
+        pytest.skip(f"CuPy or a GPU is not available: {e}")
+
+
+# ---- problems --------------------------------------------------------------------------------
+@st.composite
+def conv_shapes(draw):
+    """(x shape, w shape, stride, padding) with odd sizes, stride 2, padding 0-2 per side, and
+    channel counts that cross the kernels' 64-wide tiles and 16-deep reduction steps.
+    """
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = ((draw(st.integers(0, 2)), draw(st.integers(0, 2))),
+               (draw(st.integers(0, 2)), draw(st.integers(0, 2))))
+    h = draw(st.integers(max(1, kh - sum(padding[0])), 9))
+    w = draw(st.integers(max(1, kw - sum(padding[1])), 9))
+    n = draw(st.integers(1, 3))
+    c = draw(st.sampled_from([1, 2, 3, 5, 66]))
+    f = draw(st.sampled_from([1, 3, 8, 65]))
+    return (n, c, h, w), (f, c, kh, kw), stride, padding
+
+
+def normal(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def assert_close(got, expected, tol=1e-4):
+    """float32 sums in another order: relative to the magnitude of the whole result."""
+    got = to_numpy(got)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    scale = max(1.0, float(np.abs(expected).max(initial=0)))
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * scale)
+
+
+# ---- the kernels against NumPy ---------------------------------------------------------------
+@given(conv_shapes(), st.integers(0, 2**31))
+def test_im2col_and_col2im_match_numpy(device, problem, seed):
+    x_shape, w_shape, stride, padding = problem
+    x = normal(x_shape, seed)
+    kernel = w_shape[2:]
+    expected = ops.im2col(x, kernel, stride, padding)
+    c = normal(expected.shape, seed + 1)
+    with device.active():
+        cols = kernels.im2col(device.asarray(x), kernel, stride, padding)
+        dx = kernels.col2im(device.asarray(c), x_shape, kernel, stride, padding)
+    np.testing.assert_array_equal(to_numpy(cols), expected)            # a copy: exact
+    np.testing.assert_array_equal(to_numpy(dx), ops.col2im(c, x_shape, kernel, stride, padding))
+
+
+@given(conv_shapes(), st.booleans(), st.integers(0, 2**31))
+def test_conv2d_forward_and_backward_match_numpy(device, problem, with_bias, seed):
+    x_shape, w_shape, stride, padding = problem
+    x, w = normal(x_shape, seed), normal(w_shape, seed + 1)
+    b = normal(w_shape[:1], seed + 2) if with_bias else None
+    out, cache = ops.conv2d_forward(x, w, b, stride, padding)
+    dout = normal(out.shape, seed + 3)
+    dx, dw, db = ops.conv2d_backward(dout, cache)
+    to = device.asarray
+    with device.active():
+        got, got_cache = kernels.conv2d_forward(to(x), to(w), None if b is None else to(b),
+                                                stride, padding)
+        got_dx, got_dw, got_db = kernels.conv2d_backward(to(dout), got_cache)
+    for a, e in [(got, out), (got_dx, dx), (got_dw, dw)]:
+        assert_close(a, np.ascontiguousarray(e))
+    if with_bias:
+        assert_close(got_db, db)
+    else:
+        assert got_db is None and db is None
+
+
+def test_conv2d_backward_weight_sums_its_split_k_partials(device):
+    # N*OH*OW = 2*24*24 = 1152: backward_weight splits the reduction across several blocks.
+    x, w = normal((2, 3, 24, 24), 0), normal((5, 3, 3, 3), 1)
+    pad = ((1, 1), (1, 1))
+    assert kernels._split_k(2 * 24 * 24, 1)[0] > 1
+    out, cache = ops.conv2d_forward(x, w, None, (1, 1), pad)
+    dout = normal(out.shape, 2)
+    _, dw, _ = ops.conv2d_backward(dout, cache)
+    with device.active():
+        _, got_cache = kernels.conv2d_forward(device.asarray(x), device.asarray(w), None, (1, 1), pad)
+        _, got_dw, _ = kernels.conv2d_backward(device.asarray(dout), got_cache)
+    assert_close(got_dw, dw)
+
+
+@given(pool_problems(max_size=9), st.booleans(), st.integers(0, 2**31))
+def test_maxpool2d_matches_numpy_exactly(device, problem, ties, seed):
+    n, c, h, w, kernel, stride = problem
+    rng = np.random.default_rng(seed)
+    # Small integers make ties common: the first maximum must win, as in NumPy.
+    x = (rng.integers(0, 3, (n, c, h, w)) if ties else rng.standard_normal((n, c, h, w)))
+    x = x.astype(np.float32)
+    out, cache = ops.maxpool2d_forward(x, kernel, stride)
+    dout = normal(out.shape, seed + 1)
+    with device.active():
+        got, got_cache = kernels.maxpool2d_forward(device.asarray(x), kernel, stride)
+        got_dx = kernels.maxpool2d_backward(device.asarray(dout), got_cache)
+    np.testing.assert_array_equal(to_numpy(got), out)
+    dx = ops.maxpool2d_backward(dout, cache)
+    if stride[0] >= kernel[0] and stride[1] >= kernel[1]:
+        np.testing.assert_array_equal(to_numpy(got_dx), dx)    # each pixel in one window at most
+    else:                                                      # overlapping windows: sums, in
+        assert_close(got_dx, np.ascontiguousarray(dx), 1e-6)   # an order ops may change
+
+
+@given(st.sampled_from([(1, 1), (3, 5), (2, 3, 4, 5), (1, 7, 3, 3)]), st.integers(0, 2**31))
+def test_bias_relu_matches_its_reference_exactly(device, shape, seed):
+    x, b, dy = normal(shape, seed), normal(shape[1:2], seed + 1), normal(shape, seed + 2)
+    y, mask = kernels.bias_relu_forward_reference(x, b)
+    dx, db = kernels.bias_relu_backward_reference(dy, mask)
+    with device.active():
+        got_y, got_mask = kernels.bias_relu_forward(device.asarray(x), device.asarray(b))
+        got_dx, got_db = kernels.bias_relu_backward(device.asarray(dy), got_mask)
+    np.testing.assert_array_equal(to_numpy(got_y), y)
+    np.testing.assert_array_equal(to_numpy(got_mask), mask)
+    np.testing.assert_array_equal(to_numpy(got_dx), dx)
+    assert_close(got_db, db)
+
+
+def test_raw_kernels_reject_other_dtypes_and_numpy_arrays():
+    x = np.zeros((1, 1, 4, 4))
+    with pytest.raises(TypeError, match="float32 only"):
+        kernels.maxpool2d_forward(x, (2, 2), (2, 2))
+    with pytest.raises(TypeError, match="takes CuPy arrays"):
+        kernels.maxpool2d_forward(x.astype(np.float32), (2, 2), (2, 2))
+
+
+def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device):
+    """One SGD step of a net with strided, padded, bias-free and >64-channel convs and both pools:
+    layers wired to kernels.select, run with use("raw"), against the same step on minicnn.ops.
+    """
+    import copy
+
+    import minicnn
+    from minicnn import layers, optim
+    from minicnn.losses import SoftmaxCrossEntropy
+    if not hasattr(layers, "kernels"):
+        pytest.skip("minicnn/layers.py does not call kernels.select yet")
+    rng = np.random.default_rng(0)
+    generic = minicnn.Sequential([
+        layers.Conv2D(3, 70, 3, stride=2, padding=1, rng=rng), layers.ReLU(),
+        layers.MaxPool2D(3, stride=2), layers.Conv2D(70, 5, 2, bias=False, padding="same", rng=rng),
+        layers.ReLU(), layers.AvgPool2D(1), layers.Flatten(), layers.Dense(5 * 3 * 3, 10, rng=rng)])
+    raw = copy.deepcopy(generic)
+    x, labels = normal((3, 3, 15, 15), 1), rng.integers(0, 10, 3)
+
+    def step(model, x, labels):
+        loss, d = SoftmaxCrossEntropy()(model.forward(x, training=True), labels)
+        model.backward(d)
+        optim.SGD(model, lr=0.1, momentum=0.9).step()
+        return loss, {k: to_numpy(v) for k, v in {**model.grads, **model.params}.items()}
+
+    expected_loss, expected = step(generic, x, labels)
+    if device.name == "emulated":   # NumPy arrays: make select hand out the raw pair anyway
+        def select(a, op):
+            return kernels.RAW[op] if op in kernels.RAW else kernels.GENERIC[op]
+        switch = mock.patch.object(kernels, "select", select)
+    else:
+        raw.to("cupy")
+        switch = kernels.use("raw")
+    with device.active(), switch:
+        loss, got = step(raw, device.asarray(x), device.asarray(labels))
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    for key, value in expected.items():
+        assert_close(got[key], value)
+
+
+# ---- choosing an implementation --------------------------------------------------------------
+def test_use_switches_the_implementation_and_the_context_manager_restores_it():
+    x32 = np.zeros((1, 1, 4, 4), dtype=np.float32)
+    assert kernels.active() == "generic"
+    assert kernels.select(x32, "conv2d") == (ops.conv2d_forward, ops.conv2d_backward)
+    with kernels.use("raw"):
+        assert kernels.active() == "raw"
+        # NumPy arrays always take minicnn.ops, whatever is chosen.
+        assert kernels.select(x32, "maxpool2d") == (ops.maxpool2d_forward, ops.maxpool2d_backward)
+        with kernels.use("generic"):
+            assert kernels.active() == "generic"
+        assert kernels.active() == "raw"
+    assert kernels.active() == "generic"
+    with pytest.raises(ValueError, match="'generic' or 'raw'"):
+        kernels.use("fast")
+    with pytest.raises(KeyError, match="conv2d"):
+        kernels.select(x32, "conv3d")
+
+
+def test_select_gives_the_raw_pair_for_float32_cupy_arrays_only():
+    try:
+        cupy = get_backend("cupy")
+    except BackendError as e:
+        pytest.skip(f"CuPy or a GPU is not available: {e}")
+    x = cupy.zeros((1, 1, 4, 4), dtype=cupy.float32)
+    with kernels.use("raw"):
+        assert kernels.select(x, "conv2d") == (kernels.conv2d_forward, kernels.conv2d_backward)
+        assert kernels.select(x.astype(cupy.float64), "conv2d")[0] is ops.conv2d_forward
+        assert kernels.select(x, "avgpool2d")[0] is ops.avgpool2d_forward
+    assert kernels.select(x, "conv2d")[0] is ops.conv2d_forward
+
+
+# ---- the sources -----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted((ROOT / "kernels").glob("*.cu")), ids=lambda p: p.name)
+def test_every_cu_file_opens_with_the_required_header(path):
+    text = path.read_text()
+    header = text[:text.index("\n\n")]
+    assert all(line.startswith("//") for line in header.splitlines())
+    for field in HEADER_FIELDS:
+        assert f"// {field}" in header, f"{path.name} header lacks {field!r}"
+    assert "python -m minicnn.bench kernels" in header
+    assert "minicnn/" in header.split("Must match:")[1].splitlines()[0]   # names its NumPy twin
+
+
+def test_every_kernel_is_defined_in_the_file_the_table_names():
+    assert {p.stem for p in (ROOT / "kernels").glob("*.cu")} == set(kernels.KERNEL_FILES.values())
+    for name, stem in kernels.KERNEL_FILES.items():
+        assert f" {name}(" in kernels.kernel_source(stem) or f"\n{name}(" in kernels.kernel_source(stem)
+        assert kernels.kernel_source(name) == (ROOT / "kernels" / f"{stem}.cu").read_text()
+    with pytest.raises(KeyError, match="No CUDA kernel called 'conv3d'"):
+        kernels.kernel_source("conv3d")
+
+
+def test_an_installed_wheel_finds_the_cuda_sources_outside_the_source_tree(tmp_path):
+    """Build the wheel from a copy of the project, unpack it, and import it with no access to
+    the checkout: kernel_source must find the .cu files inside the installed package.
+    """
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", project)
+    readme = ROOT / "README.md"
+    (project / "README.md").write_text(readme.read_text() if readme.exists() else "minicnn\n")
+    for folder in ("minicnn", "kernels"):
+        shutil.copytree(ROOT / folder, project / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(project), "--no-deps", "-q",
+                    "-w", str(wheels)], check=True)
+    (wheel,) = wheels.glob("minicnn-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.endswith(".cu")}
+        z.extractall(tmp_path / "site")
+    assert shipped == {f"minicnn/cuda_src/{p.name}" for p in (ROOT / "kernels").glob("*.cu")}
+
+    # python -S: no site-packages processing, so no editable install of the checkout is seen;
+    # NumPy comes from its own folder on PYTHONPATH.
+    numpy_home = str(Path(np.__file__).resolve().parent.parent)
+    check = ("import minicnn.kernels as k, pathlib; "
+             "print(k.source_dir()); print(len(k.kernel_source('conv2d_forward')))")
+    result = subprocess.run([sys.executable, "-S", "-c", check], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                [str(tmp_path / "site"), numpy_home])}, check=True)
+    folder, length = result.stdout.split()
+    assert Path(folder) == tmp_path / "site" / "minicnn" / "cuda_src"
+    assert int(length) == len((ROOT / "kernels" / "conv2d.cu").read_text())
+
+
+# ---- the benchmark's CPU path ----------------------------------------------------------------
+def test_bench_kernels_prints_checked_numpy_rows_and_says_what_the_gpu_rows_need(capsys):
+    from minicnn import bench_kernels
+    results = bench_kernels.main(["--tiny", "--quick", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report == results
+    rows = report["rows"]
+    numpy_rows = [r for r in rows if r["impl"] == "numpy"]
+    assert len(numpy_rows) == 2 * len(bench_kernels.TINY)
+    assert {r["pass"] for r in numpy_rows} == {"forward", "backward"}
+    for r in numpy_rows:
+        assert r["status"] == "ok" and r["ms"] > 0
+        assert r["gflops"] == pytest.approx(r["gflop"] / r["ms"] * 1e3)
+    if len(rows) == len(numpy_rows):
+        assert report["note"] == bench_kernels.GPU_NOTE
+
+
+def test_bench_kernels_reports_a_wrong_result_as_fail_and_does_not_time_it(capsys, monkeypatch):
+    from minicnn import bench_kernels
+
+    original = bench_kernels.generic_passes
+
+    def wrong_forward(x, w, b, dout):
+        passes = original(x, w, b, dout)
+        passes["forward"] = lambda: np.zeros((x.shape[0], w.shape[0]) + x.shape[2:], np.float32)
+        return passes
+
+    monkeypatch.setattr(bench_kernels, "generic_passes", wrong_forward)
+    report = bench_kernels.main(["--tiny", "--quick", "--json", "--batches", "1"])
+    capsys.readouterr()
+    forward = [r for r in report["rows"] if r["impl"] == "numpy" and r["pass"] == "forward"]
+    assert forward and all(r["status"].startswith("FAIL: max abs err") for r in forward)
+    assert all(r["ms"] is None and r["gflops"] is None for r in forward)
