@@ -58,8 +58,10 @@ def folder(tmp_path):
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(folder, tmp_path):
     env = _env(tmp_path)
     reference = tmp_path / "reference"
+    started = time.monotonic()
     subprocess.run(TRAIN + _run_args(folder, reference), env=env, check=True, timeout=300,
                    capture_output=True)
+    whole_run = time.monotonic() - started          # kill times scale with this machine's speed
     out = tmp_path / "killed"
     rng = np.random.default_rng(1234)
     kills, deadline = 0, time.monotonic() + 240
@@ -68,7 +70,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(folder, tmp_path
         args = TRAIN + _run_args(folder, out) + (["--resume"] if (out / "last.npz").exists() else [])
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 4:
-            time.sleep(rng.uniform(1.0, 4.0))       # start-up takes ~1-2 s, a run ~3-6 s
+            time.sleep(rng.uniform(0.3, 0.9) * whole_run)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1

@@ -19,9 +19,14 @@ def dense_backward(dy, cache):
 
 # ---- ReLU ----------------------------------------------------------------------------------
 def relu_forward(x):
-    """y = max(x, 0). cache: the mask x > 0 only (one byte a value)."""
-    mask = x > 0
-    return x * mask, mask
+    """y = max(x, 0). cache: the mask y > 0 only (one byte a value).
+
+    np.maximum keeps x's memory order (NHWC stays NHWC) and, unlike x * mask, needs no
+    bool-to-float conversion.
+    """
+    xp = array_module(x)
+    y = xp.maximum(x, x.dtype.type(0))
+    return y, y > 0
 
 
 def relu_backward(dy, mask):
@@ -67,14 +72,26 @@ def dropout_backward(dy, mask):
 
 
 # ---- batch norm ----------------------------------------------------------------------------
-def _bn_axes(x):
-    """Reduce over every axis but the channel: (0,) for (N, C), (0, 2, 3) for (N, C, H, W)."""
-    return (0,) if x.ndim == 2 else (0, 2, 3)
+def _channel_rows(x):
+    """x (N, C) or (N, C, H, W) -> (M, C), one row per value of each channel: a free view of
+    channels-last memory (what minicnn's convs produce); a copy for NCHW memory."""
+    if x.ndim == 2:
+        return x
+    return x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
-def _per_channel(v, x):
-    """(C,) -> a shape that broadcasts along x's channel axis."""
-    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+def _like_input(rows, x):
+    """(M, C) rows -> x's shape (an NCHW view of NHWC memory for 4-D x)."""
+    if x.ndim == 2:
+        return rows
+    n, c, h, w = x.shape
+    return rows.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+
+
+def _channel_sums(rows):
+    """(M, C) -> (C,) column sums, as one BLAS matrix-vector product: both cores, one pass."""
+    xp = array_module(rows)
+    return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
 
 
 def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
@@ -83,17 +100,23 @@ def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
     x (N, C) or (N, C, H, W); gamma, beta (C,). With mean/var None (training) the batch's
     statistics are used (biased variance, as PyTorch) and returned so the caller can update
     its running estimates; otherwise the given running statistics are used.
-    -> (y, cache, (mean, var)); cache: xhat, 1/sqrt(var + eps), gamma.
+    -> (y, cache, (mean, var)); cache: xhat (M, C) rows, 1/sqrt(var + eps), gamma.
+    Works on x as an (M, C) matrix of channel rows, so each op streams through memory once.
     """
     xp = array_module(x)
-    axes = _bn_axes(x)
+    rows = _channel_rows(x)                               # (M, C)
+    m = rows.shape[0]
     if mean is None:
-        mean = x.mean(axis=axes)
-        var = x.var(axis=axes)
+        mean = _channel_sums(rows) / m
+    xhat = rows - mean                                    # (M, C), becomes xhat in place
+    y = xp.empty_like(xhat)
+    if var is None:
+        var = _channel_sums(xp.square(xhat, out=y)) / m   # y as scratch: no extra temporary
     invstd = 1.0 / xp.sqrt(var + eps)
-    xhat = (x - _per_channel(mean, x)) * _per_channel(invstd, x)
-    y = xhat * _per_channel(gamma, x) + _per_channel(beta, x)
-    return y, (xhat, invstd, gamma), (mean, var)
+    xhat *= invstd
+    xp.multiply(xhat, gamma, out=y)
+    y += beta
+    return _like_input(y, x), (xhat, invstd, gamma), (mean, var)
 
 
 def batchnorm_backward(dy, cache):
@@ -102,14 +125,18 @@ def batchnorm_backward(dy, cache):
     dbeta = sum dy,  dgamma = sum dy * xhat,
     dx = gamma / sqrt(var + eps) * (dy - dbeta / m - xhat * dgamma / m).
     """
+    xp = array_module(dy)
     xhat, invstd, gamma = cache
-    axes = _bn_axes(dy)
-    m = dy.size // dy.shape[1]
-    dbeta = dy.sum(axis=axes)
-    dgamma = (dy * xhat).sum(axis=axes)
-    dx = _per_channel(gamma * invstd, dy) * (
-        dy - _per_channel(dbeta / m, dy) - xhat * _per_channel(dgamma / m, dy))
-    return dx, dgamma, dbeta
+    rows = _channel_rows(dy)                              # (M, C)
+    m = rows.shape[0]
+    dbeta = _channel_sums(rows)
+    dx = xp.multiply(rows, xhat)                          # scratch for dy * xhat, then dx
+    dgamma = _channel_sums(dx)
+    xp.multiply(xhat, dgamma / m, out=dx)
+    xp.subtract(rows, dx, out=dx)
+    dx -= dbeta / m
+    dx *= gamma * invstd
+    return _like_input(dx, dy), dgamma, dbeta
 
 
 # ---- loss ----------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ already NCHW: no transpose of the output is needed.
 
 The loops below run over the KH*KW kernel offsets only (9 for a 3x3 kernel); each iteration
 copies a strided view of the whole batch, so no Python loop ever touches a pixel.
+
+This layout is the one to learn from (and the CUDA kernels' layout). minicnn.ops.conv runs on
+the channels-last twins at the bottom of this file, which measured faster on the CPU:
+    x    (N, H, W, C)                      NHWC memory
+    cols (N*OH*OW, KH*KW*C)                row (n*OH + oh)*OW + ow, column (kh*KW + kw)*C + c
 """
 from minicnn.backend import array_module
 
@@ -88,3 +93,61 @@ def col2im(cols, x_shape, kernel, stride, padding):
     if pt == pb == pl == pr == 0:
         return dxpad
     return xp.ascontiguousarray(dxpad[:, :, pt:pt + h, pl:pl + w])
+
+
+# ---- channels-last (NHWC) twins, used by minicnn.ops.conv --------------------------------------
+def pad_nhwc(x, padding):
+    """x (N, C, H, W), any memory order -> (N, H+pt+pb, W+pl+pr, C) contiguous, zeros around.
+
+    A free view when x's memory is already NHWC and there is no padding. Only the border is
+    zeroed (not the whole array, which would write the interior twice).
+    """
+    xp = array_module(x)
+    (pt, pb), (pl, pr) = padding
+    n, c, h, w = x.shape
+    if pt == pb == pl == pr == 0:
+        return xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    out = xp.empty((n, h + pt + pb, w + pl + pr, c), dtype=x.dtype)
+    out[:, :pt], out[:, pt + h:] = 0, 0                          # top and bottom rows
+    out[:, pt:pt + h, :pl], out[:, pt:pt + h, pl + w:] = 0, 0    # left and right columns
+    out[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)
+    return out
+
+
+def im2col_nhwc(xpad, kernel, stride, out=None):
+    """xpad (N, Hp, Wp, C) padded NHWC -> cols (N*OH*OW, KH*KW*C), in one strided copy.
+
+    sliding_window_view gives every window without copying, (N, OH, OW, C, KH, KW); reordered to
+    (N, OH, OW, KH, KW, C), a window row (KW, C) is KW*C floats contiguous in xpad, so NumPy's
+    copy runs over long contiguous stretches. out: a reused buffer with at least N*OH*OW rows
+    (its first rows are filled and returned), or None for a new array.
+    """
+    xp = array_module(xpad)
+    (kh, kw), (sh, sw) = kernel, stride
+    win = xp.lib.stride_tricks.sliding_window_view(xpad, (kh, kw), axis=(1, 2))
+    win = win[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)      # (N, OH, OW, KH, KW, C), a view
+    n, oh, ow = win.shape[:3]
+    rows = n * oh * ow
+    cols = xp.empty((rows, kh * kw * xpad.shape[3]), dtype=xpad.dtype) if out is None else out[:rows]
+    cols.reshape(win.shape)[...] = win
+    return cols
+
+
+def col2im_nhwc(cols, dxpad, kernel, stride):
+    """The adjoint of im2col_nhwc: add cols (N*OH*OW, KH*KW*C) into dxpad (N, Hp, Wp, C).
+
+    dxpad is accumulated into (pass zeros for a plain col2im); one strided add per kernel tap.
+    """
+    n, hp, wp, c = dxpad.shape
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = conv_output_size(hp, kh, sh, 0, 0), conv_output_size(wp, kw, sw, 0, 0)
+    xp = array_module(cols)
+    cols6 = cols.reshape(n, oh, ow, kh, kw, c)
+    # NumPy runs the innermost loop along the last axis given; list the axes in dxpad's memory
+    # order so that this is its contiguous one (C for NHWC memory, W when dxpad is NCHW memory).
+    axes = (0, 1, 2, 3) if dxpad.strides[3] <= dxpad.strides[2] else (0, 3, 1, 2)
+    for i in range(kh):
+        for j in range(kw):
+            dst = dxpad[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw].transpose(axes)
+            xp.add(dst, cols6[:, :, :, i, j].transpose(axes), out=dst)
+    return dxpad

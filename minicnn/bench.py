@@ -1,0 +1,402 @@
+"""How fast is minicnn's NumPy engine, next to PyTorch on the same CPU, in the same run?
+
+    python -m minicnn.bench [--json] [--batch 128] [--repeats 5] [--models NAME ...] [--quick]
+    python -m minicnn.bench kernels ...      the GPU kernel ladder (minicnn.bench_kernels)
+
+Three tables, each row timed side by side with PyTorch (interleaved, so machine noise hits both):
+  1. SGEMM: a 2048^2 float32 matmul through NumPy's BLAS, the machine's measured peak.
+  2. Layers: the conv shapes of every preset in minicnn.zoo.MODELS plus the CIFAR ladder
+     (3->64 @32, 64->64 @32, 128->128 @16, 256->256 @8), and the pools, BatchNorm and ReLU the
+     presets use: forward ms, backward ms, GFLOP/s (forward + backward, 2*N*F*C*KH*KW*OH*OW per
+     GEMM-pass, three passes), % of the SGEMM peak, and PyTorch's time / ours (> 1: we're faster).
+  3. Models: every preset; one training step (forward, loss, backward, SGD momentum step) and
+     inference, in images/s, ours and PyTorch's, and the ratio.
+Each case is checked against PyTorch first (same weights, same input), then warmed up, then timed
+`repeats` times; the median is reported. PyTorch runs with as many threads as the BLAS uses, and
+the count is printed. Without torch the tables still print, with a note instead of the ratios.
+"""
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from minicnn import zoo
+from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                            MaxPool2D, ReLU, Residual, Softmax)
+from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.model import Sequential
+from minicnn.optim import SGD
+
+LADDER = [(3, 64, 32), (64, 64, 32), (128, 128, 16), (256, 256, 8)]   # (C in, F out, H = W)
+SGEMM_SIZE = 2048
+IMAGE_SHAPE = (3, 32, 32)
+
+
+# ---- the machine ----------------------------------------------------------------------------
+def blas_threads():
+    """How many threads NumPy's BLAS uses: threadpoolctl when installed, else the environment
+    variables OpenBLAS/MKL honour, else the CPU count (OpenBLAS's default)."""
+    try:
+        from threadpoolctl import threadpool_info
+        counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+        if counts:
+            return int(counts[0])
+    except ImportError:
+        pass
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return os.cpu_count() or 1
+
+
+def import_torch(threads):
+    """torch with `threads` intra-op threads, or None when it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def median_times(fns, repeats, warmup=2, settle=True):
+    """{name: median seconds}, the callables run interleaved (round-robin) after a warm-up.
+
+    settle: run each callable once untimed before its timed run in every round. Both OpenBLAS
+    and PyTorch's OpenMP keep their worker threads spinning for a while after a call; on a
+    2-core machine that steals a core from whatever runs next, so the first call after a
+    switch of library measures the hand-over, not the library.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if settle:
+                fn()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def sgemm_peak(repeats, size=SGEMM_SIZE):
+    """Median GFLOP/s of a size x size float32 matmul into a reused output."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    out = np.empty((size, size), dtype=np.float32)
+    t = median_times({"sgemm": lambda: np.matmul(a, b, out=out)}, repeats, 1, False)["sgemm"]
+    return 2 * size ** 3 / t / 1e9
+
+
+# ---- minicnn layers as torch modules (weights copied) ---------------------------------------
+def torch_twin(layer, torch):
+    """A torch.nn module computing what `layer` computes, with its weights and running stats."""
+    nn = torch.nn
+    if isinstance(layer, Sequential):
+        module = nn.Sequential(*[torch_twin(sub, torch) for sub in layer])
+    elif isinstance(layer, Residual):
+        module = _torch_residual_class(torch)(
+            torch_twin(layer.body, torch),
+            torch_twin(layer.shortcut, torch) if layer.shortcut is not None else None)
+    elif isinstance(layer, Conv2D):
+        module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                           layer.stride, _torch_padding(layer), bias="bias" in layer.params)
+    elif isinstance(layer, (MaxPool2D, AvgPool2D)):
+        cls = nn.MaxPool2d if isinstance(layer, MaxPool2D) else nn.AvgPool2d
+        module = cls(layer.kernel_size, layer.stride)
+    elif isinstance(layer, (BatchNorm2D, BatchNorm1D)):
+        cls = nn.BatchNorm2d if isinstance(layer, BatchNorm2D) else nn.BatchNorm1d
+        module = cls(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+    elif isinstance(layer, Dense):
+        module = nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
+    else:
+        simple = {ReLU: nn.ReLU, Flatten: nn.Flatten, Softmax: lambda: nn.Softmax(dim=1),
+                  Dropout: lambda: nn.Dropout(layer.p)}
+        if type(layer) not in simple:
+            raise ValueError(f"minicnn.bench has no PyTorch twin for {type(layer).__name__}.")
+        module = simple[type(layer)]()
+    if not isinstance(layer, (Sequential, Residual)):
+        arrays = {**layer.params, **layer.state}
+        with torch.no_grad():
+            for name, tensor in module.state_dict().items():
+                if name in arrays:
+                    tensor.copy_(torch.from_numpy(np.asarray(arrays[name])))
+    return module.float()
+
+
+def _torch_padding(conv):
+    """Conv2D's padding as nn.Conv2d takes it (symmetric pairs only; "same" is stride 1 in torch)."""
+    if conv.padding == "valid":
+        return 0
+    if conv.padding == "same":
+        if conv.stride != (1, 1):
+            raise ValueError("minicnn.bench: PyTorch has no padding='same' with stride > 1.")
+        return "same"
+    return tuple(conv.padding)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_residual_class(torch):
+    """nn.Module twin of Residual, defined on first use so importing this module needs no torch."""
+    class TorchResidual(torch.nn.Module):
+        """y = body(x) + shortcut(x), the shortcut the identity when None."""
+
+        def __init__(self, body, shortcut):
+            super().__init__()
+            self.body, self.shortcut = body, shortcut
+
+        def forward(self, x):
+            return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+    return TorchResidual
+
+
+# ---- layer rows -----------------------------------------------------------------------------
+def conv_flops(n, c, f, kh, kw, oh, ow):
+    """FLOPs of one GEMM pass of a convolution (forward; backward is two such passes)."""
+    return 2 * n * f * c * kh * kw * oh * ow
+
+
+def layer_cases(models, batch):
+    """(label, layer, input shape, layer FLOPs fwd+bwd or 0) for every distinct layer shape of the
+    presets (walking them with a zero batch), then the CIFAR ladder convs."""
+    cases, seen = [], set()
+
+    def walk(layer, x):
+        if isinstance(layer, Sequential):
+            for sub in layer:
+                x = walk(sub, x)
+            return x
+        if isinstance(layer, Residual):
+            walk(layer.body, x)
+            return layer.forward(x)
+        y = layer.forward(x)
+        key = (layer.__class__.__name__, repr(layer), x.shape[1:])
+        if isinstance(layer, (Conv2D, MaxPool2D, BatchNorm2D, ReLU)) and x.ndim == 4 \
+                and key not in seen:
+            seen.add(key)
+            cases.append(_case(layer, (batch,) + x.shape[1:], y.shape[1:]))
+        return y
+
+    for name in models:
+        model = zoo.build_model(name, rng=np.random.default_rng(0))
+        walk(model, np.zeros((1,) + IMAGE_SHAPE, dtype=np.float32))
+    for c, f, hw in LADDER:
+        conv = Conv2D(c, f, 3, padding=1, rng=np.random.default_rng(0))
+        if ("Conv2D", repr(conv), (c, hw, hw)) not in seen:
+            cases.append(_case(conv, (batch, c, hw, hw), (f, hw, hw)))
+    return cases
+
+
+def _case(layer, in_shape, out_shape):
+    n = in_shape[0]
+    if isinstance(layer, Conv2D):
+        kh, kw = layer.kernel_size
+        flops = 3 * conv_flops(n, layer.in_channels, layer.out_channels, kh, kw, *out_shape[1:])
+        label = (f"Conv2D {layer.in_channels}->{layer.out_channels} {kh}x{kw} "
+                 f"@{in_shape[2]}x{in_shape[3]} pad={layer.padding}")
+    else:
+        flops = 0
+        extra = f" {layer.kernel_size[0]}x{layer.kernel_size[1]}" if hasattr(layer, "kernel_size") else ""
+        label = f"{type(layer).__name__}{extra} {in_shape[1]}ch @{in_shape[2]}x{in_shape[3]}"
+    return label, layer, tuple(in_shape), flops
+
+
+def channels_last(x):
+    """The NCHW array x stored NHWC, as activations are inside a minicnn net (after its first conv)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def bench_layer(label, layer, in_shape, flops, torch, repeats, peak):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(in_shape, dtype=np.float32)
+    if in_shape[1] > 3:
+        x = channels_last(x)
+    y = layer.forward(x, training=True)
+    dy = rng.standard_normal(y.shape, dtype=np.float32)
+    if dy.ndim == 4:
+        dy = channels_last(dy)        # as the gradient arrives inside a net
+    fns = {"fwd": lambda: layer.forward(x, training=True), "bwd": lambda: layer.backward(dy)}
+    row = {"layer": label, "input": list(in_shape), "flops": flops, "check": "-"}
+    if torch is not None:
+        module = torch_twin(layer, torch).train()
+        tx = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
+        tdy = torch.from_numpy(np.ascontiguousarray(dy))
+        row["check"] = _check(y, module(tx).detach().numpy())
+        ty = {}
+
+        def torch_fwd():
+            ty["y"] = module(tx)
+
+        def torch_bwd():
+            tx.grad = None
+            module.zero_grad(set_to_none=True)
+            ty["y"].backward(tdy, retain_graph=True)
+        torch_fwd()
+        fns.update({"torch_fwd": torch_fwd, "torch_bwd": torch_bwd})
+    t = median_times(fns, repeats)
+    # backward timings need a forward before them: the interleaved order fwd, bwd guarantees it
+    row.update(fwd_ms=t["fwd"] * 1e3, bwd_ms=t["bwd"] * 1e3)
+    total = t["fwd"] + t["bwd"]
+    row["gflops"] = flops / total / 1e9 if flops else None
+    row["pct_peak"] = 100 * row["gflops"] / peak if flops else None
+    if torch is not None:
+        row.update(torch_fwd_ms=t["torch_fwd"] * 1e3, torch_bwd_ms=t["torch_bwd"] * 1e3,
+                   ratio=(t["torch_fwd"] + t["torch_bwd"]) / total)
+    return row
+
+
+def _check(ours, theirs, tol=1e-3):
+    """"ok" when ours matches theirs to tol relative to theirs' largest magnitude (float32)."""
+    scale = max(float(np.abs(theirs).max()), 1e-6)
+    err = float(np.abs(np.asarray(ours) - theirs).max()) / scale
+    return "ok" if err < tol else f"FAIL ({err:.1e})"
+
+
+# ---- model rows -----------------------------------------------------------------------------
+def bench_model(name, torch, batch, repeats):
+    rng = np.random.default_rng(0)
+    model = zoo.build_model(name, rng=rng)
+    x = rng.standard_normal((batch,) + IMAGE_SHAPE, dtype=np.float32)
+    labels = rng.integers(0, 10, batch)
+    loss_fn, opt = SoftmaxCrossEntropy(), SGD(model, lr=0.01, momentum=0.9)
+    row = {"model": name, "batch": batch, "params": int(sum(p.size for p in model.params.values())),
+           "check": "-"}
+    if torch is not None:     # compare before any step changes the weights
+        module = torch_twin(model, torch).eval()
+        tx, tlabels = torch.from_numpy(x), torch.from_numpy(labels)
+        with torch.no_grad():
+            row["check"] = _check(model.forward(x), module(tx).numpy())
+
+    def forward():
+        return model.forward(x, training=True)
+
+    def backward():
+        model.backward(loss_fn(model.forward(x, training=True), labels)[1])
+
+    def train_step():
+        _, dlogits = loss_fn(model.forward(x, training=True), labels)
+        model.backward(dlogits)
+        opt.step()
+
+    fns = {"train": train_step, "eval": lambda: model.forward(x)}
+    if torch is not None:
+        topt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+        loss = torch.nn.functional.cross_entropy
+
+        def torch_train():
+            module.train()
+            topt.zero_grad(set_to_none=True)
+            loss(module(tx), tlabels).backward()
+            topt.step()
+
+        def torch_eval():
+            module.eval()
+            with torch.no_grad():
+                module(tx)
+        fns.update(torch_train=torch_train, torch_eval=torch_eval)
+    t = median_times(fns, repeats)
+    parts = median_times({"fwd": forward, "fwd+bwd": backward}, repeats, 1, False)
+    row.update(fwd_ms=parts["fwd"] * 1e3, bwd_ms=(parts["fwd+bwd"] - parts["fwd"]) * 1e3,
+               train_ms=t["train"] * 1e3, train_img_s=batch / t["train"],
+               eval_img_s=batch / t["eval"])
+    if torch is not None:
+        row.update(torch_train_img_s=batch / t["torch_train"],
+                   torch_eval_img_s=batch / t["torch_eval"],
+                   train_ratio=t["torch_train"] / t["train"], eval_ratio=t["torch_eval"] / t["eval"])
+    return row
+
+
+# ---- the report -----------------------------------------------------------------------------
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_report(result, print_fn=print):
+    m = result["machine"]
+    print_fn(f"minicnn.bench  numpy {m['numpy']}  torch {m['torch'] or 'not installed'}  "
+             f"threads {m['threads']} (BLAS and torch)  batch {result['batch']}  "
+             f"median of {result['repeats']}  {m['cpu']}")
+    print_fn(f"SGEMM peak ({SGEMM_SIZE}^2 float32 matmul): {result['sgemm_gflops']:.1f} GFLOP/s")
+    if m["torch"] is None:
+        print_fn("note: PyTorch is not installed, so there are no ratios "
+                 "(pip install torch to compare).")
+    if result["layers"]:
+        print_fn("")
+        head = (f"{'layer':<42}{'fwd ms':>8}{'bwd ms':>8}{'GFLOP/s':>9}{'%peak':>7}"
+                f"{'torch ms':>10}{'x torch':>8}  check")
+        print_fn(head)
+        print_fn("-" * len(head))
+        for r in result["layers"]:
+            torch_ms = (r["torch_fwd_ms"] + r["torch_bwd_ms"]) if "ratio" in r else None
+            print_fn(f"{r['layer']:<42}{r['fwd_ms']:>8.2f}{r['bwd_ms']:>8.2f}"
+                     f"{_fmt(r['gflops'], '9.1f'):>9}{_fmt(r['pct_peak'], '6.0f'):>7}"
+                     f"{_fmt(torch_ms, '10.2f'):>10}{_fmt(r.get('ratio'), '8.2f'):>8}  {r['check']}")
+    if result["models"]:
+        print_fn("")
+        head = (f"{'model':<16}{'fwd ms':>8}{'bwd ms':>8}{'train img/s':>13}{'torch':>8}"
+                f"{'x torch':>8}{'eval img/s':>12}{'torch':>8}{'x torch':>8}  check")
+        print_fn(head)
+        print_fn("-" * len(head))
+        for r in result["models"]:
+            print_fn(f"{r['model']:<16}{r['fwd_ms']:>8.1f}{r['bwd_ms']:>8.1f}"
+                     f"{r['train_img_s']:>13.0f}{_fmt(r.get('torch_train_img_s'), '8.0f'):>8}"
+                     f"{_fmt(r.get('train_ratio'), '8.2f'):>8}{r['eval_img_s']:>12.0f}"
+                     f"{_fmt(r.get('torch_eval_img_s'), '8.0f'):>8}"
+                     f"{_fmt(r.get('eval_ratio'), '8.2f'):>8}  {r['check']}")
+    print_fn("x torch: PyTorch's time / minicnn's (above 1: minicnn is faster). GFLOP/s counts "
+             "forward + both backward GEMM passes.")
+
+
+def run(models=None, batch=128, repeats=5, layers=True, use_torch=True):
+    """Run the benchmark; returns the result dict that --json prints."""
+    models = list(zoo.MODELS) if models is None else list(models)
+    threads = blas_threads()
+    torch = import_torch(threads) if use_torch else None
+    peak = sgemm_peak(max(3, repeats))
+    result = {"machine": {"cpu": platform.processor() or platform.machine(),
+                          "numpy": np.__version__,
+                          "torch": torch.__version__ if torch is not None else None,
+                          "threads": threads},
+              "batch": batch, "repeats": repeats, "sgemm_gflops": peak,
+              "layers": [], "models": []}
+    if layers:
+        for case in layer_cases(models, batch):
+            result["layers"].append(bench_layer(*case, torch, repeats, peak))
+    for name in models:
+        result["models"].append(bench_model(name, torch, batch, repeats))
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["kernels"]:
+        from minicnn import bench_kernels
+        return bench_kernels.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m minicnn.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--models", nargs="+", choices=list(zoo.MODELS), default=None)
+    parser.add_argument("--no-layers", action="store_true", help="only the model rows")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    parser.add_argument("--quick", action="store_true", help="batch 16, 3 repeats: a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats = 16, 3
+    result = run(args.models, args.batch, args.repeats, not args.no_layers, not args.no_torch)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

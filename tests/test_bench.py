@@ -1,0 +1,75 @@
+"""python -m minicnn.bench: its PyTorch twins compute what minicnn computes, and its report holds
+every row it promises, with and without torch."""
+import json
+
+import numpy as np
+import pytest
+
+from minicnn import bench, zoo
+
+
+def test_report_without_torch_has_rows_and_a_note(capsys):
+    result = bench.run(models=["keras-tutorial"], batch=2, repeats=1, use_torch=False)
+    convs = [r for r in result["layers"] if r["layer"].startswith("Conv2D")]
+    assert len(convs) == 3 + len(bench.LADDER)          # the preset's three convs + the ladder
+    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["gflops"] > 0 for r in convs)
+    assert all("ratio" not in r and r["check"] == "-" for r in result["layers"])
+    [model] = result["models"]
+    assert model["model"] == "keras-tutorial" and model["params"] == 122570
+    assert model["train_img_s"] > 0 and "train_ratio" not in model
+    bench.print_report(result)
+    out = capsys.readouterr().out
+    assert "PyTorch is not installed" in out and "keras-tutorial" in out
+
+
+def test_json_output_parses(capsys):
+    assert bench.main(["--json", "--quick", "--no-layers", "--no-torch",
+                       "--models", "keras-tutorial"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batch"] == 16 and result["layers"] == []
+    assert result["machine"]["threads"] >= 1 and result["sgemm_gflops"] > 0
+
+
+@pytest.mark.parametrize("name", list(zoo.MODELS))
+def test_torch_twin_of_every_preset_matches(name):
+    torch = pytest.importorskip("torch")
+    model = zoo.build_model(name, rng=np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((4, 3, 32, 32), dtype=np.float32)
+    twin = bench.torch_twin(model, torch).eval()
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(model.forward(x), expected, rtol=1e-4, atol=1e-4)
+    assert bench._check(model.forward(x), expected) == "ok"
+    assert bench._check(model.forward(x) + 1, expected).startswith("FAIL")
+
+
+def test_layer_and_model_rows_with_torch():
+    pytest.importorskip("torch")
+    result = bench.run(models=["keras-tutorial"], batch=2, repeats=1)
+    assert result["machine"]["torch"] is not None
+    assert result["layers"] and all(r["check"] == "ok" and r["ratio"] > 0 for r in result["layers"])
+    [model] = result["models"]
+    assert model["check"] == "ok" and model["train_ratio"] > 0 and model["eval_ratio"] > 0
+
+
+def test_conv_workspace_budget_chunks_without_changing_results(monkeypatch):
+    """The engine work the bench times: a conv whose im2col matrix exceeds the workspace budget
+    runs chunk by chunk (and rebuilds chunks in backward) with the same results and a correct
+    gradient in float64."""
+    import minicnn
+    from minicnn.layers import Conv2D
+    from minicnn.ops import conv
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 6, 7))
+    dy = rng.standard_normal((5, 4, 3, 4))
+    results = []
+    for budget in (conv.CONV_WORKSPACE_BYTES, 2 * 3 * 4 * 27 * 8):   # whole batch; 2 images a chunk
+        monkeypatch.setattr(conv, "CONV_WORKSPACE_BYTES", budget)
+        layer = Conv2D(3, 4, 3, stride=2, padding=1, dtype=np.float64, rng=np.random.default_rng(1))
+        y = layer.forward(x, training=True)
+        results.append((y, layer.backward(dy), layer.grads["weight"].copy(), layer.grads["bias"].copy()))
+    assert conv._images_per_chunk(5, 3 * 4, 27, 8) == 2
+    for whole, chunked in zip(*results):
+        np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12)
+    errors = minicnn.gradcheck(layer, x[:3], seed=0)
+    assert errors and all(e < 1e-6 for e in errors.values()), errors
