@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from minicnn import ops
+from minicnn import kernels, ops
 from minicnn.backend import array_module, to_device
 from minicnn.ops.im2col import to_pair, same_padding
 
@@ -144,13 +144,16 @@ class Conv2D(Layer):
         if any(x.shape[2 + a] + sum(pad[a]) < self.kernel_size[a] for a in (0, 1)):
             raise ValueError(f"Conv2D kernel {self.kernel_size} is larger than the padded input "
                              f"of shape {tuple(x.shape)}.")
-        out, cache = ops.conv2d_forward(x, self.params["weight"], self.params.get("bias"),
-                                        self.stride, pad)
-        self._keep(cache, training)
+        # minicnn.ops, or the CUDA kernels under kernels.use("raw"); the cache keeps its backward
+        conv_forward, conv_backward = kernels.select(x, "conv2d")
+        out, cache = conv_forward(x, self.params["weight"], self.params.get("bias"),
+                                  self.stride, pad)
+        self._keep((conv_backward, cache), training)
         return out
 
     def backward(self, dy):
-        dx, dw, db = ops.conv2d_backward(dy, self._cached())
+        conv_backward, cache = self._cached()
+        dx, dw, db = conv_backward(dy, cache)
         self.grads["weight"][...] = dw
         if "bias" in self.grads:
             self.grads["bias"][...] = db
@@ -165,7 +168,7 @@ class Conv2D(Layer):
 
 class _Pool2D(Layer):
     """Shared constructor and checks of the pooling layers; stride defaults to the kernel size."""
-    _forward = _backward = None
+    op = None                  # "maxpool2d" or "avgpool2d", as kernels.select names them
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
@@ -177,12 +180,14 @@ class _Pool2D(Layer):
         if x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
             raise ValueError(f"{type(self).__name__} window {self.kernel_size} is larger than the "
                              f"input of shape {tuple(x.shape)}.")
-        out, cache = type(self)._forward(x, self.kernel_size, self.stride)
-        self._keep(cache, training)
+        pool_forward, pool_backward = kernels.select(x, self.op)
+        out, cache = pool_forward(x, self.kernel_size, self.stride)
+        self._keep((pool_backward, cache), training)
         return out
 
     def backward(self, dy):
-        return type(self)._backward(dy, self._cached())
+        pool_backward, cache = self._cached()
+        return pool_backward(dy, cache)
 
     def config(self):
         return {"kernel_size": list(self.kernel_size), "stride": list(self.stride)}
@@ -190,12 +195,12 @@ class _Pool2D(Layer):
 
 class MaxPool2D(_Pool2D):
     """Max over each window; the gradient goes to the (first) maximum."""
-    _forward, _backward = ops.maxpool2d_forward, ops.maxpool2d_backward
+    op = "maxpool2d"
 
 
 class AvgPool2D(_Pool2D):
     """Mean over each window; the gradient is shared equally."""
-    _forward, _backward = ops.avgpool2d_forward, ops.avgpool2d_backward
+    op = "avgpool2d"
 
 
 class Dense(Layer):
