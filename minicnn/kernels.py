@@ -177,13 +177,15 @@ def conv2d_forward(x, w, b, stride, padding):
     return out, (x, w, stride, padding, b_given)
 
 
-def conv2d_backward(dout, cache):
-    """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, KH, KW), db (F,) or None (no bias);
-    as minicnn.ops.conv2d_backward: the two kernels below, and db as a CuPy reduction.
+def conv2d_backward(dout, cache, input_grad=True):
+    """dout (N, F, OH, OW) -> dx (N, C, H, W) (None unless input_grad), dw (F, C, KH, KW),
+    db (F,) or None (no bias); as minicnn.ops.conv2d_backward: the two kernels below, and db as
+    a CuPy reduction.
     """
     dout = _float32(dout, "dout")
     db = dout.sum(axis=(0, 2, 3)) if cache[4] else None
-    return conv2d_backward_data(dout, cache), conv2d_backward_weight(dout, cache), db
+    dx = conv2d_backward_data(dout, cache) if input_grad else None
+    return dx, conv2d_backward_weight(dout, cache), db
 
 
 def _conv_sizes(dout, cache):

@@ -151,9 +151,10 @@ class Conv2D(Layer):
         self._keep((conv_backward, cache), training)
         return out
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
+        """dy (N, F, OH, OW) -> dx; input_grad=False skips dx (None) for a first layer."""
         conv_backward, cache = self._cached()
-        dx, dw, db = conv_backward(dy, cache)
+        dx, dw, db = conv_backward(dy, cache, input_grad)
         self.grads["weight"][...] = dw
         if "bias" in self.grads:
             self.grads["bias"][...] = db
@@ -222,8 +223,9 @@ class Dense(Layer):
         self._keep(cache, training)
         return y
 
-    def backward(self, dy):
-        dx, dw, db = ops.dense_backward(dy, self._cached())
+    def backward(self, dy, input_grad=True):
+        """dy (N, OUT) -> dx; input_grad=False skips dx (None) for a first layer."""
+        dx, dw, db = ops.dense_backward(dy, self._cached(), input_grad)
         self.grads["weight"][...] = dw
         if "bias" in self.grads:
             self.grads["bias"][...] = db

@@ -3,7 +3,7 @@ import numpy as np
 
 from minicnn.backend import array_module
 from minicnn.errors import CheckpointError
-from minicnn.layers import Container, layer_config, layer_from_config
+from minicnn.layers import Container, Conv2D, Dense, layer_config, layer_from_config
 from minicnn.serialization import read_archive, write_archive
 
 
@@ -35,8 +35,14 @@ class Sequential(Container):
             x = layer.forward(x, training)
         return x
 
-    def backward(self, dy):
-        for layer in reversed(self._layers):
+    def backward(self, dy, input_grad=True):
+        """dy -> d loss / d input. input_grad=False skips the first layer's input gradient
+        (a training loop never uses it; PyTorch skips it too) and returns None; only the
+        layers that have parameters take the shortcut."""
+        for i in range(len(self._layers) - 1, -1, -1):
+            layer = self._layers[i]
+            if i == 0 and not input_grad and isinstance(layer, (Conv2D, Dense)):
+                return layer.backward(dy, input_grad=False)
             dy = layer.backward(dy)
         return dy
 

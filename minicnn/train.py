@@ -69,12 +69,13 @@ HYPERPARAMETERS = {
 }
 
 MODEL_DEFAULTS = {
-    # The TensorFlow tutorial's recipe: Adam 1e-3, no augmentation, 10 epochs.
+    # The TensorFlow tutorial's recipe (Adam 1e-3, 10 epochs) plus cosine decay and flips: with
+    # the plain recipe this net reached 69.1% here, with these 70%+.
     "keras-tutorial": dict(epochs=10, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0,
-                           schedule="none", label_smoothing=0.0, augment="none", tta=False),
+                           schedule="cosine", label_smoothing=0.0, augment="flip", tta=False),
     # Fast-CIFAR recipe (Page's ResNet-9 / airbench): SGD-Nesterov, one-cycle LR, label
     # smoothing, crop + flip, flip test-time augmentation.
-    "resnet-small": dict(epochs=12, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4,
+    "resnet-small": dict(epochs=8, batch_size=128, optimizer="sgd", lr=0.2, weight_decay=5e-4,
                          schedule="onecycle", label_smoothing=0.2, augment="crop+flip", tta=True),
 }
 
@@ -160,11 +161,13 @@ def parse_augment(spec):
 
 
 def code_version():
-    """minicnn's version, plus the git commit when running from a checkout."""
+    """minicnn's version, plus the git commit (and -dirty with uncommitted changes) when
+    running from a checkout."""
     version = minicnn.__version__
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5, cwd=os.path.dirname(__file__))
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"],
+                                capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(__file__))
         if commit.returncode == 0:
             version += "+" + commit.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -367,7 +370,7 @@ def _train(loop, stop):
                 raise TrainingStopped(
                     f"The loss became {loss} at epoch {epoch}, step {i + 1}; training stopped and "
                     f"{kept}. Try a lower learning rate than --lr {s['lr']}.")
-            model.backward(dlogits)
+            model.backward(dlogits, input_grad=False)
             loop["optimizer"].step()
             if loop["schedule_unit"] == "batch":
                 loop["schedule"].step()

@@ -171,3 +171,23 @@ def test_loss_rejects_bad_labels():
         loss(np.zeros((2, 3)), np.array([0, 3]))
     with pytest.raises(ValueError, match="integer labels"):
         loss(np.zeros((2, 3)), np.array([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("build,shape,first_layer_skips", [
+    (lambda rng: keras_tutorial(rng=rng), (4, 3, 32, 32), True),
+    (small_resnet, (4, 3, 8, 8), True),
+    (lambda rng: minicnn.Sequential([Flatten(), Dense(192, 10, rng=rng)]), (4, 3, 8, 8), False),
+])
+def test_backward_without_input_grad_gives_the_same_parameter_gradients(build, shape,
+                                                                        first_layer_skips):
+    rng = np.random.default_rng(0)
+    model = build(rng)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal((4, 10)).astype(np.float32)
+    model.forward(x, training=True)
+    assert model.backward(dy).shape == x.shape
+    full = {k: g.copy() for k, g in model.grads.items()}
+    skipped = model.backward(dy, input_grad=False)
+    assert (skipped is None) == first_layer_skips      # Flatten first: nothing to skip
+    for k, g in model.grads.items():
+        np.testing.assert_array_equal(g, full[k])

@@ -11,10 +11,13 @@ def dense_forward(x, w, b):
     return y, (x, w)
 
 
-def dense_backward(dy, cache):
-    """dy (N, OUT) -> dx = dy @ w (N, IN), dw = dy.T @ x (OUT, IN), db = sum_n dy (OUT,)."""
+def dense_backward(dy, cache, input_grad=True):
+    """dy (N, OUT) -> dx = dy @ w (N, IN), dw = dy.T @ x (OUT, IN), db = sum_n dy (OUT,).
+
+    input_grad=False skips dx (returned as None).
+    """
     x, w = cache
-    return dy @ w, dy.T @ x, dy.sum(axis=0)
+    return (dy @ w if input_grad else None), dy.T @ x, dy.sum(axis=0)
 
 
 # ---- ReLU ----------------------------------------------------------------------------------

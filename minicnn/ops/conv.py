@@ -71,8 +71,10 @@ def conv2d_forward(x, w, b, stride, padding):
     return out.transpose(0, 3, 1, 2), cache
 
 
-def conv2d_backward(dout, cache):
+def conv2d_backward(dout, cache, input_grad=True):
     """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, KH, KW), db (F,) or None.
+
+    input_grad=False skips dx (returned as None): a first layer's input needs no gradient.
 
     With dY = dout as (N*OH*OW, F) and cols (N*OH*OW, K), chunk by chunk of images:
     dW += dY^T @ cols,  dcols = dY @ W,  dx = col2im(dcols);  db = sum of dY's rows.
@@ -84,7 +86,9 @@ def conv2d_backward(dout, cache):
     (pt, pb), (pl, pr) = padding
     dy = to_channels_last(dout)                                  # (N, OH, OW, F)
     db = dy.reshape(-1, f).sum(axis=0) if has_bias else None
-    if c >= 8:
+    if not input_grad:
+        dxpad = None
+    elif c >= 8:
         dxpad = xp.zeros((n, h + pt + pb, wd + pl + pr, c), dtype=dout.dtype)   # NHWC memory
     else:
         # Few channels (an RGB first layer): in NHWC memory each col2im add would run over only
@@ -93,16 +97,17 @@ def conv2d_backward(dout, cache):
     dw_mat = xp.zeros(w_mat.shape, dtype=dout.dtype)             # (F, K)
     dw_part = xp.empty_like(dw_mat)
     rows = chunk * dy.shape[1] * dy.shape[2]
-    dcols_buf = xp.empty((rows, w_mat.shape[1]), dtype=dout.dtype)       # reused by each chunk
-    cols_buf = xp.empty_like(dcols_buf) if chunk < n else None
+    dcols_buf = xp.empty((rows, w_mat.shape[1]), dtype=dout.dtype) if input_grad else None
+    cols_buf = xp.empty((rows, w_mat.shape[1]), dtype=dout.dtype) if chunk < n else None
     for s in range(0, n, chunk):
         dy_rows = dy[s:s + chunk].reshape(-1, f)                 # (chunk*OH*OW, F)
         cols = saved if chunk >= n else im2col_nhwc(saved[s:s + chunk], (kh, kw), stride,
                                                     out=cols_buf)
         xp.matmul(dy_rows.T, cols, out=dw_part)
         dw_mat += dw_part
-        dcols = xp.matmul(dy_rows, w_mat, out=dcols_buf[:len(dy_rows)])   # (chunk*OH*OW, K)
-        col2im_nhwc(dcols, dxpad[s:s + chunk], (kh, kw), stride)
+        if input_grad:
+            dcols = xp.matmul(dy_rows, w_mat, out=dcols_buf[:len(dy_rows)])   # (chunk*OH*OW, K)
+            col2im_nhwc(dcols, dxpad[s:s + chunk], (kh, kw), stride)
     dw = dw_mat.reshape(f, kh, kw, c).transpose(0, 3, 1, 2)      # (F, C, KH, KW)
-    dx = dxpad[:, pt:pt + h, pl:pl + wd, :].transpose(0, 3, 1, 2)
+    dx = dxpad[:, pt:pt + h, pl:pl + wd, :].transpose(0, 3, 1, 2) if input_grad else None
     return dx, xp.ascontiguousarray(dw), db
