@@ -9,7 +9,7 @@ flushed, fsync'ed and renamed over the target, so a crash never leaves a half-wr
 """
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 import zlib
 
@@ -26,7 +26,9 @@ def atomic_write(path, write):
     """Call write(file) on a temporary file beside path, then rename it over path."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    tmp = os.path.join(directory, f"{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    # mode 0o666 less the umask, as for any file the user creates (mkstemp would give 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

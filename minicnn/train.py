@@ -517,10 +517,11 @@ def final_report(loop):
     print(format_report(report))
     _write_json(out / "report.json", report)
     plot_confusion(np.array(report["confusion"]), d["classes"], out / "confusion.png")
-    pred = logits.argmax(axis=1)
-    probs = _softmax_np(logits)
-    plot_predictions(d["x_test"][:25], d["y_test"][:25], pred[:25], d["classes"],
-                     out / "predictions.png", probs=probs[:25])
+    # 25 images drawn at random (seeded): the split is ordered by class
+    show = np.sort(np.random.default_rng([s["seed"], 6]).choice(len(logits), min(25, len(logits)),
+                                                                 replace=False))
+    plot_predictions(d["x_test"][show], d["y_test"][show], logits[show].argmax(axis=1),
+                     d["classes"], out / "predictions.png", probs=_softmax_np(logits[show]))
     print(f"Wrote {out}/: last.npz best.npz history.json history.csv settings.json curves.png "
           f"report.json confusion.png predictions.png")
     return report
