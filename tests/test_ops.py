@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from minicnn.layers import AvgPool2D, Conv2D, MaxPool2D
 from minicnn.ops import col2im, im2col
+from minicnn.ops.im2col import col2im_nhwc, im2col_nhwc, pad_nhwc
 from reference import conv2d_reference, pool2d_reference
 from strategies import conv_problems, pool_problems
 
@@ -25,6 +26,18 @@ def test_im2col_and_col2im_are_adjoint(problem, seed):
     lhs = np.vdot(cols, c)                                   # <im2col(x), c>
     rhs = np.vdot(x, col2im(c, x.shape, layer.kernel_size, layer.stride, pad))  # <x, col2im(c)>
     assert np.isclose(lhs, rhs, rtol=1e-10, atol=1e-10)
+
+
+@given(conv_problems(), st.integers(0, 2**32 - 1))
+def test_channels_last_im2col_and_col2im_are_adjoint(problem, seed):
+    """The pair the fast conv path uses: <im2col_nhwc(x), c> == <x, col2im_nhwc(c)>."""
+    layer, x = _layer_and_input(problem, seed)
+    xpad = pad_nhwc(x, layer._padding_for(*x.shape[2:]))        # (N, Hp, Wp, C)
+    cols = im2col_nhwc(xpad, layer.kernel_size, layer.stride)    # (N*OH*OW, KH*KW*C)
+    c = np.random.default_rng(seed + 1).standard_normal(cols.shape)
+    back = np.zeros_like(xpad)
+    col2im_nhwc(c, back, layer.kernel_size, layer.stride)
+    assert np.isclose(np.vdot(cols, c), np.vdot(xpad, back), rtol=1e-10, atol=1e-10)
 
 
 @given(conv_problems(), st.integers(0, 2**32 - 1))
