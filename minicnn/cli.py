@@ -7,8 +7,9 @@ EXIT_BAD_INPUT = 2
 
 
 def run(main, argv=None):
-    """Call main(argv); a MinicnnError (or a ValueError from bad arguments) becomes one line on
-    stderr and exit status 2. --debug shows the full traceback instead."""
+    """Call main(argv); a MinicnnError, a ValueError from bad arguments or an OSError (an
+    unreadable path, a full disk) becomes one line on stderr and exit status 2. --debug shows
+    the full traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -17,6 +18,12 @@ def run(main, argv=None):
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:             # unreadable path, full disk...: the system's own words
+        if debug:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot use{where}: {e.strerror or e}.", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         if debug:

@@ -229,3 +229,16 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(folder, tmp_path, 
     from minicnn import train
     assert train.main(["--data", str(folder), "--out", str(out), "--resume"]) == 2
     assert "not a training checkpoint" in capsys.readouterr().err
+
+
+def test_an_os_error_is_one_sentence_too(tmp_path, capsys, monkeypatch):
+    """An unreadable folder (simulated: the tests may run as root) gives the system's reason."""
+    from minicnn import train
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(datasets.os, "scandir", unreadable)
+    folder = make_folder(tmp_path / "shapes", per_class=2)
+    assert train.main(["--data", str(folder), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot use {folder}: Permission denied.\n"
