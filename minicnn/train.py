@@ -75,7 +75,7 @@ MODEL_DEFAULTS = {
                            schedule="cosine", label_smoothing=0.0, augment="flip", tta=False),
     # Fast-CIFAR recipe (Page's ResNet-9 / airbench): SGD-Nesterov, one-cycle LR, label
     # smoothing, crop + flip, flip test-time augmentation.
-    "resnet-small": dict(epochs=8, batch_size=128, optimizer="sgd", lr=0.2, weight_decay=5e-4,
+    "resnet-small": dict(epochs=11, batch_size=128, optimizer="sgd", lr=0.2, weight_decay=5e-4,
                          schedule="onecycle", label_smoothing=0.2, augment="crop+flip", tta=True),
 }
 
