@@ -12,7 +12,7 @@ is exactly zero (a conv bias feeding batch norm) is judged by its absolute error
 import numpy as np
 
 from minicnn.backend import array_module, to_numpy
-from minicnn.layers import Container, Layer, layer_config, layer_from_config
+from minicnn.layers import Layer, layer_config, layer_from_config, walk
 
 
 def gradcheck(target, x, labels=None, eps=1e-6, seed=0, verbose=False, tol=1e-6):
@@ -84,13 +84,6 @@ def _numerical_gradient(f, t, eps):
     return grad.reshape(t.shape)
 
 
-def _all_layers(layer):
-    yield layer
-    if isinstance(layer, Container):
-        for sub in layer.layers():
-            yield from _all_layers(sub)
-
-
 def _float64_copy(layer):
     """The same layer, parameters and state in float64 (random generators copied too)."""
     def to64(config):
@@ -104,7 +97,7 @@ def _float64_copy(layer):
         value[...] = to_numpy(layer.params[name])
     for name, value in copy.state.items():
         value[...] = to_numpy(layer.state[name])
-    for src, dst in zip(_all_layers(layer), _all_layers(copy)):
+    for src, dst in zip(walk(layer), walk(copy)):
         if hasattr(src, "rng"):
             dst.rng.bit_generator.state = src.rng.bit_generator.state
     return copy
@@ -112,7 +105,7 @@ def _float64_copy(layer):
 
 def _snapshot(layer):
     state = {k: v.copy() for k, v in layer.state.items()}
-    rngs = [(sub, sub.rng.bit_generator.state) for sub in _all_layers(layer) if hasattr(sub, "rng")]
+    rngs = [(sub, sub.rng.bit_generator.state) for sub in walk(layer) if hasattr(sub, "rng")]
     return state, rngs
 
 

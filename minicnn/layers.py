@@ -438,6 +438,13 @@ class Residual(Container):
                 "shortcut": layer_config(self.shortcut) if self.shortcut is not None else None}
 
 
+def walk(layer):
+    """Yield layer and every layer inside it, depth first, in forward order."""
+    yield layer
+    for sub in layer.layers():
+        yield from walk(sub)
+
+
 # ---- (de)serialising layer descriptions ------------------------------------------------------
 def _registry():
     from minicnn.model import Sequential

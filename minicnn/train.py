@@ -12,6 +12,7 @@ Everything the run writes goes to --out DIR:
 """
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -32,7 +33,7 @@ from minicnn.backend import get_backend, to_device, to_numpy
 from minicnn.checkpoint import load_checkpoint, save_checkpoint
 from minicnn.cli import run
 from minicnn.errors import CheckpointError, DataError, MinicnnError
-from minicnn.layers import Dropout
+from minicnn.layers import Dropout, walk
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.metrics import classification_report, format_report
 from minicnn.plots import plot_confusion, plot_curves, plot_predictions
@@ -160,6 +161,7 @@ def parse_augment(spec):
                 cutout_size=8 if "cutout" in parts else 0)
 
 
+@functools.lru_cache(maxsize=None)
 def code_version():
     """minicnn's version, plus the git commit (and -dirty with uncommitted changes) when
     running from a checkout."""
@@ -244,13 +246,8 @@ def predict_logits(model, x_uint8, mean, std, xp, batch_size=500, tta=False):
 
 
 def _dropout_layers(model):
-    stack, found = [model], []
-    while stack:
-        layer = stack.pop(0)
-        if isinstance(layer, Dropout):
-            found.append(layer)
-        stack[:0] = layer.layers()
-    return found
+    """The Dropout layers in forward order: each has a random generator a checkpoint keeps."""
+    return [layer for layer in walk(model) if isinstance(layer, Dropout)]
 
 
 class _StopSignal:

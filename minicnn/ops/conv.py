@@ -13,8 +13,7 @@ teaching-layout im2col (N, C*KH*KW, OH*OW) is minicnn/ops/im2col.py::im2col.
 
 Memory: the cols matrix of a layer that would exceed CONV_WORKSPACE_BYTES is built a few images
 at a time (chunks) in one buffer, and then its backward rebuilds each chunk instead of keeping
-it. Known limit: the first layer's dx is computed (and thrown away by a training loop), as any
-layer's is; PyTorch skips it.
+it. conv2d_backward(..., input_grad=False) skips dx for a first layer, as PyTorch does.
 """
 from minicnn.backend import array_module
 from minicnn.ops.im2col import col2im_nhwc, conv_output_size, im2col_nhwc, pad_nhwc
