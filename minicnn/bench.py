@@ -12,20 +12,21 @@ Three tables, each row timed side by side with PyTorch (interleaved, so machine 
   3. Models: every preset; one training step (forward, loss, backward, SGD momentum step) and
      inference, in images/s, ours and PyTorch's, and the ratio.
 Each case is checked against PyTorch first (same weights, same input), then warmed up, then timed
-`repeats` times; the median is reported. PyTorch runs with as many threads as the BLAS uses, and
-the count is printed. Without torch the tables still print, with a note instead of the ratios.
+`repeats` times; the median is reported. PyTorch runs with as many threads as minicnn's workers
+(minicnn.parallel: one per core, each with a single-threaded BLAS), and the count is printed; the
+SGEMM peak is NumPy's BLAS on its own threads. Without torch the tables still print, with a
+note instead of the ratios.
 """
 import argparse
 import functools
 import json
-import os
 import platform
 import sys
 import time
 
 import numpy as np
 
-from minicnn import zoo
+from minicnn import parallel, zoo
 from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax)
 from minicnn.losses import SoftmaxCrossEntropy
@@ -38,22 +39,6 @@ IMAGE_SHAPE = (3, 32, 32)
 
 
 # ---- the machine ----------------------------------------------------------------------------
-def blas_threads():
-    """How many threads NumPy's BLAS uses: threadpoolctl when installed, else the environment
-    variables OpenBLAS/MKL honour, else the CPU count (OpenBLAS's default)."""
-    try:
-        from threadpoolctl import threadpool_info
-        counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
-        if counts:
-            return int(counts[0])
-    except ImportError:
-        pass
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return os.cpu_count() or 1
-
-
 def import_torch(threads):
     """torch with `threads` intra-op threads, or None when it is not installed."""
     try:
@@ -277,12 +262,13 @@ def bench_model(name, torch, batch, repeats):
     def forward():
         return model.forward(x, training=True)
 
+    # as the trainer (and PyTorch, whose input has no requires_grad): no gradient for the images
     def backward():
-        model.backward(loss_fn(model.forward(x, training=True), labels)[1])
+        model.backward(loss_fn(model.forward(x, training=True), labels)[1], input_grad=False)
 
     def train_step():
         _, dlogits = loss_fn(model.forward(x, training=True), labels)
-        model.backward(dlogits)
+        model.backward(dlogits, input_grad=False)
         opt.step()
 
     fns = {"train": train_step, "eval": lambda: model.forward(x)}
@@ -321,7 +307,7 @@ def _fmt(v, spec):
 def print_report(result, print_fn=print):
     m = result["machine"]
     print_fn(f"minicnn.bench  numpy {m['numpy']}  torch {m['torch'] or 'not installed'}  "
-             f"threads {m['threads']} (BLAS and torch)  batch {result['batch']}  "
+             f"threads {m['threads']} (minicnn and torch)  batch {result['batch']}  "
              f"median of {result['repeats']}  {m['cpu']}")
     print_fn(f"SGEMM peak ({SGEMM_SIZE}^2 float32 matmul): {result['sgemm_gflops']:.1f} GFLOP/s")
     if m["torch"] is None:
@@ -357,9 +343,10 @@ def print_report(result, print_fn=print):
 def run(models=None, batch=128, repeats=5, layers=True, use_torch=True):
     """Run the benchmark; returns the result dict that --json prints."""
     models = list(zoo.MODELS) if models is None else list(models)
-    threads = blas_threads()
+    threads = parallel.threads()
     torch = import_torch(threads) if use_torch else None
-    peak = sgemm_peak(max(3, repeats))
+    with parallel.blas_with_own_threads():
+        peak = sgemm_peak(max(3, repeats))
     result = {"machine": {"cpu": platform.processor() or platform.machine(),
                           "numpy": np.__version__,
                           "torch": torch.__version__ if torch is not None else None,

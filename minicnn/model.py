@@ -3,7 +3,8 @@ import numpy as np
 
 from minicnn.backend import array_module
 from minicnn.errors import CheckpointError
-from minicnn.layers import Container, Conv2D, Dense, layer_config, layer_from_config
+from minicnn.layers import (Container, Conv2D, Dense, MaxPool2D, ReLU, layer_config,
+                            layer_from_config)
 from minicnn.serialization import read_archive, write_archive
 
 
@@ -28,20 +29,38 @@ class Sequential(Container):
     def __len__(self):
         return len(self._layers)
 
+    def schedule(self):
+        """The order the layers run in: their own, except that a ReLU directly followed by a
+        MaxPool2D runs after it. Max and ReLU commute (ReLU is monotone), so the output is the
+        same, and so is every gradient: a window whose maximum is positive sends its gradient to
+        the same pixel either way, one whose maximum is <= 0 sends none. The ReLU then works on
+        a quarter of the values (the Keras-tutorial CNN's Conv-ReLU-MaxPool: ~10% of a step)."""
+        order = list(range(len(self._layers)))
+        i = 0
+        while i + 1 < len(order):
+            first, second = self._layers[order[i]], self._layers[order[i + 1]]
+            if type(first) is ReLU and type(second) is MaxPool2D:
+                order[i], order[i + 1] = order[i + 1], order[i]
+                i += 2
+            else:
+                i += 1
+        return order
+
     def forward(self, x, training=False):
         if hasattr(x, "shape"):
             self.input_shape = tuple(x.shape[1:])
-        for layer in self._layers:
-            x = layer.forward(x, training)
+        for i in self.schedule():
+            x = self._layers[i].forward(x, training)
         return x
 
     def backward(self, dy, input_grad=True):
         """dy -> d loss / d input. input_grad=False skips the first layer's input gradient
         (a training loop never uses it; PyTorch skips it too) and returns None; only the
         layers that have parameters take the shortcut."""
-        for i in range(len(self._layers) - 1, -1, -1):
+        order = self.schedule()
+        for i in reversed(order):
             layer = self._layers[i]
-            if i == 0 and not input_grad and isinstance(layer, (Conv2D, Dense)):
+            if i == order[0] and not input_grad and isinstance(layer, (Conv2D, Dense)):
                 return layer.backward(dy, input_grad=False)
             dy = layer.backward(dy)
         return dy

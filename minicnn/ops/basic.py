@@ -1,4 +1,9 @@
-"""Dense, ReLU, softmax, dropout, batch norm and the softmax cross-entropy loss."""
+"""Dense, ReLU, softmax, dropout, batch norm and the softmax cross-entropy loss.
+
+The elementwise passes over activations (ReLU, BatchNorm) run on minicnn.parallel's workers, each
+on its share of the batch: NumPy would run each of them on one core.
+"""
+from minicnn import parallel
 from minicnn.backend import array_module
 
 
@@ -28,12 +33,32 @@ def relu_forward(x):
     bool-to-float conversion.
     """
     xp = array_module(x)
-    y = xp.maximum(x, x.dtype.type(0))
-    return y, y > 0
+    zero = x.dtype.type(0)
+    if x.ndim == 0:
+        return xp.maximum(x, zero), x > zero
+    y = xp.empty_like(x)                                  # x's memory order
+    mask = xp.empty_like(x, dtype=bool)
+
+    def work(lo, hi):
+        xp.maximum(x[lo:hi], zero, out=y[lo:hi])
+        xp.greater(y[lo:hi], zero, out=mask[lo:hi])
+
+    parallel.map(work, len(x), xp, x.size)
+    return y, mask
 
 
 def relu_backward(dy, mask):
-    return dy * mask
+    """dx = dy where the input was positive, else 0."""
+    xp = array_module(dy)
+    if dy.ndim == 0:
+        return dy * mask
+    dx = xp.empty_like(dy)
+
+    def work(lo, hi):
+        xp.multiply(dy[lo:hi], mask[lo:hi], out=dx[lo:hi])
+
+    parallel.map(work, len(dy), xp, dy.size)
+    return dx
 
 
 # ---- softmax -------------------------------------------------------------------------------
@@ -104,21 +129,33 @@ def batchnorm_forward(x, gamma, beta, eps, mean=None, var=None):
     statistics are used (biased variance, as PyTorch) and returned so the caller can update
     its running estimates; otherwise the given running statistics are used.
     -> (y, cache, (mean, var)); cache: xhat (M, C) rows, 1/sqrt(var + eps), gamma.
-    Works on x as an (M, C) matrix of channel rows, so each op streams through memory once.
+    Works on x as an (M, C) matrix of channel rows, so each op streams through memory once;
+    the sums are BLAS matrix-vector products, the elementwise passes run on the workers.
     """
     xp = array_module(x)
     rows = _channel_rows(x)                               # (M, C)
     m = rows.shape[0]
     if mean is None:
         mean = _channel_sums(rows) / m
-    xhat = rows - mean                                    # (M, C), becomes xhat in place
-    y = xp.empty_like(xhat)
+    xhat = xp.empty_like(rows)                            # (M, C), x - mean, then xhat
+    y = xp.empty_like(rows)
+
+    def center(lo, hi):
+        xp.subtract(rows[lo:hi], mean, out=xhat[lo:hi])
+        if var is None:
+            xp.square(xhat[lo:hi], out=y[lo:hi])          # y as scratch: no extra temporary
+
+    parallel.map(center, m, xp, rows.size)
     if var is None:
-        var = _channel_sums(xp.square(xhat, out=y)) / m   # y as scratch: no extra temporary
+        var = _channel_sums(y) / m
     invstd = 1.0 / xp.sqrt(var + eps)
-    xhat *= invstd
-    xp.multiply(xhat, gamma, out=y)
-    y += beta
+
+    def normalize(lo, hi):
+        xp.multiply(xhat[lo:hi], invstd, out=xhat[lo:hi])
+        xp.multiply(xhat[lo:hi], gamma, out=y[lo:hi])
+        y[lo:hi] += beta
+
+    parallel.map(normalize, m, xp, rows.size)
     return _like_input(y, x), (xhat, invstd, gamma), (mean, var)
 
 
@@ -132,13 +169,24 @@ def batchnorm_backward(dy, cache):
     xhat, invstd, gamma = cache
     rows = _channel_rows(dy)                              # (M, C)
     m = rows.shape[0]
+    dx = xp.empty_like(xhat)                              # scratch for dy * xhat, then dx
+
+    def product(lo, hi):
+        xp.multiply(rows[lo:hi], xhat[lo:hi], out=dx[lo:hi])
+
+    parallel.map(product, m, xp, rows.size)
     dbeta = _channel_sums(rows)
-    dx = xp.multiply(rows, xhat)                          # scratch for dy * xhat, then dx
     dgamma = _channel_sums(dx)
-    xp.multiply(xhat, dgamma / m, out=dx)
-    xp.subtract(rows, dx, out=dx)
-    dx -= dbeta / m
-    dx *= gamma * invstd
+    dgamma_m, dbeta_m, scale = dgamma / m, dbeta / m, gamma * invstd
+
+    def combine(lo, hi):
+        d = dx[lo:hi]
+        xp.multiply(xhat[lo:hi], dgamma_m, out=d)
+        xp.subtract(rows[lo:hi], d, out=d)
+        d -= dbeta_m
+        d *= scale
+
+    parallel.map(combine, m, xp, rows.size)
     return _like_input(dx, dy), dgamma, dbeta
 
 

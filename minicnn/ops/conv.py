@@ -1,4 +1,4 @@
-"""2-D convolution (cross-correlation, as in PyTorch) as im2col + one big GEMM, channels-last.
+"""2-D convolution (cross-correlation, as in PyTorch) as im2col + GEMMs, channels-last.
 
 The layers see NCHW arrays, but the convolution works on NHWC *memory* (channels last), and
 returns its output as an NCHW-shaped view of NHWC memory (out.transpose(0, 3, 1, 2)). NumPy's
@@ -6,32 +6,25 @@ elementwise ops keep the memory order of their input, so ReLU, pooling and Batch
 layout on, and the next convolution gets its NHWC input for free. Measured on a 2-core Xeon:
   - im2col of NHWC memory is one strided copy whose innermost run is KW*C contiguous floats,
     3-10x faster than nine per-tap copies of NCHW rows of OW floats;
-  - the GEMM is one big (N*OH*OW, K) @ (K, F) product (K = KH*KW*C) instead of N small ones,
-    and its output is already NHWC: no transpose of the output, ever.
+  - the GEMM's output rows (N*OH*OW, F) are already NHWC: no transpose of the output, ever.
 The slow, obvious version of the same maths is tests/reference.py::conv2d_reference; the
 teaching-layout im2col (N, C*KH*KW, OH*OW) is minicnn/ops/im2col.py::im2col.
 
-Memory: the cols matrix of a layer that would exceed CONV_WORKSPACE_BYTES is built a few images
-at a time (chunks) in one buffer, and then its backward rebuilds each chunk instead of keeping
-it. conv2d_backward(..., input_grad=False) skips dx for a first layer, as PyTorch does.
+Work split: the batch's images are shared among minicnn.parallel's workers (one per core), and
+each worker goes through its images a chunk at a time: build the chunk's im2col rows
+(at most CONV_WORKSPACE_BYTES), then the GEMM that reads them while they are still in the
+core's cache. Backward rebuilds each chunk from the (9x smaller) padded input instead of
+keeping the matrix. conv2d_backward(..., input_grad=False) skips dx for a first layer, as
+PyTorch does.
 """
+from minicnn import parallel
 from minicnn.backend import array_module
 from minicnn.ops.im2col import col2im_nhwc, conv_output_size, im2col_nhwc, pad_nhwc
 
-# The most bytes of im2col matrix a convolution builds at once. A layer whose whole
-# (N*OH*OW, KH*KW*C) matrix is larger works through the batch a chunk of images at a time, in
-# one reused buffer, and its backward rebuilds each chunk from the (9x smaller) input instead
-# of keeping the matrix. Chunks this size also stay in the CPU's last-level cache between the
-# copy that builds them and the GEMMs that read them: on the 2-core Xeon, 64->64 @32x32 at batch
-# 128 ran fwd+bwd in ~560 ms with 16 MiB chunks vs ~1040 ms with 256 MiB (2 chunks); 4-64 MiB
-# were all alike, 1 MiB slower on the 256-channel layers.
-CONV_WORKSPACE_BYTES = 16 * 2**20
-
-
-def to_channels_last(x):
-    """(N, C, H, W) -> an (N, H, W, C) contiguous array: a free view when x's memory is NHWC."""
-    xp = array_module(x)
-    return xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
+# The most bytes of im2col rows one worker builds at once: a chunk of a few images that stays
+# in the core's cache (L2 2.5 MiB, L3 48 MiB shared on the 2-core Xeon) between the copy that
+# builds it and the GEMMs that read it.
+CONV_WORKSPACE_BYTES = 4 * 2**20
 
 
 def _images_per_chunk(n, rows_per_image, k, itemsize):
@@ -44,29 +37,39 @@ def conv2d_forward(x, w, b, stride, padding):
 
     x (N, C, H, W), w (F, C, KH, KW), b (F,) or None, stride (sh, sw),
     padding ((top, bottom), (left, right)) -> out (N, F, OH, OW), an NCHW view of NHWC memory.
-    cache: the cols matrix (N*OH*OW, KH*KW*C) when it was built whole, else the padded NHWC
-    input (backward rebuilds cols chunk by chunk); and the GEMM-shaped weight.
+    cache: the padded NHWC input (backward rebuilds the cols chunk by chunk from it) and the
+    GEMM-shaped weight.
     """
     xp = array_module(x)
     n, c, h, wd = x.shape
     f, _, kh, kw = w.shape
-    oh = conv_output_size(h, kh, stride[0], *padding[0])
-    ow = conv_output_size(wd, kw, stride[1], *padding[1])
+    (pt, pb), (pl, pr) = padding
+    oh = conv_output_size(h, kh, stride[0], pt, pb)
+    ow = conv_output_size(wd, kw, stride[1], pl, pr)
     k = kh * kw * c
     # weight as (F, KH*KW*C), columns in the (i, j, c) order of the cols rows (a small copy)
     w_mat = xp.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(f, k)
-    xpad = pad_nhwc(x, padding)                                  # (N, Hp, Wp, C)
+    x_nhwc = x.transpose(0, 2, 3, 1)                             # (N, H, W, C), a view
+    padded = not (pt == pb == pl == pr == 0 and x_nhwc.flags.c_contiguous)
+    xpad = (xp.empty((n, h + pt + pb, wd + pl + pr, c), dtype=x.dtype) if padded
+            else x_nhwc)                                         # (N, Hp, Wp, C)
     out = xp.empty((n, oh, ow, f), dtype=x.dtype)                # NHWC memory
     chunk = _images_per_chunk(n, oh * ow, k, x.dtype.itemsize)
-    buf = xp.empty((chunk * oh * ow, k), dtype=x.dtype)          # the im2col workspace
-    for s in range(0, n, chunk):
-        cols = im2col_nhwc(xpad[s:s + chunk], (kh, kw), stride, out=buf)  # (chunk*OH*OW, K)
-        out_rows = out[s:s + chunk].reshape(-1, f)               # (chunk*OH*OW, F), a view
-        xp.matmul(cols, w_mat.T, out=out_rows)                   # one GEMM, BLAS-shaped
-        if b is not None:
-            out_rows += b                                        # while the rows are in cache
-    saved = buf if chunk >= n else xpad                          # cols if it was built whole
-    cache = (x.shape, saved, chunk, w_mat, w.shape, stride, padding, b is not None)
+
+    def work(lo, hi):                                            # images lo:hi, one worker
+        if padded:
+            pad_nhwc(x[lo:hi], padding, out=xpad[lo:hi])
+        buf = xp.empty((min(chunk, hi - lo) * oh * ow, k), dtype=x.dtype)   # im2col workspace
+        for s in range(lo, hi, chunk):
+            e = min(s + chunk, hi)
+            cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, out=buf)   # (rows, K)
+            out_rows = out[s:e].reshape(-1, f)                   # (rows, F), a view
+            xp.matmul(cols, w_mat.T, out=out_rows)               # one GEMM, BLAS-shaped
+            if b is not None:
+                out_rows += b                                    # while the rows are in cache
+
+    parallel.map(work, n, xp)
+    cache = (x.shape, xpad, chunk, w_mat, w.shape, stride, padding, b is not None)
     return out.transpose(0, 3, 1, 2), cache
 
 
@@ -77,36 +80,47 @@ def conv2d_backward(dout, cache, input_grad=True):
 
     With dY = dout as (N*OH*OW, F) and cols (N*OH*OW, K), chunk by chunk of images:
     dW += dY^T @ cols,  dcols = dY @ W,  dx = col2im(dcols);  db = sum of dY's rows.
+    Each worker sums dW and db over its own images; the partial sums are added at the end.
     """
     xp = array_module(dout)
-    x_shape, saved, chunk, w_mat, w_shape, stride, padding, has_bias = cache
+    x_shape, xpad, chunk, w_mat, w_shape, stride, padding, has_bias = cache
     n, c, h, wd = x_shape
     f, _, kh, kw = w_shape
+    k = w_mat.shape[1]
     (pt, pb), (pl, pr) = padding
-    dy = to_channels_last(dout)                                  # (N, OH, OW, F)
-    db = dy.reshape(-1, f).sum(axis=0) if has_bias else None
+    dy = dout.transpose(0, 2, 3, 1)                              # (N, OH, OW, F), a view
     if not input_grad:
         dxpad = None
     elif c >= 8:
-        dxpad = xp.zeros((n, h + pt + pb, wd + pl + pr, c), dtype=dout.dtype)   # NHWC memory
+        dxpad = xp.empty(xpad.shape, dtype=dout.dtype)           # NHWC memory
     else:
         # Few channels (an RGB first layer): in NHWC memory each col2im add would run over only
         # C floats at a time; in NCHW memory it runs along image rows, about 2x faster here.
-        dxpad = xp.zeros((n, c, h + pt + pb, wd + pl + pr), dtype=dout.dtype).transpose(0, 2, 3, 1)
-    dw_mat = xp.zeros(w_mat.shape, dtype=dout.dtype)             # (F, K)
-    dw_part = xp.empty_like(dw_mat)
-    rows = chunk * dy.shape[1] * dy.shape[2]
-    dcols_buf = xp.empty((rows, w_mat.shape[1]), dtype=dout.dtype) if input_grad else None
-    cols_buf = xp.empty((rows, w_mat.shape[1]), dtype=dout.dtype) if chunk < n else None
-    for s in range(0, n, chunk):
-        dy_rows = dy[s:s + chunk].reshape(-1, f)                 # (chunk*OH*OW, F)
-        cols = saved if chunk >= n else im2col_nhwc(saved[s:s + chunk], (kh, kw), stride,
-                                                    out=cols_buf)
-        xp.matmul(dy_rows.T, cols, out=dw_part)
-        dw_mat += dw_part
+        dxpad = xp.empty((n, c) + xpad.shape[1:3], dtype=dout.dtype).transpose(0, 2, 3, 1)
+
+    def work(lo, hi):                                            # images lo:hi, one worker
+        dy_part = xp.ascontiguousarray(dy[lo:hi])                # free when dout is NHWC memory
+        rows = min(chunk, hi - lo) * dy.shape[1] * dy.shape[2]
+        cols_buf = xp.empty((rows, k), dtype=dout.dtype)
+        dcols_buf = xp.empty((rows, k), dtype=dout.dtype) if input_grad else None
+        dw, dw_part = xp.zeros((f, k), dtype=dout.dtype), xp.empty((f, k), dtype=dout.dtype)
         if input_grad:
-            dcols = xp.matmul(dy_rows, w_mat, out=dcols_buf[:len(dy_rows)])   # (chunk*OH*OW, K)
-            col2im_nhwc(dcols, dxpad[s:s + chunk], (kh, kw), stride)
+            dxpad[lo:hi] = 0
+        for s in range(lo, hi, chunk):
+            e = min(s + chunk, hi)
+            cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, out=cols_buf)   # (rows, K)
+            dy_rows = dy_part[s - lo:e - lo].reshape(-1, f)      # (rows, F)
+            xp.matmul(dy_rows.T, cols, out=dw_part)
+            dw += dw_part
+            if input_grad:
+                dcols = xp.matmul(dy_rows, w_mat, out=dcols_buf[:len(dy_rows)])   # (rows, K)
+                col2im_nhwc(dcols, dxpad[s:e], (kh, kw), stride)
+        db = dy_part.reshape(-1, f).sum(axis=0) if has_bias else None
+        return dw, db
+
+    parts = parallel.map(work, n, xp)
+    dw_mat = sum(dw for dw, _ in parts)                          # (F, K)
+    db = sum(db for _, db in parts) if has_bias else None
     dw = dw_mat.reshape(f, kh, kw, c).transpose(0, 3, 1, 2)      # (F, C, KH, KW)
     dx = dxpad[:, pt:pt + h, pl:pl + wd, :].transpose(0, 3, 1, 2) if input_grad else None
     return dx, xp.ascontiguousarray(dw), db

@@ -96,18 +96,20 @@ def col2im(cols, x_shape, kernel, stride, padding):
 
 
 # ---- channels-last (NHWC) twins, used by minicnn.ops.conv --------------------------------------
-def pad_nhwc(x, padding):
+def pad_nhwc(x, padding, out=None):
     """x (N, C, H, W), any memory order -> (N, H+pt+pb, W+pl+pr, C) contiguous, zeros around.
 
     A free view when x's memory is already NHWC and there is no padding. Only the border is
-    zeroed (not the whole array, which would write the interior twice).
+    zeroed (not the whole array, which would write the interior twice). out: the array to fill
+    (e.g. one worker's range of images of a larger one), or None for a new one.
     """
     xp = array_module(x)
     (pt, pb), (pl, pr) = padding
     n, c, h, w = x.shape
-    if pt == pb == pl == pr == 0:
+    if out is None and pt == pb == pl == pr == 0:
         return xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    out = xp.empty((n, h + pt + pb, w + pl + pr, c), dtype=x.dtype)
+    if out is None:
+        out = xp.empty((n, h + pt + pb, w + pl + pr, c), dtype=x.dtype)
     out[:, :pt], out[:, pt + h:] = 0, 0                          # top and bottom rows
     out[:, pt:pt + h, :pl], out[:, pt:pt + h, pl + w:] = 0, 0    # left and right columns
     out[:, pt:pt + h, pl:pl + w] = x.transpose(0, 2, 3, 1)

@@ -6,6 +6,7 @@ handles a strided view of the whole batch. Windows may overlap (stride < kernel)
 Every function here works on any memory order (NCHW, or the NHWC memory that minicnn.ops.conv
 hands on): the taps are strided views, and NumPy's elementwise ops keep their input's order.
 """
+from minicnn import parallel
 from minicnn.backend import array_module
 from minicnn.ops.im2col import conv_output_size
 
@@ -87,19 +88,30 @@ def maxpool2d_backward(dout, cache):
 # second one won", which is all backward needs (0.75 bytes per input pixel, no index maths).
 
 def _maxpool2x2_forward(x):
-    """x (N, C, H, W) -> out (N, C, H//2, W//2); an odd last row or column is dropped, as PyTorch."""
+    """x (N, C, H, W) -> out (N, C, H//2, W//2); an odd last row or column is dropped, as PyTorch.
+
+    The workers each pool their share of the images.
+    """
     xp = array_module(x)
     n, c, h, w = x.shape
     oh, ow = h // 2, w // 2
-    top, bottom = x[:, :, 0:2 * oh:2, :2 * ow], x[:, :, 1:2 * oh:2, :2 * ow]   # (N, C, OH, 2*OW)
-    rows = xp.maximum(top, bottom)                     # max of each column pair of rows
-    row_second = bottom > top                          # strict: on a tie the top row wins
-    left, right = rows[..., 0::2], rows[..., 1::2]     # (N, C, OH, OW)
-    out = xp.maximum(left, right)
-    col_second = right > left
-    # Tie between the columns: the first maximum in row-major order is (0, right) when the
-    # left column's maximum sits in its bottom row and the right column's in its top row.
-    col_second |= (right == left) & row_second[..., 0::2] & ~row_second[..., 1::2]
+    out = _empty_like_layout((n, c, oh, ow), x.strides, x.dtype, xp)
+    row_second = _empty_like_layout((n, c, oh, 2 * ow), x.strides, bool, xp)
+    col_second = _empty_like_layout((n, c, oh, ow), x.strides, bool, xp)
+
+    def work(lo, hi):
+        xs, rs, cs = x[lo:hi], row_second[lo:hi], col_second[lo:hi]
+        top, bottom = xs[:, :, 0:2 * oh:2, :2 * ow], xs[:, :, 1:2 * oh:2, :2 * ow]  # (n, C, OH, 2*OW)
+        rows = xp.maximum(top, bottom)                 # max of each column pair of rows
+        xp.greater(bottom, top, out=rs)                # strict: on a tie the top row wins
+        left, right = rows[..., 0::2], rows[..., 1::2]     # (n, C, OH, OW)
+        xp.maximum(left, right, out=out[lo:hi])
+        xp.greater(right, left, out=cs)
+        # Tie between the columns: the first maximum in row-major order is (0, right) when the
+        # left column's maximum sits in its bottom row and the right column's in its top row.
+        cs |= (right == left) & rs[..., 0::2] & ~rs[..., 1::2]
+
+    parallel.map(work, n, xp, x.size)
     return out, ("2x2", x.shape, x.strides, row_second, col_second)
 
 
@@ -108,17 +120,22 @@ def _maxpool2x2_backward(dout, cache):
     xp = array_module(dout)
     _, x_shape, x_strides, row_second, col_second = cache
     oh, ow = dout.shape[2:]
-    # second = g * won_second; first = g - second (exactly g or 0): no temporaries, no where().
-    drows = _empty_like_layout(row_second.shape, row_second.strides, dout.dtype, xp)
-    left, right = drows[..., 0::2], drows[..., 1::2]           # (N, C, OH, OW) views
-    xp.multiply(dout, col_second, out=right)
-    xp.subtract(dout, right, out=left)
     dx = _empty_like_layout(x_shape, x_strides, dout.dtype, xp)
-    dx[:, :, 2 * oh:] = 0                                      # rows and columns no window covers
-    dx[:, :, :, 2 * ow:] = 0
-    top, bottom = dx[:, :, 0:2 * oh:2, :2 * ow], dx[:, :, 1:2 * oh:2, :2 * ow]
-    xp.multiply(drows, row_second, out=bottom)
-    xp.subtract(drows, bottom, out=top)
+
+    def work(lo, hi):
+        # second = g * won_second; first = g - second (exactly g or 0): no where().
+        g, rs, d = dout[lo:hi], row_second[lo:hi], dx[lo:hi]
+        drows = _empty_like_layout(rs.shape, rs.strides, dout.dtype, xp)
+        left, right = drows[..., 0::2], drows[..., 1::2]       # (n, C, OH, OW) views
+        xp.multiply(g, col_second[lo:hi], out=right)
+        xp.subtract(g, right, out=left)
+        d[:, :, 2 * oh:] = 0                                   # rows and columns no window covers
+        d[:, :, :, 2 * ow:] = 0
+        top, bottom = d[:, :, 0:2 * oh:2, :2 * ow], d[:, :, 1:2 * oh:2, :2 * ow]
+        xp.multiply(drows, rs, out=bottom)
+        xp.subtract(drows, bottom, out=top)
+
+    parallel.map(work, len(dout), xp, dout.size * 4)
     return dx
 
 

@@ -1,0 +1,164 @@
+"""Both CPU cores for one layer's work: a batch's images split over a small pool of threads.
+
+NumPy runs every elementwise op, copy and reduction on one core; only its BLAS uses more. On the
+2-core machine this engine is tuned on, that left a core idle for half of a training step
+(im2col, col2im, pooling, BatchNorm, ReLU). NumPy releases the GIL inside those loops and inside
+BLAS, so threads that each take a share of the images really run at once, and each worker goes
+through its images a few at a time, so that what one step writes is still in its core's cache
+when the next step reads it.
+
+BLAS runs single-threaded while this is on: the workers already use every core, and OpenBLAS's
+own threads keep spinning for a while after each call, stealing a core from the workers
+(measured: a Keras-tutorial training step took 117 ms when BLAS was given its 2 threads back
+between layers, 72 ms with BLAS kept on one thread, 104 ms with no workers and a 2-thread BLAS).
+So the first parallel call sets BLAS to one thread for the process, and set_threads(1) gives it
+its threads back.
+
+    parallel.map(fn, n, xp, size)  [fn(lo, hi) for each worker's range of n items], at once
+    parallel.threads()             how many workers: MINICNN_THREADS, else the CPU count
+    parallel.set_threads(k)        change it (1: everything in the calling thread)
+    parallel.blas_with_own_threads()   a block in which BLAS has its threads back
+
+CuPy arrays always run in the calling thread: on a GPU one stream does the work.
+"""
+import contextlib
+import ctypes
+import glob
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+
+def _default_threads():
+    """MINICNN_THREADS when it is a positive int, else the cores this process may run on."""
+    env = os.environ.get("MINICNN_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                        # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_threads = _default_threads()
+_pool = None
+_local = threading.local()          # .worker: True inside a pool task (no nested splitting)
+
+
+# Work smaller than this many values runs in the calling thread: handing it to a worker costs
+# more (tens of microseconds, and NumPy keeps the GIL on small arrays) than it saves.
+MIN_PARALLEL_SIZE = 1 << 15
+
+
+def threads():
+    return _threads
+
+
+def set_threads(k):
+    """Use k workers (k >= 1) for the layers' work from now on; k == 1 also gives BLAS back
+    the thread count it had before minicnn's first parallel call."""
+    global _threads, _pool
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"threads must be a positive int, got {k!r}")
+    _threads = k
+    if _pool is not None:
+        _pool.shutdown()
+        _pool = None
+    if k == 1:
+        _restore_blas_threads()
+
+
+def split(n, parts):
+    """[(lo, hi), ...]: n items in `parts` contiguous ranges whose sizes differ by at most one."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def map(fn, n, xp=np, size=None):               # noqa: A001 (a parallel map, on purpose)
+    """[fn(lo, hi) for (lo, hi) in split(n, threads())], the calls running on the pool at once.
+
+    n: items to split (images, rows); size: about how many values the work touches (None:
+    large). fn must only write to its own range of the outputs. One range runs in the calling
+    thread. Everything runs as one call fn(0, n) for CuPy (xp), one worker, n < 2, a size below
+    MIN_PARALLEL_SIZE, or a call from inside a worker.
+    """
+    global _pool
+    if (xp is not np or _threads == 1 or n < 2 or getattr(_local, "worker", False)
+            or (size is not None and size < MIN_PARALLEL_SIZE)):
+        return [fn(0, n)]
+    _single_threaded_blas()
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_threads - 1, thread_name_prefix="minicnn")
+    ranges = split(n, _threads)
+    futures = [_pool.submit(_as_worker, fn, lo, hi) for lo, hi in ranges[1:]]
+    results = [_as_worker(fn, *ranges[0])]
+    return results + [f.result() for f in futures]
+
+
+def _as_worker(fn, lo, hi):
+    _local.worker = True
+    try:
+        return fn(lo, hi)
+    finally:
+        _local.worker = False
+
+
+# ---- BLAS thread count ----------------------------------------------------------------------
+# NumPy's wheels bundle OpenBLAS (as libscipy_openblas); its C API sets the thread count of the
+# whole process. threadpoolctl does the same for any BLAS, when it is installed. Without either
+# (another BLAS, no threadpoolctl) the workers and the BLAS threads share the cores as they can.
+_blas_lock = threading.Lock()
+
+
+def _find_openblas():
+    lib_dir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(lib_dir, "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    return get, set_
+    return None
+
+
+_blas = _find_openblas()
+
+
+_blas_threads_before = None          # BLAS's own count, while minicnn holds it at 1
+
+
+def _single_threaded_blas():
+    global _blas_threads_before
+    if _blas is not None and _blas_threads_before is None:
+        with _blas_lock:
+            _blas_threads_before = _blas[0]()
+            _blas[1](1)
+
+
+def _restore_blas_threads():
+    global _blas_threads_before
+    if _blas is not None and _blas_threads_before is not None:
+        with _blas_lock:
+            _blas[1](_blas_threads_before)
+            _blas_threads_before = None
+
+
+@contextlib.contextmanager
+def blas_with_own_threads():
+    """BLAS with the thread count it had before minicnn set it to one, inside this block (to
+    time BLAS itself, e.g. the SGEMM peak); back to minicnn's setting after."""
+    held = _blas_threads_before is not None
+    _restore_blas_threads()
+    try:
+        yield
+    finally:
+        if held:
+            _single_threaded_blas()
