@@ -1,6 +1,7 @@
 """How fast is minicnn's NumPy engine, next to PyTorch on the same CPU, in the same run?
 
     python -m minicnn.bench [--json] [--batch 128] [--repeats 5] [--models NAME ...] [--quick]
+    python -m minicnn.bench --backend numpy,cupy    adds GPU columns (minicnn.bench_gpu)
     python -m minicnn.bench kernels ...      the GPU kernel ladder (minicnn.bench_kernels)
 
 Three tables, each row timed side by side with PyTorch (interleaved, so machine noise hits both):
@@ -26,7 +27,8 @@ import time
 
 import numpy as np
 
-from minicnn import parallel, zoo
+from minicnn import bench_gpu, parallel, zoo
+from minicnn.errors import BackendError
 from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax)
 from minicnn.losses import SoftmaxCrossEntropy
@@ -198,7 +200,7 @@ def channels_last(x):
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
 
 
-def bench_layer(label, layer, in_shape, flops, torch, repeats, peak):
+def bench_layer(label, layer, in_shape, flops, torch, repeats, peak, gpu=None):
     rng = np.random.default_rng(1)
     x = rng.standard_normal(in_shape, dtype=np.float32)
     if in_shape[1] > 3:
@@ -234,6 +236,8 @@ def bench_layer(label, layer, in_shape, flops, torch, repeats, peak):
     if torch is not None:
         row.update(torch_fwd_ms=t["torch_fwd"] * 1e3, torch_bwd_ms=t["torch_bwd"] * 1e3,
                    ratio=(t["torch_fwd"] + t["torch_bwd"]) / total)
+    if gpu is not None:
+        bench_gpu.layer_columns(row, layer, x, dy, gpu, repeats, torch_twin)
     return row
 
 
@@ -245,7 +249,7 @@ def _check(ours, theirs, tol=1e-3):
 
 
 # ---- model rows -----------------------------------------------------------------------------
-def bench_model(name, torch, batch, repeats):
+def bench_model(name, torch, batch, repeats, gpu=None):
     rng = np.random.default_rng(0)
     model = zoo.build_model(name, rng=rng)
     x = rng.standard_normal((batch,) + IMAGE_SHAPE, dtype=np.float32)
@@ -296,12 +300,13 @@ def bench_model(name, torch, batch, repeats):
         row.update(torch_train_img_s=batch / t["torch_train"],
                    torch_eval_img_s=batch / t["torch_eval"],
                    train_ratio=t["torch_train"] / t["train"], eval_ratio=t["torch_eval"] / t["eval"])
+    if gpu is not None:
+        bench_gpu.model_columns(row, model, x, labels, gpu, repeats, torch_twin)
     return row
 
 
 # ---- the report -----------------------------------------------------------------------------
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+_fmt = bench_gpu.fmt
 
 
 def print_report(result, print_fn=print):
@@ -314,34 +319,41 @@ def print_report(result, print_fn=print):
         print_fn("note: PyTorch is not installed, so there are no ratios "
                  "(pip install torch to compare).")
     if result["layers"]:
-        print_fn("")
         head = (f"{'layer':<42}{'fwd ms':>8}{'bwd ms':>8}{'GFLOP/s':>9}{'%peak':>7}"
                 f"{'torch ms':>10}{'x torch':>8}  check")
-        print_fn(head)
-        print_fn("-" * len(head))
+        lines = []
         for r in result["layers"]:
             torch_ms = (r["torch_fwd_ms"] + r["torch_bwd_ms"]) if "ratio" in r else None
-            print_fn(f"{r['layer']:<42}{r['fwd_ms']:>8.2f}{r['bwd_ms']:>8.2f}"
-                     f"{_fmt(r['gflops'], '9.1f'):>9}{_fmt(r['pct_peak'], '6.0f'):>7}"
-                     f"{_fmt(torch_ms, '10.2f'):>10}{_fmt(r.get('ratio'), '8.2f'):>8}  {r['check']}")
+            lines.append(f"{r['layer']:<42}{r['fwd_ms']:>8.2f}{r['bwd_ms']:>8.2f}"
+                         f"{_fmt(r['gflops'], '9.1f'):>9}{_fmt(r['pct_peak'], '6.0f'):>7}"
+                         f"{_fmt(torch_ms, '10.2f'):>10}{_fmt(r.get('ratio'), '8.2f'):>8}"
+                         f"  {r['check']}")
+        bench_gpu.print_table(head, lines, print_fn)
     if result["models"]:
-        print_fn("")
         head = (f"{'model':<16}{'fwd ms':>8}{'bwd ms':>8}{'train img/s':>13}{'torch':>8}"
                 f"{'x torch':>8}{'eval img/s':>12}{'torch':>8}{'x torch':>8}  check")
-        print_fn(head)
-        print_fn("-" * len(head))
-        for r in result["models"]:
-            print_fn(f"{r['model']:<16}{r['fwd_ms']:>8.1f}{r['bwd_ms']:>8.1f}"
-                     f"{r['train_img_s']:>13.0f}{_fmt(r.get('torch_train_img_s'), '8.0f'):>8}"
-                     f"{_fmt(r.get('train_ratio'), '8.2f'):>8}{r['eval_img_s']:>12.0f}"
-                     f"{_fmt(r.get('torch_eval_img_s'), '8.0f'):>8}"
-                     f"{_fmt(r.get('eval_ratio'), '8.2f'):>8}  {r['check']}")
+        lines = [f"{r['model']:<16}{r['fwd_ms']:>8.1f}{r['bwd_ms']:>8.1f}"
+                 f"{r['train_img_s']:>13.0f}{_fmt(r.get('torch_train_img_s'), '8.0f'):>8}"
+                 f"{_fmt(r.get('train_ratio'), '8.2f'):>8}{r['eval_img_s']:>12.0f}"
+                 f"{_fmt(r.get('torch_eval_img_s'), '8.0f'):>8}"
+                 f"{_fmt(r.get('eval_ratio'), '8.2f'):>8}  {r['check']}" for r in result["models"]]
+        bench_gpu.print_table(head, lines, print_fn)
     print_fn("x torch: PyTorch's time / minicnn's (above 1: minicnn is faster). GFLOP/s counts "
              "forward + both backward GEMM passes.")
+    if result.get("gpu"):
+        bench_gpu.print_tables(result, print_fn)
 
 
-def run(models=None, batch=128, repeats=5, layers=True, use_torch=True):
-    """Run the benchmark; returns the result dict that --json prints."""
+def run(models=None, batch=128, repeats=5, layers=True, use_torch=True, backends=("numpy",)):
+    """Run the benchmark; returns the result dict that --json prints.
+
+    backends: "numpy" (always run: the CPU rows) and optionally "cupy" (GPU columns; raises
+    BackendError when CuPy or a GPU is missing).
+    """
+    unknown = sorted(set(backends) - {"numpy", "cupy"})
+    if unknown:
+        raise BackendError(f"Unknown backend {unknown[0]!r}; choose numpy, cupy or numpy,cupy.")
+    gpu = bench_gpu.gpu_setup() if "cupy" in backends else None
     models = list(zoo.MODELS) if models is None else list(models)
     threads = parallel.threads()
     torch = import_torch(threads) if use_torch else None
@@ -353,11 +365,15 @@ def run(models=None, batch=128, repeats=5, layers=True, use_torch=True):
                           "threads": threads},
               "batch": batch, "repeats": repeats, "sgemm_gflops": peak,
               "layers": [], "models": []}
+    if gpu is not None:
+        result["gpu"] = {"name": gpu["name"], "peak_tflops": gpu["peak_tflops"],
+                         "peak_source": gpu["peak_source"],
+                         "torch": gpu["torch"].__version__ if gpu["torch"] is not None else None}
     if layers:
         for case in layer_cases(models, batch):
-            result["layers"].append(bench_layer(*case, torch, repeats, peak))
+            result["layers"].append(bench_layer(*case, torch, repeats, peak, gpu))
     for name in models:
-        result["models"].append(bench_model(name, torch, batch, repeats))
+        result["models"].append(bench_model(name, torch, batch, repeats, gpu))
     return result
 
 
@@ -374,10 +390,18 @@ def main(argv=None):
     parser.add_argument("--no-layers", action="store_true", help="only the model rows")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     parser.add_argument("--quick", action="store_true", help="batch 16, 3 repeats: a smoke test")
+    parser.add_argument("--backend", default="numpy",
+                        help="numpy (the CPU tables) or numpy,cupy (adds the GPU columns)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.repeats = 16, 3
-    result = run(args.models, args.batch, args.repeats, not args.no_layers, not args.no_torch)
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    try:
+        result = run(args.models, args.batch, args.repeats, not args.no_layers, not args.no_torch,
+                     backends)
+    except BackendError as e:
+        print(f"minicnn.bench: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result, indent=1))
     else:

@@ -73,3 +73,31 @@ def test_conv_workspace_budget_chunks_without_changing_results(monkeypatch):
         np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12)
     errors = minicnn.gradcheck(layer, x[:3], seed=0)
     assert errors and all(e < 1e-6 for e in errors.values()), errors
+
+
+def test_backend_option_errors_are_one_sentence(capsys, monkeypatch):
+    assert bench.main(["--quick", "--backend", "numpy,tpu"]) == 2
+    assert "Unknown backend 'tpu'" in capsys.readouterr().err
+    from minicnn.errors import BackendError
+
+    def no_gpu(name):
+        raise BackendError("The cupy backend needs an NVIDIA GPU, and none was found.")
+    monkeypatch.setattr(bench.bench_gpu, "get_backend", no_gpu)
+    assert bench.main(["--quick", "--no-layers", "--backend", "numpy,cupy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs an NVIDIA GPU" in err
+
+
+def test_gpu_columns_on_a_gpu(capsys):
+    """On a GPU machine: every layer and model row gets checked GPU columns and the table prints."""
+    from minicnn.backend import gpu_available
+    if not gpu_available():
+        pytest.skip("CuPy or a GPU is not available")
+    result = bench.run(models=["keras-tutorial"], batch=4, repeats=1, use_torch=False,
+                       backends=("numpy", "cupy"))
+    assert result["gpu"]["peak_tflops"] > 0
+    assert all(r["gpu_check"] == "ok" and r["gpu_fwd_ms"] > 0 for r in result["layers"])
+    [model] = result["models"]
+    assert model["gpu_check"] == "ok" and model["gpu_train_img_s"] > 0
+    bench.print_report(result)
+    assert "GPU:" in capsys.readouterr().out

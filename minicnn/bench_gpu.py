@@ -1,0 +1,171 @@
+"""The GPU columns of `python -m minicnn.bench --backend numpy,cupy`.
+
+For every layer row and model row of the CPU bench: the same layer (same weights, same input) on
+CuPy arrays, timed with CUDA events after a warm-up (median of repeats); GFLOP/s and % of the
+GPU's FP32 peak for the convolutions; the speed-up over the CPU row; and cuDNN's time on the same
+shapes through a CUDA-enabled PyTorch, with TF32 off (an FP32 comparison) and on (PyTorch's
+default for cuDNN convolutions: tensor cores with a 10-bit mantissa, not FP32). Each GPU result
+is checked against the CPU result first; a mismatch is reported as FAIL and not timed.
+"""
+import copy
+
+import numpy as np
+
+from minicnn.backend import cuda_time, get_backend, to_numpy
+from minicnn.bench_kernels import fp32_peak, time_torch, torch_with_cuda
+from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.optim import SGD
+
+
+def gpu_setup():
+    """{"cupy", "torch" (CUDA torch or None), "name", "peak_tflops", "peak_source"}; raises
+    BackendError (one sentence) when CuPy or a GPU is missing."""
+    cupy = get_backend("cupy")
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    peak, source = fp32_peak(cupy)
+    return {"cupy": cupy, "torch": torch_with_cuda(), "name": name, "peak_tflops": peak,
+            "peak_source": source}
+
+
+def _check(got, expected, tol=1e-3):
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    err = float(np.abs(to_numpy(got) - expected).max()) / scale
+    return None if err < tol else f"FAIL ({err:.1e})"
+
+
+def _set_tf32(torch, on):
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.benchmark = True
+
+
+def layer_columns(row, layer, x, dy, gpu, repeats, torch_twin):
+    """Add gpu_* and cudnn_* keys to a CPU layer row; x, dy: the CPU row's NumPy input and
+    output gradient; torch_twin(layer, torch) builds the PyTorch module with the same weights."""
+    cupy, torch = gpu["cupy"], gpu["torch"]
+    y_cpu = layer.forward(x, training=True)
+    dx_cpu = layer.backward(dy)
+    g = copy.deepcopy(layer).to("cupy")
+    gx, gdy = cupy.asarray(x), cupy.asarray(dy)
+    bad = _check(g.forward(gx, training=True), y_cpu) or _check(g.backward(gdy), dx_cpu)
+    if bad:
+        row["gpu_check"] = bad
+        return row
+    fwd = cuda_time(lambda: g.forward(gx, training=True), cupy, repeats)
+    bwd = cuda_time(lambda: g.backward(gdy), cupy, repeats)   # the cache of the last forward
+    total = fwd + bwd
+    row.update(gpu_check="ok", gpu_fwd_ms=fwd, gpu_bwd_ms=bwd,
+               gpu_speedup=(row["fwd_ms"] + row["bwd_ms"]) / total)
+    if row["flops"]:
+        row["gpu_gflops"] = row["flops"] / total / 1e6
+        row["gpu_pct_peak"] = 100 * row["gpu_gflops"] / (gpu["peak_tflops"] * 1e3)
+    if torch is not None:
+        module = torch_twin(layer, torch).train().cuda()
+        tx = torch.as_tensor(np.ascontiguousarray(x), device="cuda").requires_grad_(True)
+        tdy = torch.as_tensor(np.ascontiguousarray(dy), device="cuda")
+
+        def fwd_bwd():
+            tx.grad = None
+            module.zero_grad(set_to_none=True)
+            module(tx).backward(tdy)
+
+        for key, tf32 in (("cudnn_ms", False), ("cudnn_tf32_ms", True)):
+            _set_tf32(torch, tf32)
+            row[key] = time_torch(torch, fwd_bwd, repeats, 3)
+        _set_tf32(torch, False)
+        row["gpu_vs_cudnn"] = row["cudnn_ms"] / total
+    return row
+
+
+def model_columns(row, model, x, labels, gpu, repeats, torch_twin):
+    """Add gpu_* and cudnn_* keys to a CPU model row: one training step (forward, loss,
+    backward, SGD momentum step) and inference on the GPU, in images/s."""
+    cupy, torch = gpu["cupy"], gpu["torch"]
+    batch = len(x)
+    expected = model.forward(x)
+    g = copy.deepcopy(model).to("cupy")
+    gx, glabels = cupy.asarray(x), cupy.asarray(labels)
+    bad = _check(g.forward(gx), expected)
+    if bad:
+        row["gpu_check"] = bad
+        return row
+    loss_fn, opt = SoftmaxCrossEntropy(), SGD(g, lr=0.01, momentum=0.9)
+
+    def train_step():
+        _, dlogits = loss_fn(g.forward(gx, training=True), glabels)
+        g.backward(dlogits, input_grad=False)
+        opt.step()
+
+    train = cuda_time(train_step, cupy, repeats)
+    evaluate = cuda_time(lambda: g.forward(gx), cupy, repeats)
+    row.update(gpu_check="ok", gpu_train_img_s=batch / train * 1e3,
+               gpu_eval_img_s=batch / evaluate * 1e3,
+               gpu_train_speedup=row["train_ms"] / train)
+    if torch is not None:
+        module = torch_twin(model, torch).cuda()
+        tx = torch.as_tensor(x, device="cuda")
+        tlabels = torch.as_tensor(labels, device="cuda")
+        topt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+
+        def torch_train():
+            module.train()
+            topt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(module(tx), tlabels).backward()
+            topt.step()
+
+        def torch_eval():
+            module.eval()
+            with torch.no_grad():
+                module(tx)
+
+        for suffix, tf32 in (("", False), ("_tf32", True)):
+            _set_tf32(torch, tf32)
+            row[f"cudnn{suffix}_train_img_s"] = batch / time_torch(torch, torch_train, repeats, 3) * 1e3
+            row[f"cudnn{suffix}_eval_img_s"] = batch / time_torch(torch, torch_eval, repeats, 3) * 1e3
+        _set_tf32(torch, False)
+    return row
+
+
+def fmt(v, spec):
+    """A number formatted by spec, or "-" when there is none."""
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(head, lines, print_fn=print):
+    """A blank line, the header, a rule as wide as the header, the lines."""
+    for line in ["", head, "-" * len(head)] + list(lines):
+        print_fn(line)
+
+
+def print_tables(result, print_fn=print):
+    """The GPU tables, after the CPU ones."""
+    gpu = result["gpu"]
+    print_fn("")
+    print_fn(f"GPU: {gpu['name']}  FP32 peak {gpu['peak_tflops']:.1f} TFLOP/s "
+             f"({gpu['peak_source']})  PyTorch {gpu['torch'] or 'without CUDA: no torch columns'}"
+             "  CUDA events, median")
+    if result["layers"]:
+        head = (f"{'layer':<42}{'fwd ms':>8}{'bwd ms':>8}{'GFLOP/s':>9}{'%peak':>7}{'x CPU':>7}"
+                f"{'torch ms':>10}{'x torch':>9}{'TF32 ms':>9}  check")
+        print_table(head, [
+            f"{r['layer']:<42}{fmt(r.get('gpu_fwd_ms'), '8.3f'):>8}"
+            f"{fmt(r.get('gpu_bwd_ms'), '8.3f'):>8}{fmt(r.get('gpu_gflops'), '9.0f'):>9}"
+            f"{fmt(r.get('gpu_pct_peak'), '6.1f'):>7}{fmt(r.get('gpu_speedup'), '7.0f'):>7}"
+            f"{fmt(r.get('cudnn_ms'), '10.3f'):>10}{fmt(r.get('gpu_vs_cudnn'), '9.2f'):>9}"
+            f"{fmt(r.get('cudnn_tf32_ms'), '9.3f'):>9}  {r.get('gpu_check', '-')}"
+            for r in result["layers"]], print_fn)
+    if result["models"]:
+        head = (f"{'model':<16}{'train img/s':>13}{'x CPU':>7}{'torch':>9}{'TF32':>9}"
+                f"{'eval img/s':>12}{'torch':>9}{'TF32':>9}  check")
+        print_table(head, [
+            f"{r['model']:<16}{fmt(r.get('gpu_train_img_s'), '13.0f'):>13}"
+            f"{fmt(r.get('gpu_train_speedup'), '7.1f'):>7}"
+            f"{fmt(r.get('cudnn_train_img_s'), '9.0f'):>9}"
+            f"{fmt(r.get('cudnn_tf32_train_img_s'), '9.0f'):>9}"
+            f"{fmt(r.get('gpu_eval_img_s'), '12.0f'):>12}"
+            f"{fmt(r.get('cudnn_eval_img_s'), '9.0f'):>9}"
+            f"{fmt(r.get('cudnn_tf32_eval_img_s'), '9.0f'):>9}  {r.get('gpu_check', '-')}"
+            for r in result["models"]], print_fn)
+    print_fn("x CPU: the CPU row's time / the GPU's. torch: PyTorch on the GPU (cuDNN for the "
+             "convolutions) with TF32 off, an FP32 comparison; x torch: its time / minicnn's (above "
+             "1: minicnn is faster). TF32: the same with PyTorch's default TF32 (tensor cores).")
