@@ -82,9 +82,9 @@ def conv2d_backward(dout, cache, input_grad=True):
     dW += dY^T @ cols,  dcols = dY @ W,  dx = col2im(dcols);  db = sum of dY's rows.
     Each worker sums dW and db over its own images; the partial sums are added at the end.
 
-    A stride-1 convolution whose padding is at least KH-1-pad on every side (3x3 with padding 1,
-    1x1 with none) takes dx as a convolution instead: dx = conv(dy padded by KH-1-pad, the
-    kernel flipped and transposed (C, F, KH, KW)), the textbook identity. Its im2col and GEMM
+    A stride-1 convolution whose padding p satisfies K-1-p <= p <= K-1 on every side (3x3 with
+    padding 1 or 2, 1x1 with none) takes dx as a convolution instead: dx = conv(dy padded by
+    K-1-p, the kernel flipped and transposed (C, F, KH, KW)), the textbook identity. Its im2col and GEMM
     have the forward's shapes, and it skips col2im's nine read-modify-write passes, whose
     inner loops run over only C floats: 1.1-1.8x faster dx on the 32- to 128-channel layers of
     the presets. Valid (unpadded) convolutions would pad dy by 2 and do more work: col2im there.
