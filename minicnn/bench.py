@@ -241,11 +241,7 @@ def bench_layer(label, layer, in_shape, flops, torch, repeats, peak, gpu=None):
     return row
 
 
-def _check(ours, theirs, tol=1e-3):
-    """"ok" when ours matches theirs to tol relative to theirs' largest magnitude (float32)."""
-    scale = max(float(np.abs(theirs).max()), 1e-6)
-    err = float(np.abs(np.asarray(ours) - theirs).max()) / scale
-    return "ok" if err < tol else f"FAIL ({err:.1e})"
+_check = bench_gpu.check
 
 
 # ---- model rows -----------------------------------------------------------------------------
@@ -277,19 +273,7 @@ def bench_model(name, torch, batch, repeats, gpu=None):
 
     fns = {"train": train_step, "eval": lambda: model.forward(x)}
     if torch is not None:
-        topt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
-        loss = torch.nn.functional.cross_entropy
-
-        def torch_train():
-            module.train()
-            topt.zero_grad(set_to_none=True)
-            loss(module(tx), tlabels).backward()
-            topt.step()
-
-        def torch_eval():
-            module.eval()
-            with torch.no_grad():
-                module(tx)
+        torch_train, torch_eval = bench_gpu.torch_step_fns(torch, module, tx, tlabels)
         fns.update(torch_train=torch_train, torch_eval=torch_eval)
     t = median_times(fns, repeats)
     parts = median_times({"fwd": forward, "fwd+bwd": backward}, repeats, 1, False)

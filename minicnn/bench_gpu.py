@@ -28,10 +28,30 @@ def gpu_setup():
             "peak_source": source}
 
 
-def _check(got, expected, tol=1e-3):
-    scale = max(float(np.abs(expected).max()), 1e-6)
-    err = float(np.abs(to_numpy(got) - expected).max()) / scale
-    return None if err < tol else f"FAIL ({err:.1e})"
+def check(ours, theirs, tol=1e-3):
+    """"ok" when ours (NumPy or CuPy) matches theirs to tol relative to theirs' largest
+    magnitude (float32), else "FAIL (error)"."""
+    scale = max(float(np.abs(theirs).max()), 1e-6)
+    err = float(np.abs(to_numpy(ours) - theirs).max()) / scale
+    return "ok" if err < tol else f"FAIL ({err:.1e})"
+
+
+def torch_step_fns(torch, module, tx, tlabels):
+    """(train, evaluate): PyTorch's training step (SGD momentum 0.9, cross-entropy) and its
+    inference, the twins of the bench's minicnn step."""
+    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+
+    def train():
+        module.train()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(module(tx), tlabels).backward()
+        opt.step()
+
+    def evaluate():
+        module.eval()
+        with torch.no_grad():
+            module(tx)
+    return train, evaluate
 
 
 def _set_tf32(torch, on):
@@ -47,14 +67,15 @@ def layer_columns(row, layer, x, dy, gpu, repeats, torch_twin):
     dx_cpu = layer.backward(dy)
     g = copy.deepcopy(layer).to("cupy")
     gx, gdy = cupy.asarray(x), cupy.asarray(dy)
-    bad = _check(g.forward(gx, training=True), y_cpu) or _check(g.backward(gdy), dx_cpu)
-    if bad:
-        row["gpu_check"] = bad
+    row["gpu_check"] = check(g.forward(gx, training=True), y_cpu)
+    if row["gpu_check"] == "ok":
+        row["gpu_check"] = check(g.backward(gdy), dx_cpu)
+    if row["gpu_check"] != "ok":
         return row
     fwd = cuda_time(lambda: g.forward(gx, training=True), cupy, repeats)
     bwd = cuda_time(lambda: g.backward(gdy), cupy, repeats)   # the cache of the last forward
     total = fwd + bwd
-    row.update(gpu_check="ok", gpu_fwd_ms=fwd, gpu_bwd_ms=bwd,
+    row.update(gpu_fwd_ms=fwd, gpu_bwd_ms=bwd,
                gpu_speedup=(row["fwd_ms"] + row["bwd_ms"]) / total)
     if row["flops"]:
         row["gpu_gflops"] = row["flops"] / total / 1e6
@@ -85,9 +106,8 @@ def model_columns(row, model, x, labels, gpu, repeats, torch_twin):
     expected = model.forward(x)
     g = copy.deepcopy(model).to("cupy")
     gx, glabels = cupy.asarray(x), cupy.asarray(labels)
-    bad = _check(g.forward(gx), expected)
-    if bad:
-        row["gpu_check"] = bad
+    row["gpu_check"] = check(g.forward(gx), expected)
+    if row["gpu_check"] != "ok":
         return row
     loss_fn, opt = SoftmaxCrossEntropy(), SGD(g, lr=0.01, momentum=0.9)
 
@@ -98,25 +118,14 @@ def model_columns(row, model, x, labels, gpu, repeats, torch_twin):
 
     train = cuda_time(train_step, cupy, repeats)
     evaluate = cuda_time(lambda: g.forward(gx), cupy, repeats)
-    row.update(gpu_check="ok", gpu_train_img_s=batch / train * 1e3,
+    row.update(gpu_train_img_s=batch / train * 1e3,
                gpu_eval_img_s=batch / evaluate * 1e3,
                gpu_train_speedup=row["train_ms"] / train)
     if torch is not None:
         module = torch_twin(model, torch).cuda()
         tx = torch.as_tensor(x, device="cuda")
         tlabels = torch.as_tensor(labels, device="cuda")
-        topt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
-
-        def torch_train():
-            module.train()
-            topt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(module(tx), tlabels).backward()
-            topt.step()
-
-        def torch_eval():
-            module.eval()
-            with torch.no_grad():
-                module(tx)
+        torch_train, torch_eval = torch_step_fns(torch, module, tx, tlabels)
 
         for suffix, tf32 in (("", False), ("_tf32", True)):
             _set_tf32(torch, tf32)

@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
-
 def _default_threads():
     """MINICNN_THREADS when it is a positive int, else the cores this process may run on."""
     env = os.environ.get("MINICNN_THREADS", "").strip()
@@ -108,8 +107,8 @@ def _as_worker(fn, lo, hi):
 
 # ---- BLAS thread count ----------------------------------------------------------------------
 # NumPy's wheels bundle OpenBLAS (as libscipy_openblas); its C API sets the thread count of the
-# whole process. threadpoolctl does the same for any BLAS, when it is installed. Without either
-# (another BLAS, no threadpoolctl) the workers and the BLAS threads share the cores as they can.
+# whole process. With another BLAS (none found here) the workers and the BLAS threads share the
+# cores as they can.
 _blas_lock = threading.Lock()
 
 
