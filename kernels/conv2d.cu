@@ -53,6 +53,28 @@ __device__ __forceinline__ void multiply_tiles(const Tiles& s, float acc[4][4], 
     }
 }
 
+// Write a block's results: acc[i][j] is output row row0 + ty + 16*i (a filter f or a channel c)
+// of output column col0 + tx + 16*j, a column being (n, p) = (col / pixels, col % pixels) of an
+// (images, rows, pixels) array; plus bias[row] when bias is not null. The forward's out
+// (N, F, OH*OW), backward_data's dx (N, C, H*W) and backward_weight's (F, K) slice (one "image"
+// of F rows of K) all have this shape.
+__device__ __forceinline__ void store_tile(const float acc[4][4], float* __restrict__ out,
+                                           const float* __restrict__ bias, int rows, int pixels,
+                                           int columns, int row0, int col0, int tx, int ty)
+{
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int col = col0 + tx + 16 * j;
+        if (col >= columns) continue;
+        const int n = col / pixels, p = col - n * pixels;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = row0 + ty + 16 * i;
+            if (r < rows) out[((long long)n * rows + r) * pixels + p] = bias ? acc[i][j] + bias[r] : acc[i][j];
+        }
+    }
+}
+
 // Loading pattern, the same in all three kernels (THREADS = 256 is a multiple of BK and BN):
 //   A tile element (kk, mm): kk = tid % BK, mm = tid / BK + 16 q  -> one reduction index per thread
 //   B tile element (kk, nn): nn = tid % BN, kk = tid / BN + 4 q   -> one output column per thread
@@ -101,17 +123,7 @@ conv2d_forward(const float* __restrict__ x, const float* __restrict__ w,
         __syncthreads();
     }
 
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int col = col0 + tx + 16 * j;
-        if (col >= NP) continue;
-        const int n = col / P, p = col - n * P;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int f = row0 + ty + 16 * i;
-            if (f < F) out[((long long)n * F + f) * P + p] = acc[i][j] + bias[f];
-        }
-    }
+    store_tile(acc, out, bias, F, P, NP, row0, col0, tx, ty);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -161,17 +173,7 @@ conv2d_backward_data(const float* __restrict__ dout, const float* __restrict__ w
         __syncthreads();
     }
 
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int col = col0 + tx + 16 * j;
-        if (col >= NHW) continue;
-        const int n = col / HW, hw = col - n * HW;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int c = row0 + ty + 16 * i;
-            if (c < C) dx[((long long)n * C + c) * HW + hw] = acc[i][j];
-        }
-    }
+    store_tile(acc, dx, nullptr, C, HW, NHW, row0, col0, tx, ty);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -220,15 +222,5 @@ conv2d_backward_weight(const float* __restrict__ x, const float* __restrict__ do
         __syncthreads();
     }
 
-    float* part = dw_part + (long long)blockIdx.z * F * K;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int f = row0 + ty + 16 * i;
-        if (f >= F) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int k = col0 + tx + 16 * j;
-            if (k < K) part[(long long)f * K + k] = acc[i][j];
-        }
-    }
+    store_tile(acc, dw_part + (long long)blockIdx.z * F * K, nullptr, F, K, K, row0, col0, tx, ty);
 }

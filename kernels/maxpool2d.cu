@@ -12,6 +12,15 @@
 // Must match: minicnn/ops/pool.py::maxpool2d_forward and ::maxpool2d_backward (NumPy).
 // Time:     python -m minicnn.bench kernels
 
+// Element i of an (planes, rows, cols) array -> its plane (n*C + c); *row, *col its position.
+__device__ __forceinline__ long long unravel(long long i, int rows, int cols, int* row, int* col)
+{
+    *col = (int)(i % cols);
+    const long long t = i / cols;
+    *row = (int)(t % rows);
+    return t / rows;
+}
+
 extern "C" __global__ void maxpool2d_forward(const float* __restrict__ x, float* __restrict__ out,
                                              unsigned char* __restrict__ argmax,
                                              int N, int C, int H, int W, int KH, int KW,
@@ -20,10 +29,8 @@ extern "C" __global__ void maxpool2d_forward(const float* __restrict__ x, float*
     const long long total = (long long)N * C * OH * OW;
     const long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-        long long t = i;
-        const int ow = (int)(t % OW); t /= OW;
-        const int oh = (int)(t % OH);
-        const long long plane = t / OH;                           // n * C + c
+        int oh, ow;
+        const long long plane = unravel(i, OH, OW, &oh, &ow);     // n * C + c
         const float* window = x + (plane * H + (long long)oh * SH) * W + (long long)ow * SW;
         float best = window[0];
         int best_tap = 0;
@@ -50,10 +57,8 @@ extern "C" __global__ void maxpool2d_backward(const float* __restrict__ dout,
     const long long total = (long long)N * C * H * W;
     const long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-        long long t = i;
-        const int w = (int)(t % W); t /= W;
-        const int h = (int)(t % H);
-        const long long plane = t / H;                            // n * C + c
+        int h, w;
+        const long long plane = unravel(i, H, W, &h, &w);         // n * C + c
         // Windows oh whose rows oh*SH .. oh*SH + KH - 1 contain h, likewise ow for w.
         const int oh_first = h - KH + 1 <= 0 ? 0 : (h - KH + SH) / SH;
         const int ow_first = w - KW + 1 <= 0 ? 0 : (w - KW + SW) / SW;
