@@ -8,6 +8,7 @@ import minicnn
 from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax)
 from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.ops import conv as conv_ops
 from strategies import conv_problems, pool_problems
 
 TOL = 1e-6
@@ -18,12 +19,18 @@ def _assert_ok(errors):
     assert errors and all(e < TOL for e in errors.values()), errors
 
 
-@given(conv_problems(), seeds, st.booleans())
-def test_conv2d(problem, seed, bias):
+@given(conv_problems(), seeds, st.booleans(), st.sampled_from([1, 10**9]))
+def test_conv2d(problem, seed, bias, taps_min_channels):
+    """Both ways a valid stride-1 conv takes its dx: tap by tap (from 1 channel on) and
+    dcols + col2im (never tap by tap)."""
     n, c, h, w, f, kernel, stride, padding = problem
     rng = np.random.default_rng(seed)
     layer = Conv2D(c, f, kernel, stride, padding, bias=bias, dtype=np.float64, rng=rng)
-    _assert_ok(minicnn.gradcheck(layer, rng.standard_normal((n, c, h, w)), seed=seed))
+    saved, conv_ops.TAPS_MIN_CHANNELS = conv_ops.TAPS_MIN_CHANNELS, taps_min_channels
+    try:
+        _assert_ok(minicnn.gradcheck(layer, rng.standard_normal((n, c, h, w)), seed=seed))
+    finally:
+        conv_ops.TAPS_MIN_CHANNELS = saved
 
 
 @given(pool_problems(), seeds, st.sampled_from([MaxPool2D, AvgPool2D]))
