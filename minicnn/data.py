@@ -244,14 +244,18 @@ def _parse_cifar_files(files, source):
     parse = _parse_binary_batch if binary else _parse_python_batch
     train = [parse(files[name + suffix], source) for name in _TRAIN_BATCHES]
     x_test, y_test = parse(files["test_batch" + suffix], source)
-    if binary:
-        classes = [line.strip() for line in files[meta].decode().splitlines() if line.strip()]
-    else:
-        labels = _unpickle(files[meta], source).get("label_names")
-        if not isinstance(labels, list):
-            raise DataError(f"{source} has a batches.meta without label names; "
-                            f"it is not a CIFAR-10 archive.")
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in labels]
+    try:
+        if binary:
+            classes = [line.strip() for line in files[meta].decode().splitlines() if line.strip()]
+        else:
+            labels = _unpickle(files[meta], source).get("label_names")
+            if not isinstance(labels, list):
+                raise DataError(f"{source} has a batches.meta without label names; "
+                                f"it is not a CIFAR-10 archive.")
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in labels]
+    except UnicodeDecodeError:
+        raise DataError(f"{source} has class names that are not text ({meta}): it is "
+                        f"truncated or corrupt; download it again.") from None
     return Dataset(x_train=np.concatenate([x for x, _ in train]),
                    y_train=np.concatenate([y for _, y in train]),
                    x_test=x_test, y_test=y_test, classes=classes)

@@ -138,6 +138,15 @@ def test_record_of_wrong_size_raises(tmp_path, batches):
         data.load_cifar10(archive)
 
 
+def test_class_names_that_are_not_text_raise(tmp_path, batches):
+    """Found by test_robustness's mutations: a corrupt batches.meta.txt was a UnicodeDecodeError."""
+    files = binary_files(batches)
+    files["batches.meta.txt"] = b"airplane\n\x80\xff\n"
+    archive = write_tar_gz(tmp_path / "names.tar.gz", "cifar-10-batches-bin", files)
+    with pytest.raises(DataError, match="class names that are not text"):
+        data.load_cifar10(archive)
+
+
 def test_archive_under_official_name_is_checked_against_official_md5(tmp_path, batches):
     archive = write_tar_gz(tmp_path / "cifar-10-binary.tar.gz", "cifar-10-batches-bin",
                            binary_files(batches))
