@@ -328,8 +328,8 @@ class _BatchNorm(Layer):
         self._check_input(x, self.ndim, self.num_features, self.dtype)
         w, b = self.params["weight"], self.params["bias"]
         if not training:
-            y, _, _ = ops.batchnorm_forward(x, w, b, self.eps,
-                                            self.state["running_mean"], self.state["running_var"])
+            y = ops.batchnorm_inference(x, w, b, self.eps,
+                                        self.state["running_mean"], self.state["running_var"])
             self._keep(None, False)
             return y
         m = x.size // x.shape[1]

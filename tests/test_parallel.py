@@ -34,7 +34,9 @@ def _forward_backward(layer, x, dy_seed):
     y = layer.forward(x, training=True)
     dy = np.random.default_rng(dy_seed).standard_normal(y.shape)
     dx = layer.backward(dy)
-    return [np.array(y), np.array(dx)] + [g.copy() for g in layer.grads.values()]
+    inference = layer.forward(x)                     # BatchNorm: the running-statistics path
+    grads = [g.copy() for g in layer.grads.values()]
+    return [np.array(y), np.array(dx), np.array(inference)] + grads
 
 
 def _same_with_workers(make_layer, x, rtol=1e-12):

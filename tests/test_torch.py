@@ -91,7 +91,11 @@ def test_batchnorm_training_and_running_stats(cls, shape):
     np.testing.assert_allclose(layer.state["running_mean"], tbn.running_mean.numpy(), **TOL)
     np.testing.assert_allclose(layer.state["running_var"], tbn.running_var.numpy(), **TOL)
     tbn.eval()
-    np.testing.assert_allclose(layer.forward(x), tbn(torch.tensor(x)).detach().numpy(), **TOL)
+    expected = tbn(torch.tensor(x)).detach().numpy()
+    np.testing.assert_allclose(layer.forward(x), expected, **TOL)
+    if x.ndim == 4:                                  # channels-last memory, as convs hand on
+        x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(layer.forward(x_nhwc), expected, **TOL)
 
 
 def test_residual_block_with_projection():

@@ -11,4 +11,5 @@ from minicnn.ops.basic import (dense_forward, dense_backward, relu_forward, relu
                                softmax, log_softmax, softmax_backward,
                                dropout_forward, dropout_backward,
                                batchnorm_forward, batchnorm_backward,
+                               batchnorm_inference,
                                softmax_cross_entropy)
