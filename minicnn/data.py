@@ -578,11 +578,17 @@ class BatchIterator:
         return -(-len(self.x) // self.batch_size)                            # ceil division
 
     def __iter__(self):
+        return self.start_at(0)
+
+    def start_at(self, step):
+        """An epoch's iterator that begins with batch `step` (0-based): the same order and
+        batches as iter(self) from the same rng state, without gathering the skipped ones
+        (a mid-epoch --resume)."""
         # Drawn here, not on the first next(), so the rng state before iter() fixes the epoch.
         order = self.rng.permutation(len(self.x)) if self.shuffle else np.arange(len(self.x))
-        return self._batches(order)
+        return self._batches(order, step)
 
-    def _batches(self, order):
-        for b in range(len(self)):
+    def _batches(self, order, start):
+        for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]      # (B,)
             yield self.x[idx], self.y[idx]

@@ -351,9 +351,7 @@ def _train(loop, stop):
         started = time.perf_counter()
         bar = tqdm(total=loop["steps_per_epoch"], initial=info["step"], desc=f"epoch {epoch}",
                    unit="batch", leave=False, dynamic_ncols=True, disable=None)
-        for i, (xb, yb) in enumerate(batches):
-            if i < info["step"]:
-                continue
+        for i, (xb, yb) in enumerate(batches.start_at(info["step"]), start=info["step"]):
             xb = datasets.normalize(xb, d["mean"], d["std"], xp)
             xb = datasets.augment(xb, loop["rng_augment"], **aug)
             yb_dev = xp.asarray(yb)

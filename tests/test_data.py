@@ -474,6 +474,9 @@ def test_batch_iterator_epoch_replays_from_saved_rng_state():
     first = [yb.tolist() for _, yb in batches]
     rng.bit_generator.state = state
     assert [yb.tolist() for _, yb in batches] == first
+    for step in (0, 3, 6, 7):                     # a mid-epoch resume: the rest of that epoch
+        rng.bit_generator.state = state
+        assert [yb.tolist() for _, yb in batches.start_at(step)] == first[step:]
 
 
 def test_batch_larger_than_dataset_with_drop_last_raises():
