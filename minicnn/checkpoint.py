@@ -5,8 +5,11 @@ the settings, epoch and step, history, optimiser and schedule state, the state o
 generator, the class names and the normalisation statistics; the optimiser's per-parameter
 buffers are stored as arrays named "optim:<param>:<buffer>". Written atomically, never unpickled.
 """
+from typing import NamedTuple
+
 import numpy as np
 
+from minicnn.backend import get_backend
 from minicnn.errors import CheckpointError
 from minicnn.model import model_from_archive, save_model
 from minicnn.serialization import read_archive
@@ -40,14 +43,28 @@ def load_checkpoint(path):
     return model, info, buffers
 
 
-def load_for_inference(path):
-    """-> (model, classes, mean (3,), std (3,), info) from a checkpoint written by minicnn.train."""
+class Inference(NamedTuple):
+    """What evaluate and predict need from a checkpoint: the model on its backend, the class
+    names, the normalisation statistics (3,), one image's (H, W) and the array module."""
+    model: object
+    classes: list
+    mean: np.ndarray
+    std: np.ndarray
+    size: tuple
+    xp: object
+
+
+def load_for_inference(path, backend="numpy"):
+    """-> Inference(...) from a checkpoint written by minicnn.train, the model moved to backend."""
+    xp = get_backend(backend)                       # a missing CuPy/GPU fails before the read
     header, arrays = read_archive(path)
     model = model_from_archive(path, header, arrays)
     info = header.get("extra", {})
     if "classes" not in info or "norm" not in info:
         raise CheckpointError(f"{path} has no class names or normalisation statistics; "
                               f"give a checkpoint written by python -m minicnn.train.")
-    mean = np.asarray(info["norm"]["mean"], dtype=np.float32)
-    std = np.asarray(info["norm"]["std"], dtype=np.float32)
-    return model, list(info["classes"]), mean, std, info
+    model.to(backend)
+    return Inference(model, list(info["classes"]),
+                     np.asarray(info["norm"]["mean"], dtype=np.float32),
+                     np.asarray(info["norm"]["std"], dtype=np.float32),
+                     tuple(info.get("input_shape", (3, 32, 32))[1:]), xp)

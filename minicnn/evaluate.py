@@ -14,7 +14,6 @@ import sys
 import numpy as np
 
 from minicnn import data as datasets
-from minicnn.backend import get_backend
 from minicnn.checkpoint import load_for_inference
 from minicnn.cli import run
 from minicnn.errors import DataError
@@ -48,16 +47,14 @@ def relabel(labels, dataset_classes, model_classes):
 
 def evaluate(checkpoint, data=None, backend="numpy", batch_size=500, tta=False):
     """-> the classification report (dict) of checkpoint on data's test split (or all of it)."""
-    xp = get_backend(backend)
-    model, classes, mean, std, info = load_for_inference(checkpoint)
-    model.to(backend)
-    size = tuple(info.get("input_shape", (3, 32, 32))[1:])
-    ds = datasets.load_dataset(data, image_size=size)
+    net = load_for_inference(checkpoint, backend)
+    ds = datasets.load_dataset(data, image_size=net.size)
     x, y, split = ((ds.x_test, ds.y_test, "test") if ds.x_test is not None
                    else (ds.x_train, ds.y_train, "all images"))
-    y = relabel(y, ds.classes, classes)
-    logits = predict_logits(model, x, mean, std, xp, batch_size=batch_size, tta=tta)
-    report = classification_report(logits, y, classes)
+    y = relabel(y, ds.classes, net.classes)
+    logits = predict_logits(net.model, x, net.mean, net.std, net.xp, batch_size=batch_size,
+                            tta=tta)
+    report = classification_report(logits, y, net.classes)
     report.update(split=split, checkpoint=str(checkpoint), tta=tta)
     return report
 

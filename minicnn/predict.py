@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from minicnn import data as datasets
-from minicnn.backend import get_backend, to_numpy
+from minicnn.backend import to_numpy
 from minicnn.checkpoint import load_for_inference
 from minicnn.cli import run
 from minicnn.errors import DataError
@@ -47,17 +47,15 @@ def _describe(path, size):
 
 def predict(checkpoint, images, top=3, backend="numpy"):
     """-> [(path, note, [(class, probability), ...])] for each image, best first."""
-    xp = get_backend(backend)
-    model, classes, mean, std, info = load_for_inference(checkpoint)
-    model.to(backend)
-    size = tuple(info.get("input_shape", (3, 32, 32))[1:])
-    notes = [_describe(path, size) for path in images]
-    batch = np.stack([datasets.decode_image(path, size) for path in images])   # (N, 3, H, W)
-    probs = to_numpy(softmax(model.forward(datasets.normalize(batch, mean, std, xp))))
+    net = load_for_inference(checkpoint, backend)
+    notes = [_describe(path, net.size) for path in images]
+    batch = np.stack([datasets.decode_image(path, net.size) for path in images])   # (N, 3, H, W)
+    probs = to_numpy(softmax(net.model.forward(datasets.normalize(batch, net.mean, net.std,
+                                                                  net.xp))))
     results = []
     for path, note, p in zip(images, notes, probs):
         best = np.argsort(-p, kind="stable")[:max(1, top)]
-        results.append((path, note, [(classes[k], float(p[k])) for k in best]))
+        results.append((path, note, [(net.classes[k], float(p[k])) for k in best]))
     return results
 
 
