@@ -4,6 +4,7 @@ a kill during a checkpoint write keeps the previous one; signals save and exit; 
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,12 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(folder, tmp_path
         _, err = proc.communicate(timeout=200)
         if (out / "last.npz").exists():              # whatever moment it died, the file loads
             minicnn.load(out / "last.npz")
+        if proc.returncode == 0 and kills == 0:
+            # It finished before the first kill: the timed reference run also built the data
+            # cache, so it can be slower than a whole run now. Start again, waiting less.
+            shutil.rmtree(out)
+            whole_run /= 2
+            continue
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, err.decode()
