@@ -381,7 +381,7 @@ def _signature_of_listing(folder, listing):
     changes when any image is added, removed or rewritten."""
     signature = []
     for name in sorted(listing):
-        base = os.path.join(folder, name)        # strings, not Path: 50,000 files in 0.24 s, not 1.1
+        base = os.path.join(folder, name)     # strings, not Path: 50,000 files in 0.24 s, not 1.1
         for file_name in listing[name]:
             stat = os.stat(os.path.join(base, file_name))
             signature.append((f"{name}/{file_name}", stat.st_size, stat.st_mtime_ns))
