@@ -19,6 +19,7 @@ PyTorch does.
 """
 from minicnn import parallel
 from minicnn.backend import array_module
+from minicnn.ops.basic import column_sums
 from minicnn.ops.im2col import col2im_nhwc, conv_output_size, im2col_nhwc, pad_nhwc
 
 # The most bytes of im2col rows one worker builds at once: a chunk of a few images that stays
@@ -146,7 +147,7 @@ def conv2d_backward(dout, cache, input_grad=True):
             elif input_grad:
                 dcols = xp.matmul(dy_rows, w_mat, out=dcols_buf[:len(dy_rows)])   # (rows, K)
                 col2im_nhwc(dcols, dxpad[s:e], (kh, kw), stride)
-        db = dy_part.reshape(-1, f).sum(axis=0) if has_bias else None
+        db = column_sums(dy_part.reshape(-1, f)) if has_bias else None   # (F,)
         return dw, db
 
     parts = parallel.map(work, n, xp)
