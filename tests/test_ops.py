@@ -38,6 +38,12 @@ def test_channels_last_im2col_and_col2im_are_adjoint(problem, seed):
     back = np.zeros_like(xpad)
     col2im_nhwc(c, back, layer.kernel_size, layer.stride)
     assert np.isclose(np.vdot(cols, c), np.vdot(xpad, back), rtol=1e-10, atol=1e-10)
+    # into a reused, wider buffer (the conv keeps a bias column of ones on the right): the
+    # first K columns of its first rows are the same cols, the rest is left alone
+    wide = np.full((len(cols) + 3, cols.shape[1] + 1), 7.0)
+    filled = im2col_nhwc(xpad, layer.kernel_size, layer.stride, out=wide)
+    np.testing.assert_array_equal(filled[:, :-1], cols)
+    assert np.shares_memory(filled, wide) and (wide[:, -1] == 7).all() and (wide[-3:] == 7).all()
 
 
 @given(conv_problems(), st.integers(0, 2**32 - 1))
