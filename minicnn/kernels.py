@@ -223,10 +223,12 @@ def conv2d_backward_weight(dout, cache):
 
 
 # ---- max pooling -----------------------------------------------------------------------------
-def maxpool2d_forward(x, kernel, stride):
+def maxpool2d_forward(x, kernel, stride, training=True):
     """x (N, C, H, W) -> out (N, C, OH, OW); as minicnn.ops.maxpool2d_forward.
 
     cache: (x.shape, argmax (N, C, OH, OW) uint8, the winning tap kh*KW + kw, kernel, stride).
+    The kernel finds the winner as it takes the max (one byte a window), so training=False
+    changes nothing here; it is taken for the same signature as the generic op.
     """
     xp = array_module(x)
     x = _float32(x, "x")

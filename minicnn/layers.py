@@ -182,7 +182,7 @@ class _Pool2D(Layer):
             raise ValueError(f"{type(self).__name__} window {self.kernel_size} is larger than the "
                              f"input of shape {tuple(x.shape)}.")
         pool_forward, pool_backward = kernels.select(x, self.op)
-        out, cache = pool_forward(x, self.kernel_size, self.stride)
+        out, cache = pool_forward(x, self.kernel_size, self.stride, training)
         self._keep((pool_backward, cache), training)
         return out
 
@@ -255,7 +255,7 @@ class ReLU(Layer):
 
     def forward(self, x, training=False):
         self._check_input(x)
-        y, mask = ops.relu_forward(x)
+        y, mask = ops.relu_forward(x, training)
         self._keep(mask, training)
         return y
 

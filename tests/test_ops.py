@@ -3,6 +3,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minicnn import ops
 from minicnn.layers import AvgPool2D, Conv2D, MaxPool2D
 from minicnn.ops import col2im, im2col
 from minicnn.ops.im2col import col2im_nhwc, im2col_nhwc, pad_nhwc
@@ -65,9 +66,23 @@ def test_same_padding_keeps_size_and_valid_shrinks():
 @given(pool_problems(), st.integers(0, 2**32 - 1))
 def test_maxpool_matches_reference(problem, seed):
     n, c, h, w, kernel, stride = problem
-    x = np.random.default_rng(seed).standard_normal((n, c, h, w))
-    out = MaxPool2D(kernel, stride).forward(x)
-    np.testing.assert_array_equal(out, pool2d_reference(x, kernel, stride, np.max))
+    x = np.random.default_rng(seed).standard_normal((n, c, h + 1, w + 1))
+    for kernel, stride in ((kernel, stride), ((2, 2), (2, 2))):      # and the 2x2 fast path
+        expected = pool2d_reference(x, kernel, stride, np.max)
+        for training in (True, False):                # inference skips finding the winners
+            pool = MaxPool2D(kernel, stride)
+            np.testing.assert_array_equal(pool.forward(x, training), expected)
+            assert (pool._cache is not None) == training
+
+
+def test_relu_at_inference_gives_the_same_output_and_keeps_no_mask():
+    x = np.random.default_rng(0).standard_normal((3, 4, 5, 6)).astype(np.float32)
+    y, mask = ops.relu_forward(x, training=False)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    assert mask is None
+    y_train, mask = ops.relu_forward(x)
+    np.testing.assert_array_equal(y_train, y)
+    np.testing.assert_array_equal(mask, x > 0)
 
 
 @given(pool_problems(), st.integers(0, 2**32 - 1))

@@ -26,8 +26,8 @@ def dense_backward(dy, cache, input_grad=True):
 
 
 # ---- ReLU ----------------------------------------------------------------------------------
-def relu_forward(x):
-    """y = max(x, 0). cache: the mask y > 0 only (one byte a value).
+def relu_forward(x, training=True):
+    """y = max(x, 0). cache: the mask y > 0 only (one byte a value); None when not training.
 
     np.maximum keeps x's memory order (NHWC stays NHWC) and, unlike x * mask, needs no
     bool-to-float conversion.
@@ -35,13 +35,14 @@ def relu_forward(x):
     xp = array_module(x)
     zero = x.dtype.type(0)
     if x.ndim == 0:
-        return xp.maximum(x, zero), x > zero
+        return xp.maximum(x, zero), (x > zero) if training else None
     y = xp.empty_like(x)                                  # x's memory order
-    mask = xp.empty_like(x, dtype=bool)
+    mask = xp.empty_like(x, dtype=bool) if training else None
 
     def work(lo, hi):
         xp.maximum(x[lo:hi], zero, out=y[lo:hi])
-        xp.greater(y[lo:hi], zero, out=mask[lo:hi])
+        if training:
+            xp.greater(y[lo:hi], zero, out=mask[lo:hi])
 
     parallel.map(work, len(x), xp, x.size)
     return y, mask

@@ -26,15 +26,17 @@ def _tiles(kernel, stride):
     return tuple(kernel) == tuple(stride)
 
 
-def maxpool2d_forward(x, kernel, stride):
+def maxpool2d_forward(x, kernel, stride, training=True):
     """x (N, C, H, W) -> out (N, C, OH, OW), the max of each window.
 
     cache: the input shape and, per output pixel, which tap of its window won (uint8).
     Ties: the first maximum in row-major window order wins, as in PyTorch.
+    training=False: the max only, cache None (inference has no backward, and finding the
+    winners is about half of the work).
     """
     xp = array_module(x)
     if tuple(kernel) == tuple(stride) == (2, 2):
-        return _maxpool2x2_forward(x)
+        return _maxpool2x2_forward(x, training)
     # The max of the taps is one np.maximum per tap (no masks, no where); the winner index is
     # found afterwards by comparing each tap with the max, last tap first so that the first
     # maximum overwrites the later ones.
@@ -42,6 +44,8 @@ def maxpool2d_forward(x, kernel, stride):
     out = taps[0][1].copy()                            # (N, C, OH, OW), x's memory order
     for _, tap in taps[1:]:
         xp.maximum(out, tap, out=out)
+    if not training:
+        return out, None
     argmax = xp.zeros(out.shape, dtype=xp.uint8)
     for k, tap in reversed(taps):
         xp.copyto(argmax, k, where=tap == out)
@@ -87,25 +91,29 @@ def maxpool2d_backward(dout, cache):
 # strided taps; the column step then works on half the data. Each step keeps a boolean "the
 # second one won", which is all backward needs (0.75 bytes per input pixel, no index maths).
 
-def _maxpool2x2_forward(x):
+def _maxpool2x2_forward(x, training):
     """x (N, C, H, W) -> out (N, C, H//2, W//2); an odd last row or column is dropped, as PyTorch.
 
-    The workers each pool their share of the images.
+    The workers each pool their share of the images. Not training: the two max passes only.
     """
     xp = array_module(x)
     n, c, h, w = x.shape
     oh, ow = h // 2, w // 2
     out = _empty_like_layout((n, c, oh, ow), x.strides, x.dtype, xp)
-    row_second = _empty_like_layout((n, c, oh, 2 * ow), x.strides, bool, xp)
-    col_second = _empty_like_layout((n, c, oh, ow), x.strides, bool, xp)
+    row_second = _empty_like_layout((n, c, oh, 2 * ow), x.strides, bool, xp) if training else None
+    col_second = _empty_like_layout((n, c, oh, ow), x.strides, bool, xp) if training else None
 
     def work(lo, hi):
-        xs, rs, cs = x[lo:hi], row_second[lo:hi], col_second[lo:hi]
+        xs = x[lo:hi]
         top, bottom = xs[:, :, 0:2 * oh:2, :2 * ow], xs[:, :, 1:2 * oh:2, :2 * ow]  # (n, C, OH, 2*OW)
         rows = xp.maximum(top, bottom)                 # max of each column pair of rows
-        xp.greater(bottom, top, out=rs)                # strict: on a tie the top row wins
+        if training:
+            rs, cs = row_second[lo:hi], col_second[lo:hi]
+            xp.greater(bottom, top, out=rs)            # strict: on a tie the top row wins
         left, right = rows[..., 0::2], rows[..., 1::2]     # (n, C, OH, OW)
         xp.maximum(left, right, out=out[lo:hi])
+        if not training:
+            return
         xp.greater(right, left, out=cs)
         # Tie between the columns: the first maximum in row-major order is (0, right) when the
         # left column's maximum sits in its bottom row and the right column's in its top row.
@@ -115,7 +123,7 @@ def _maxpool2x2_forward(x):
             cs |= ties & rs[..., 0::2] & ~rs[..., 1::2]
 
     parallel.map(work, n, xp, x.size)
-    return out, ("2x2", x.shape, x.strides, row_second, col_second)
+    return out, ("2x2", x.shape, x.strides, row_second, col_second) if training else None
 
 
 def _maxpool2x2_backward(dout, cache):
@@ -142,8 +150,9 @@ def _maxpool2x2_backward(dout, cache):
     return dx
 
 
-def avgpool2d_forward(x, kernel, stride):
-    """x (N, C, H, W) -> out (N, C, OH, OW), the mean of each window. cache: the input shape."""
+def avgpool2d_forward(x, kernel, stride, training=True):
+    """x (N, C, H, W) -> out (N, C, OH, OW), the mean of each window. cache: the input shape
+    (kept whether training or not: it costs nothing)."""
     out = None
     for _, rows, cols in _windows(x.shape, kernel, stride):
         out = x[:, :, rows, cols].copy() if out is None else out + x[:, :, rows, cols]
