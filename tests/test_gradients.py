@@ -20,17 +20,17 @@ def _assert_ok(errors):
 
 
 @given(conv_problems(), seeds, st.booleans(), st.sampled_from([1, 10**9]))
-def test_conv2d(problem, seed, bias, taps_min_channels):
-    """Both ways a valid stride-1 conv takes its dx: tap by tap (from 1 channel on) and
-    dcols + col2im (never tap by tap)."""
+def test_conv2d(problem, seed, bias, dx_gemm_min_channels):
+    """Both ways a stride-1 conv can take its dx: as a convolution (padded) or tap by tap
+    (valid), from 1 channel on; and dcols + col2im (never either)."""
     n, c, h, w, f, kernel, stride, padding = problem
     rng = np.random.default_rng(seed)
     layer = Conv2D(c, f, kernel, stride, padding, bias=bias, dtype=np.float64, rng=rng)
-    saved, conv_ops.TAPS_MIN_CHANNELS = conv_ops.TAPS_MIN_CHANNELS, taps_min_channels
+    saved, conv_ops.DX_GEMM_MIN_CHANNELS = conv_ops.DX_GEMM_MIN_CHANNELS, dx_gemm_min_channels
     try:
         _assert_ok(minicnn.gradcheck(layer, rng.standard_normal((n, c, h, w)), seed=seed))
     finally:
-        conv_ops.TAPS_MIN_CHANNELS = saved
+        conv_ops.DX_GEMM_MIN_CHANNELS = saved
 
 
 @given(pool_problems(), seeds, st.sampled_from([MaxPool2D, AvgPool2D]))
