@@ -1,6 +1,5 @@
 """Every layer's backward against centred differences in float64 (minicnn.gradcheck)."""
 import numpy as np
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
