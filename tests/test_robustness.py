@@ -8,9 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
-import zipfile
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from PIL import Image
 import minicnn
 from _data_helpers import binary_files, fake_cifar, make_folder, write_tar_gz
 from minicnn import data as datasets
-from minicnn import evaluate, predict
+from minicnn import predict
 from minicnn.checkpoint import load_checkpoint
 from minicnn.errors import CheckpointError, DataError
 from minicnn.serialization import read_archive
