@@ -511,7 +511,7 @@ def random_crop(x, padding, rng):
     """Pad with zeros by `padding` on each side, then crop back to H x W at a random offset
     per image: a random translation of up to `padding` pixels (Krizhevsky et al. 2012)."""
     xp = array_module(x)
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     padded = xp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))  # (N,C,H+2p,W+2p)
     top = xp.asarray(rng.integers(0, 2 * padding + 1, size=n))             # (N,)
     left = xp.asarray(rng.integers(0, 2 * padding + 1, size=n))            # (N,)
