@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from minicnn import bench_gpu, parallel, zoo
+from minicnn.cli import positive_int
 from minicnn.errors import BackendError
 from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax)
@@ -368,8 +369,8 @@ def main(argv=None):
         return bench_kernels.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m minicnn.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per case (median)")
     parser.add_argument("--models", nargs="+", choices=list(zoo.MODELS), default=None)
     parser.add_argument("--no-layers", action="store_true", help="only the model rows")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")

@@ -26,6 +26,7 @@ import numpy as np
 
 from minicnn import kernels, ops
 from minicnn.backend import cuda_time, get_backend, gpu_available, to_numpy
+from minicnn.cli import positive_int
 from minicnn.errors import BackendError
 from minicnn.ops.im2col import conv_output_size
 
@@ -258,7 +259,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     parser.add_argument("--json", action="store_true", help="print one JSON object, no table")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (for tests)")
-    parser.add_argument("--batches", type=int, nargs="+", default=None,
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=None,
                         help="batch sizes (default 128 512; --tiny: 2)")
     args = parser.parse_args(argv)
     settings = {"json": args.json, "warmup": 1 if args.quick else 3,

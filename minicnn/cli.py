@@ -1,9 +1,21 @@
 """What the command-line tools share: one sentence on stderr and a non-zero status for bad input."""
+import argparse
 import sys
 
 from minicnn.errors import MinicnnError
 
 EXIT_BAD_INPUT = 2
+
+
+def positive_int(text):
+    """An argparse type: an int >= 1 (argparse then prints the one-line error and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run(main, argv=None):

@@ -88,6 +88,16 @@ def test_backend_option_errors_are_one_sentence(capsys, monkeypatch):
     assert err.count("\n") == 1 and "needs an NVIDIA GPU" in err
 
 
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeats", "-2"], ["--batch", "x"],
+                                  ["kernels", "--batches", "0"]])
+def test_counts_below_one_are_refused_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "must be at least 1" in err[-1] or "expected a whole number" in err[-1]
+
+
 def test_gpu_columns_on_a_gpu(capsys):
     """On a GPU machine: every layer and model row gets checked GPU columns and the table prints."""
     from minicnn.backend import gpu_available
