@@ -144,6 +144,7 @@ def _validate(s):
         (s["early_stopping"] >= 0, f"--early-stopping must be >= 0, got {s['early_stopping']}."),
         (s["checkpoint_every"] >= 0, f"--checkpoint-every must be >= 0, got {s['checkpoint_every']}."),
         (s["limit"] >= 0, f"--limit must be >= 0, got {s['limit']}."),
+        (s["seed"] >= 0, f"--seed must be >= 0, got {s['seed']}."),
         (s["backend"] in ("numpy", "cupy"), f"--backend must be numpy or cupy, got {s['backend']!r}."),
     ]
     for ok, message in checks:

@@ -142,6 +142,7 @@ def test_sigterm_saves_and_resume_continues_exactly(folder, tmp_path, monkeypatc
     (["--optimizer", "rmsprop"], "--optimizer must be sgd, adam or adamw"),
     (["--augment", "rotate"], "--augment takes none or crop, flip, cutout"),
     (["--resume"], "no checkpoint to resume from"),
+    (["--seed", "-5"], "--seed must be >= 0, got -5."),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(folder, tmp_path, capsys, args, message):
     argv = ["--data", str(folder), "--out", str(tmp_path / "run"), "--epochs", "1"] + args
