@@ -15,7 +15,7 @@ import numpy as np
 
 from minicnn import data as datasets
 from minicnn.checkpoint import load_for_inference
-from minicnn.cli import run
+from minicnn.cli import positive_int, run
 from minicnn.errors import DataError
 from minicnn.metrics import classification_report, format_report
 from minicnn.train import predict_logits
@@ -29,7 +29,7 @@ def build_parser():
                                                      "folder (default: download CIFAR-10)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--backend", default="numpy", help="numpy (CPU) or cupy (GPU)")
-    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass")
     parser.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser

@@ -14,7 +14,7 @@ from PIL import Image
 from minicnn import data as datasets
 from minicnn.backend import to_numpy
 from minicnn.checkpoint import load_for_inference
-from minicnn.cli import run
+from minicnn.cli import positive_int, run
 from minicnn.errors import DataError
 from minicnn.ops import softmax
 
@@ -24,7 +24,7 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a .npz written by minicnn.train")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any Pillow format)")
-    parser.add_argument("--top", type=int, default=3, help="how many classes to show per image")
+    parser.add_argument("--top", type=positive_int, default=3, help="how many classes to show per image")
     parser.add_argument("--backend", default="numpy", help="numpy (CPU) or cupy (GPU)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser

@@ -86,6 +86,15 @@ def test_evaluate_rejects_unknown_class_folders(folder, tmp_path, capsys):
     assert err.startswith("error: ") and "zebra" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("tool,argv", [(evaluate, ["--batch-size", "0"]),
+                                       (predict, ["--top", "0", "image.png"])])
+def test_counts_below_one_are_refused_before_any_work(tool, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--checkpoint", "model.npz"] + argv)
+    assert exit_info.value.code == 2
+    assert "must be at least 1, got 0" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_resume_refuses_other_settings_unless_forced(folder, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(_train_args(folder, out, "--epochs", "1"))
