@@ -1,4 +1,6 @@
 """The fast NumPy paths against the nested-loop spec, and im2col/col2im as adjoints."""
+from unittest import mock
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -6,6 +8,7 @@ from hypothesis import strategies as st
 from minicnn import ops
 from minicnn.layers import AvgPool2D, Conv2D, MaxPool2D
 from minicnn.ops import col2im, im2col
+from minicnn.ops import conv as conv_ops
 from minicnn.ops.im2col import col2im_nhwc, im2col_nhwc, pad_nhwc
 from reference import conv2d_reference, pool2d_reference
 from strategies import conv_problems, pool_problems
@@ -53,6 +56,9 @@ def test_conv_matches_nested_loop_reference(problem, seed):
     pad = layer._padding_for(*x.shape[2:])
     expected = conv2d_reference(x, layer.params["weight"], layer.params["bias"], layer.stride, pad)
     np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
+    for per_image_gemm_max_k in (0, 10**9):          # one GEMM per chunk of images, per image
+        with mock.patch.object(conv_ops, "PER_IMAGE_GEMM_MAX_K", per_image_gemm_max_k):
+            np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_same_padding_keeps_size_and_valid_shrinks():
