@@ -1,4 +1,6 @@
 """Every layer's backward against centred differences in float64 (minicnn.gradcheck)."""
+from unittest import mock
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,20 +22,16 @@ def _assert_ok(errors):
 
 @given(conv_problems(), seeds, st.booleans(), st.sampled_from([1, 10**9]),
        st.sampled_from([0, 10**9]))
-def test_conv2d(problem, seed, bias, dx_gemm_min_channels, per_image_gemm_max_k):
+def test_conv2d(problem, seed, bias, dx_gemm_min_channels, per_image_gemm_max_size):
     """Both ways a stride-1 conv can take its dx: as a convolution (padded) or tap by tap
     (valid), from 1 channel on; and dcols + col2im (never either). And the GEMMs run one per
     image (always) or one per chunk of images (never)."""
     n, c, h, w, f, kernel, stride, padding = problem
     rng = np.random.default_rng(seed)
     layer = Conv2D(c, f, kernel, stride, padding, bias=bias, dtype=np.float64, rng=rng)
-    saved = conv_ops.DX_GEMM_MIN_CHANNELS, conv_ops.PER_IMAGE_GEMM_MAX_K
-    conv_ops.DX_GEMM_MIN_CHANNELS, conv_ops.PER_IMAGE_GEMM_MAX_K = (dx_gemm_min_channels,
-                                                                     per_image_gemm_max_k)
-    try:
+    with mock.patch.multiple(conv_ops, DX_GEMM_MIN_CHANNELS=dx_gemm_min_channels,
+                             PER_IMAGE_GEMM_MAX_SIZE=per_image_gemm_max_size):
         _assert_ok(minicnn.gradcheck(layer, rng.standard_normal((n, c, h, w)), seed=seed))
-    finally:
-        conv_ops.DX_GEMM_MIN_CHANNELS, conv_ops.PER_IMAGE_GEMM_MAX_K = saved
 
 
 @given(pool_problems(), seeds, st.sampled_from([MaxPool2D, AvgPool2D]))

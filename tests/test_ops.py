@@ -56,8 +56,8 @@ def test_conv_matches_nested_loop_reference(problem, seed):
     pad = layer._padding_for(*x.shape[2:])
     expected = conv2d_reference(x, layer.params["weight"], layer.params["bias"], layer.stride, pad)
     np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
-    for per_image_gemm_max_k in (0, 10**9):          # one GEMM per chunk of images, per image
-        with mock.patch.object(conv_ops, "PER_IMAGE_GEMM_MAX_K", per_image_gemm_max_k):
+    for per_image_gemm_max_size in (0, 10**9):          # one GEMM per chunk of images, per image
+        with mock.patch.object(conv_ops, "PER_IMAGE_GEMM_MAX_SIZE", per_image_gemm_max_size):
             np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
 
 

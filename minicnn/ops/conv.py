@@ -34,12 +34,14 @@ CONV_WORKSPACE_BYTES = 2 * 2**20
 # faster: whole backward of 3->32 and 3->64 @32x32, padding 1: 41.1 -> 22.0, 73.6 -> 28.8 ms.
 DX_GEMM_MIN_CHANNELS = 8
 
-# A GEMM at most this deep (K = KH*KW*C [+ 1]: a 3x3 RGB first layer has 27 or 28) runs as one
-# GEMM per image, (OH*OW, K) @ (K, F), instead of one per chunk of images. OpenBLAS takes such
-# small GEMMs through its small-matrix kernels, which skip packing the operands. Measured on
-# one core, rows of 18-20 images, F = 32: forward 47-65 -> 76-113 GFLOP/s, dW 31-36 -> 48-56.
-# At K = 73-148 it gained nothing or lost, and on the deeper layers one GEMM is faster.
-PER_IMAGE_GEMM_MAX_K = 32
+# A GEMM over the rows of many images whose two other sizes are both at most this runs as one
+# GEMM per image (M = OH*OW rows) instead of one per chunk of images: OpenBLAS takes such small
+# GEMMs through its small-matrix kernels, which skip packing the operands. Interleaved A/B at
+# batch 128: a 3x3 RGB first layer, (rows, K = 27-28) @ (K, F = 32), forward 7.6-9.1 -> 6.2-7.2
+# ms and dW 7.8-9.1 -> 6.2-7.2 ms; the tap GEMMs (rows, F = 64) @ (F, C = 32 or 64) of the
+# Keras-tutorial's valid convs, whole backward 33.5-36.0 -> 31.3-32.4 and 7.0-10.2 -> 6.5-8.7
+# ms. On one core, per image lost on the deeper GEMMs (K = 289-1152: 84-90 -> 64-75 GFLOP/s).
+PER_IMAGE_GEMM_MAX_SIZE = 64
 
 
 def _images_per_chunk(n, rows_per_image, k, itemsize):
@@ -88,7 +90,7 @@ def conv2d_forward(x, w, b, stride, padding):
             else x_nhwc)                                         # (N, Hp, Wp, C)
     out = xp.empty((n, oh, ow, f), dtype=x.dtype)                # NHWC memory
     chunk = _images_per_chunk(n, oh * ow, kb, x.dtype.itemsize)
-    per_image = kb <= PER_IMAGE_GEMM_MAX_K
+    per_image = max(kb, f) <= PER_IMAGE_GEMM_MAX_SIZE
     w_cols = xp.ascontiguousarray(w_bias.T) if per_image else w_bias.T   # (K [+ 1], F)
 
     def work(lo, hi):                                            # images lo:hi, one worker
@@ -119,8 +121,8 @@ def conv2d_backward(dout, cache, input_grad=True):
 
     A stride-1 convolution whose padding p satisfies K-1-p <= p <= K-1 on every side (3x3 with
     padding 1 or 2, 1x1 with none) takes dx as a convolution instead: dx = conv(dy padded by
-    K-1-p, the kernel flipped and transposed (C, F, KH, KW)), the textbook identity. Its im2col and GEMM
-    have the forward's shapes, and it skips col2im's nine read-modify-write passes, whose
+    K-1-p, the kernel flipped and transposed (C, F, KH, KW)), the textbook identity. Its im2col
+    and GEMM have the forward's shapes, and it skips col2im's nine read-modify-write passes, whose
     inner loops run over only C floats: 1.1-1.8x faster dx on the 32- to 128-channel layers of
     the presets. Valid (unpadded) convolutions would pad dy by 2 and do more work; with stride 1
     their dx is summed tap by tap instead (_add_taps: col2im(dY @ W) without the dcols matrix).
@@ -131,7 +133,7 @@ def conv2d_backward(dout, cache, input_grad=True):
     n, c, h, wd = x_shape
     f, _, kh, kw = w_shape
     k, kb = kh * kw * c, w_bias.shape[1]                         # kb: k + 1 with a bias
-    per_image = kb <= PER_IMAGE_GEMM_MAX_K
+    per_image = max(kb, f) <= PER_IMAGE_GEMM_MAX_SIZE
     w_mat = w_bias[:, :k]                                        # (F, K), a view
     (pt, pb), (pl, pr) = padding
     dy = dout.transpose(0, 2, 3, 1)                              # (N, OH, OW, F), a view
@@ -202,16 +204,20 @@ def _add_taps(dy_rows, w_taps, dxpad, buf):
     Tap (i, j)'s share of dx is dy_rows @ w_taps[i, j], (n, OH, OW, C), added at offset (i, j):
     both sides of that add are runs of OW*C contiguous floats, where col2im's adds run over C
     (the dcols matrix's rows interleave the taps). The GEMMs do the same multiply-adds as the
-    one dcols GEMM. Measured on one worker, 64 images of the Keras-tutorial 32->64 conv:
-    9 GEMMs ~6 ms + 9 adds ~2 ms, against one GEMM ~6 ms + col2im ~6 ms.
+    one dcols GEMM (each one GEMM per image when F and C are at most PER_IMAGE_GEMM_MAX_SIZE).
+    Measured on one worker, 64 images of the Keras-tutorial 32->64 conv: 9 GEMMs ~6 ms + 9
+    adds ~2 ms, against one GEMM ~6 ms + col2im ~6 ms.
     """
     xp = array_module(dxpad)
     n, hp, wp, c = dxpad.shape
     kh, kw = w_taps.shape[:2]
     oh, ow = hp - kh + 1, wp - kw + 1
     tap = buf[:len(dy_rows)]
+    f = dy_rows.shape[1]
+    gemms = _gemm_stack(n, oh * ow, max(f, c) <= PER_IMAGE_GEMM_MAX_SIZE)
+    dy_stack, tap_stack = dy_rows.reshape(gemms + (f,)), tap.reshape(gemms + (c,))
     for i in range(kh):
         for j in range(kw):
-            xp.matmul(dy_rows, w_taps[i, j], out=tap)           # (n*OH*OW, C)
+            xp.matmul(dy_stack, w_taps[i, j], out=tap_stack)    # (n*OH*OW, C) as (GEMMs, rows, C)
             dst = dxpad[:, i:i + oh, j:j + ow]
             xp.add(dst, tap.reshape(n, oh, ow, c), out=dst)
