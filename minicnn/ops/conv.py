@@ -180,7 +180,10 @@ def conv2d_backward(dout, cache, input_grad=True):
             if by_taps:
                 _add_taps(dy_rows, w_taps, dxpad[s:e], dcols_buf)
             elif input_grad:
-                dcols = xp.matmul(dy_rows, w_mat, out=dcols_buf[:len(dy_rows)])   # (rows, K)
+                dcols = dcols_buf[:len(dy_rows)]                 # (rows, K) = dY @ W
+                gemms = _gemm_stack(e - s, dy.shape[1] * dy.shape[2],
+                                    max(f, k) <= PER_IMAGE_GEMM_MAX_SIZE)
+                xp.matmul(dy_rows.reshape(gemms + (f,)), w_mat, out=dcols.reshape(gemms + (k,)))
                 col2im_nhwc(dcols, dxpad[s:e], (kh, kw), stride)
         return dw
 
