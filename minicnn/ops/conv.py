@@ -35,8 +35,8 @@ CONV_WORKSPACE_BYTES = 2 * 2**20
 DX_GEMM_MIN_CHANNELS = 8
 
 # A GEMM over the rows of many images whose two other sizes are both at most this runs as one
-# GEMM per image (M = OH*OW rows) instead of one per chunk of images: OpenBLAS takes such small
-# GEMMs through its small-matrix kernels, which skip packing the operands. Interleaved A/B at
+# GEMM per image (M = OH*OW rows) instead of one per chunk of images: OpenBLAS runs such small
+# GEMMs faster (presumably its small-matrix kernels, which skip packing). Interleaved A/B at
 # batch 128: a 3x3 RGB first layer, (rows, K = 27-28) @ (K, F = 32), forward 7.6-9.1 -> 6.2-7.2
 # ms and dW 7.8-9.1 -> 6.2-7.2 ms; the tap GEMMs (rows, F = 64) @ (F, C = 32 or 64) of the
 # Keras-tutorial's valid convs, whole backward 33.5-36.0 -> 31.3-32.4 and 7.0-10.2 -> 6.5-8.7
