@@ -53,7 +53,8 @@ HYPERPARAMETERS = {
     "weight_decay": (None, float, "L2 penalty (decoupled for adamw)"),
     "schedule": (None, str, "none, step (x0.1 after each third of the epochs), cosine, "
                             "onecycle (linear warm-up then linear decay, per step) or plateau "
-                            "(x0.1 after 2 epochs without val-loss improvement)"),
+                            "(x0.1 after a third epoch in a row without val-loss "
+                            "improvement: PyTorch's ReduceLROnPlateau, patience 2)"),
     "label_smoothing": (None, float, "cross-entropy label smoothing, 0 to switch off"),
     "augment": (None, str, "none, or crop, flip and cutout joined by '+' (e.g. crop+flip)"),
     "seed": (0, int, "seed of every random generator (init, split, order, augmentation)"),

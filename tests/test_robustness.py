@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL at random moments then --resume gives bitwise the uninterrupted result;
 a kill during a checkpoint write keeps the previous one; signals save and exit; corrupt inputs
 (archives, images, checkpoints) end in one of the documented errors, never anything else."""
+import errno
 import io
 import json
 import os
@@ -22,7 +23,7 @@ from minicnn import data as datasets
 from minicnn import predict
 from minicnn.checkpoint import load_checkpoint
 from minicnn.errors import CheckpointError, DataError
-from minicnn.serialization import read_archive
+from minicnn.serialization import atomic_write, read_archive, write_archive
 from minicnn.zoo import keras_tutorial
 
 TRAIN = [sys.executable, "-m", "minicnn.train"]
@@ -137,6 +138,21 @@ def test_kill_during_checkpoint_write_keeps_the_previous_file(tmp_path):
             header, arrays = read_archive(path)
             assert np.all(arrays["a"] == header["i"])      # complete, never a mix of two writes
     assert path.exists()
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    """A write that fails part-way (here: a full disk while the arrays go out) raises, removes
+    its temporary file and leaves the previous checkpoint as it was."""
+    path = tmp_path / "ckpt.npz"
+    write_archive(path, {"i": 1}, {"a": np.ones(1000)})
+    before = path.read_bytes()
+
+    def fill_disk(f):
+        f.write(b"PK\x03\x04 part of an archive")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, fill_disk)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
 
 
 # ---- corrupt inputs end in the documented errors --------------------------------------------

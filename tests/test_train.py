@@ -59,6 +59,28 @@ def test_training_learns_the_synthetic_classes(folder, tmp_path):
     assert result["history"]["val_acc"][-1] >= 0.9       # chance is 1/3
 
 
+def test_early_stopping_ends_the_run_when_val_accuracy_stalls(folder, tmp_path, capsys):
+    """A learning rate too small to change any prediction: epoch 2 does not beat epoch 1, so
+    --early-stopping 1 ends the run there, and the run still writes its report."""
+    out = tmp_path / "run"
+    result = train.fit(data=str(folder), out=str(out), epochs=5, batch_size=16, val_split=0.25,
+                       optimizer="sgd", lr=1e-12, early_stopping=1)
+    assert result["status"] == "early-stopped"
+    assert result["history"]["epoch"] == [1, 2]
+    assert result["history"]["val_acc"][0] == result["history"]["val_acc"][1]
+    assert "Early stopping: no val-accuracy gain for 1 epochs" in capsys.readouterr().out
+    assert (out / "report.json").is_file() and minicnn.load(out / "best.npz")
+
+
+def test_plateau_schedule_cuts_the_lr_after_three_epochs_without_val_loss_gain(folder, tmp_path):
+    """Val loss that cannot improve (a learning rate of 1e-9): epochs 2, 3 and 4 are bad, so
+    the rate is cut x0.1 after epoch 4 and epoch 5 runs at 1e-10 (the history logs each
+    epoch's rate)."""
+    result = train.fit(data=str(folder), out=str(tmp_path / "run"), epochs=5, batch_size=16,
+                       val_split=0.25, optimizer="sgd", lr=1e-9, schedule="plateau")
+    np.testing.assert_allclose(result["history"]["lr"], [1e-9] * 4 + [1e-10], rtol=1e-6)
+
+
 def test_evaluate_json_and_predict(folder, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(_train_args(folder, out))
@@ -152,6 +174,7 @@ def test_sigterm_saves_and_resume_continues_exactly(folder, tmp_path, monkeypatc
     (["--augment", "rotate"], "--augment takes none or crop, flip, cutout"),
     (["--resume"], "no checkpoint to resume from"),
     (["--seed", "-5"], "--seed must be >= 0, got -5."),
+    (["--val-split", "0"], "There is no data to validate on; give --val-split > 0."),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(folder, tmp_path, capsys, args, message):
     argv = ["--data", str(folder), "--out", str(tmp_path / "run"), "--epochs", "1"] + args
