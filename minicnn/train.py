@@ -424,7 +424,8 @@ def _end_of_epoch(loop, seconds):
     tqdm.write(_table_row(row))
     patience = s["early_stopping"]
     if patience and info["bad_epochs"] >= patience and epoch < s["epochs"]:
-        tqdm.write(f"Early stopping: no val-accuracy gain for {patience} epochs "
+        epochs = "1 epoch" if patience == 1 else f"{patience} epochs"
+        tqdm.write(f"Early stopping: no val-accuracy gain for {epochs} "
                    f"(best {info['best_val_acc']:.4f}).")
         return "early-stopped"
     return None

@@ -68,7 +68,7 @@ def test_early_stopping_ends_the_run_when_val_accuracy_stalls(folder, tmp_path, 
     assert result["status"] == "early-stopped"
     assert result["history"]["epoch"] == [1, 2]
     assert result["history"]["val_acc"][0] == result["history"]["val_acc"][1]
-    assert "Early stopping: no val-accuracy gain for 1 epochs" in capsys.readouterr().out
+    assert "Early stopping: no val-accuracy gain for 1 epoch (" in capsys.readouterr().out
     assert (out / "report.json").is_file() and minicnn.load(out / "best.npz")
 
 
