@@ -90,7 +90,7 @@ def conv2d_forward(x, w, b, stride, padding):
             else x_nhwc)                                         # (N, Hp, Wp, C)
     out = xp.empty((n, oh, ow, f), dtype=x.dtype)                # NHWC memory
     chunk = _images_per_chunk(n, oh * ow, kb, x.dtype.itemsize)
-    per_image = max(kb, f) <= PER_IMAGE_GEMM_MAX_SIZE
+    per_image = _per_image(kb, f)
     w_cols = xp.ascontiguousarray(w_bias.T) if per_image else w_bias.T   # (K [+ 1], F)
 
     def work(lo, hi):                                            # images lo:hi, one worker
@@ -133,10 +133,11 @@ def conv2d_backward(dout, cache, input_grad=True):
     n, c, h, wd = x_shape
     f, _, kh, kw = w_shape
     k, kb = kh * kw * c, w_bias.shape[1]                         # kb: k + 1 with a bias
-    per_image = max(kb, f) <= PER_IMAGE_GEMM_MAX_SIZE
     w_mat = w_bias[:, :k]                                        # (F, K), a view
     (pt, pb), (pl, pr) = padding
     dy = dout.transpose(0, 2, 3, 1)                              # (N, OH, OW, F), a view
+    pixels = dy.shape[1] * dy.shape[2]                           # OH*OW: rows per image
+    dw_per_image, dcols_per_image = _per_image(kb, f), _per_image(f, k)
     flipped_padding = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
     fast_dx = input_grad and tuple(stride) == (1, 1) and c >= DX_GEMM_MIN_CHANNELS
     as_conv = fast_dx and all(0 <= q <= p for qs, ps in zip(flipped_padding, padding)
@@ -159,7 +160,7 @@ def conv2d_backward(dout, cache, input_grad=True):
 
     def work(lo, hi):                                            # images lo:hi, one worker
         dy_part = xp.ascontiguousarray(dy[lo:hi])                # free when dout is NHWC memory
-        rows = min(chunk, hi - lo) * dy.shape[1] * dy.shape[2]
+        rows = min(chunk, hi - lo) * pixels
         cols_buf = _cols_buffer(rows, k, kb, dout.dtype, xp)
         dcols_buf = (xp.empty((rows, c if by_taps else k), dtype=dout.dtype) if input_grad
                      else None)                                  # dcols, or one tap's dx rows
@@ -170,8 +171,8 @@ def conv2d_backward(dout, cache, input_grad=True):
             e = min(s + chunk, hi)
             cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, out=cols_buf)   # (rows, K [+ 1])
             dy_rows = dy_part[s - lo:e - lo].reshape(-1, f)      # (rows, F)
-            if per_image:                                        # (images, K [+ 1], F), summed
-                gemms = _gemm_stack(e - s, dy.shape[1] * dy.shape[2], True)
+            if dw_per_image:                                     # (images, K [+ 1], F), summed
+                gemms = (e - s, pixels)                          # one GEMM per image
                 dw += xp.matmul(cols.reshape(gemms + (kb,)).transpose(0, 2, 1),
                                 dy_rows.reshape(gemms + (f,))).sum(axis=0).T
             else:
@@ -181,8 +182,7 @@ def conv2d_backward(dout, cache, input_grad=True):
                 _add_taps(dy_rows, w_taps, dxpad[s:e], dcols_buf)
             elif input_grad:
                 dcols = dcols_buf[:len(dy_rows)]                 # (rows, K) = dY @ W
-                gemms = _gemm_stack(e - s, dy.shape[1] * dy.shape[2],
-                                    max(f, k) <= PER_IMAGE_GEMM_MAX_SIZE)
+                gemms = _gemm_stack(e - s, pixels, dcols_per_image)
                 xp.matmul(dy_rows.reshape(gemms + (f,)), w_mat, out=dcols.reshape(gemms + (k,)))
                 col2im_nhwc(dcols, dxpad[s:e], (kh, kw), stride)
         return dw
@@ -193,6 +193,12 @@ def conv2d_backward(dout, cache, input_grad=True):
     if not as_conv:
         dx = dxpad[:, pt:pt + h, pl:pl + wd, :].transpose(0, 3, 1, 2) if input_grad else None
     return dx, xp.ascontiguousarray(dw), db
+
+
+def _per_image(*sizes):
+    """Whether a GEMM over many images' rows, whose other sizes are `sizes`, runs one per image
+    (see PER_IMAGE_GEMM_MAX_SIZE)."""
+    return max(sizes) <= PER_IMAGE_GEMM_MAX_SIZE
 
 
 def _gemm_stack(images, rows_per_image, per_image):
@@ -217,7 +223,7 @@ def _add_taps(dy_rows, w_taps, dxpad, buf):
     oh, ow = hp - kh + 1, wp - kw + 1
     tap = buf[:len(dy_rows)]
     f = dy_rows.shape[1]
-    gemms = _gemm_stack(n, oh * ow, max(f, c) <= PER_IMAGE_GEMM_MAX_SIZE)
+    gemms = _gemm_stack(n, oh * ow, _per_image(f, c))
     dy_stack, tap_stack = dy_rows.reshape(gemms + (f,)), tap.reshape(gemms + (c,))
     for i in range(kh):
         for j in range(kw):
