@@ -366,20 +366,30 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["kernels"]:
         from minicnn import bench_kernels
-        return bench_kernels.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m minicnn.bench", description=__doc__.split("\n")[0])
+        report = bench_kernels.main(argv[1:])
+        # a kernel that did not match the NumPy reference makes the run fail
+        return 1 if any(row.get("status", "").startswith("FAIL") for row in report["rows"]) else 0
+    parser = argparse.ArgumentParser(
+        prog="python -m minicnn.bench", description=__doc__.split("\n")[0],
+        epilog="python -m minicnn.bench kernels [--quick] [--json] [--batches N ...] runs the GPU "
+               "kernel ladder instead (see python -m minicnn.bench kernels --help).")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--batch", type=positive_int, default=128)
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="images per batch (default 128; 16 with --quick)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed runs per case, the median reported (default 5; 3 with --quick)")
     parser.add_argument("--models", nargs="+", choices=list(zoo.MODELS), default=None)
     parser.add_argument("--no-layers", action="store_true", help="only the model rows")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
-    parser.add_argument("--quick", action="store_true", help="batch 16, 3 repeats: a smoke test")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 16, 3 repeats unless given: a smoke test")
     parser.add_argument("--backend", default="numpy",
                         help="numpy (the CPU tables) or numpy,cupy (adds the GPU columns)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.batch, args.repeats = 16, 3
+    if args.batch is None:
+        args.batch = 16 if args.quick else 128
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     try:
         result = run(args.models, args.batch, args.repeats, not args.no_layers, not args.no_torch,

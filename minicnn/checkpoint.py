@@ -20,8 +20,10 @@ def save_checkpoint(path, model, optimizer, info):
     arrays = {f"optim:{name}:{buf}": value
               for name, buffers in optimizer.state.items() for buf, value in buffers.items()}
     sd = optimizer.state_dict()
-    save_model(model, path, {"kind": "checkpoint", "optimizer": {"lr": sd["lr"], "steps": sd["steps"]},
-                             **info}, arrays)
+    # info last would let a resumed run's header (read from the previous checkpoint, with its
+    # own "optimizer" entry) overwrite the live optimizer's lr and step count.
+    save_model(model, path, {**info, "kind": "checkpoint",
+                             "optimizer": {"lr": sd["lr"], "steps": sd["steps"]}}, arrays)
 
 
 def load_checkpoint(path):

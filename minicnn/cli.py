@@ -1,6 +1,7 @@
 """What the command-line tools share: one sentence on stderr and a non-zero status for bad input."""
 import argparse
 import sys
+import warnings
 
 from minicnn.errors import MinicnnError
 
@@ -18,6 +19,10 @@ def positive_int(text):
     return value
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def run(main, argv=None):
     """Call main(argv); a MinicnnError, a ValueError from bad arguments or an OSError (an
     unreadable path, a full disk) becomes one line on stderr and exit status 2. --debug shows
@@ -25,7 +30,10 @@ def run(main, argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        return main(argv)
+        with warnings.catch_warnings():
+            if not debug:               # a warning is one line too, without its source line
+                warnings.showwarning = _one_line_warning
+            return main(argv)
     except (MinicnnError, ValueError) as e:
         if debug:
             raise

@@ -7,6 +7,7 @@ augmented there. Every random choice takes an explicit ``numpy.random.Generator`
 Decoding 50,000 images takes a while, so decoded arrays are cached as ``.npz`` files under
 ``cache_dir()``, keyed by the source's path, sizes and modification times.
 """
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -161,8 +162,13 @@ def _cached(kind, key_parts, build):
     arrays = dict(x_train=data.x_train, y_train=data.y_train, classes=np.array(data.classes))
     if data.x_test is not None:
         arrays.update(x_test=data.x_test, y_test=data.y_test)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, part = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, part = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    except OSError as e:             # the cache only saves time: go on without it
+        warnings.warn(f"Cannot cache the decoded images in {path.parent} ({e.strerror}); "
+                      f"the next run decodes them again (set MINICNN_DATA to a writable folder).")
+        return data
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -393,13 +399,29 @@ def decode_image(path, image_size=(32, 32)):
     resized bilinearly to image_size = (H, W) when its size differs. DataError if unreadable."""
     height, width = image_size
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             rgb = image.convert("RGB")
         if rgb.size != (width, height):                                     # PIL sizes are (W, H)
             rgb = rgb.resize((width, height), Image.BILINEAR)
         return np.asarray(rgb).transpose(2, 0, 1)                           # (H,W,3) -> (3,H,W)
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:   # not an image, or a truncated one
         raise DataError(f"Cannot read {path} as an image ({type(e).__name__}).") from None
+
+
+@contextlib.contextmanager
+def open_image(path):
+    """Image.open(path), with Pillow's decompression-bomb guard (an image of more than
+    Image.MAX_IMAGE_PIXELS pixels: a warning, twice that: an error) as one DataError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(f"Cannot read {path} as an image: it has more than "
+                        f"{Image.MAX_IMAGE_PIXELS:,} pixels.") from None
 
 
 def _decode_class_files(folder, listing, classes, image_size):
@@ -485,6 +507,9 @@ def channel_stats(x, chunk=4096):
     count = x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / count
     std = xp.sqrt(xp.maximum(total_sq / count - mean * mean, 0.0))          # Var = E[x^2] - E[x]^2
+    # A channel that (nearly) never changes, e.g. in single-colour images, would be divided by
+    # ~0: its spread is counted as at least one grey level.
+    std = xp.maximum(std, 1.0 / 255.0)
     return mean.astype(xp.float32), std.astype(xp.float32)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from minicnn import data as datasets
 from minicnn.checkpoint import load_for_inference
 from minicnn.cli import positive_int, run
-from minicnn.errors import DataError
+from minicnn.errors import CheckpointError, DataError
 from minicnn.metrics import classification_report, format_report
 from minicnn.train import predict_logits
 
@@ -39,8 +39,8 @@ def relabel(labels, dataset_classes, model_classes):
     """Map a dataset's labels onto the model's class indices by class name."""
     unknown = [c for c in dataset_classes if c not in model_classes]
     if unknown:
-        raise DataError(f"Class folder(s) {', '.join(unknown)} are not among the checkpoint's "
-                        f"classes ({', '.join(model_classes)}).")
+        raise DataError(f"The data's class(es) {', '.join(unknown)} are not among the "
+                        f"checkpoint's classes ({', '.join(model_classes)}).")
     mapping = np.array([model_classes.index(c) for c in dataset_classes], dtype=np.int64)
     return mapping[labels]
 
@@ -54,6 +54,9 @@ def evaluate(checkpoint, data=None, backend="numpy", batch_size=500, tta=False):
     y = relabel(y, ds.classes, net.classes)
     logits = predict_logits(net.model, x, net.mean, net.std, net.xp, batch_size=batch_size,
                             tta=tta)
+    if not np.isfinite(logits).all():
+        raise CheckpointError(f"{checkpoint} gives non-finite outputs (its weights diverged in "
+                              f"training); use another checkpoint, e.g. best.npz.")
     report = classification_report(logits, y, net.classes)
     report.update(split=split, checkpoint=str(checkpoint), tta=tta)
     return report

@@ -84,7 +84,8 @@ def classification_report(logits, labels, class_names):
     logits: (N, K) scores; labels: (N,) true class indices; class_names: K strings.
     Keys: "top1", "top5" (top-min(5, K) accuracy), "num_samples", "classes",
     "per_class" {name: {"precision", "recall", "f1", "support"}}, "macro_avg" (the
-    unweighted mean over classes, absent classes included, support = N) and "confusion"
+    unweighted mean over the classes that occur among the labels or the predictions, as
+    scikit-learn's classification_report; support = N) and "confusion"
     (K lists of K ints, rows = true class). Predictions are ``argmax`` (first on ties).
     """
     logits = np.asarray(logits)
@@ -100,15 +101,20 @@ def classification_report(logits, labels, class_names):
                "f1": float(scores["f1"][i]), "support": int(scores["support"][i])}
         for i, name in enumerate(names)
     }
+    # A class that neither occurs nor is predicted (evaluating on a subset of the classes) has
+    # no precision or recall to speak of: it would pull the averages down with zeros.
+    seen = (scores["support"] > 0) | (confusion.sum(axis=0) > 0)              # (K,)
+    if not seen.any():                                                        # no samples
+        seen[:] = True
     return {
         "top1": topk_accuracy(logits, labels, 1),
         "top5": topk_accuracy(logits, labels, min(5, num_classes)),
         "num_samples": int(labels.shape[0]),
         "classes": names,
         "per_class": per_class,
-        "macro_avg": {"precision": float(scores["precision"].mean()),
-                      "recall": float(scores["recall"].mean()),
-                      "f1": float(scores["f1"].mean()),
+        "macro_avg": {"precision": float(scores["precision"][seen].mean()),
+                      "recall": float(scores["recall"][seen].mean()),
+                      "f1": float(scores["f1"][seen].mean()),
                       "support": int(scores["support"].sum())},
         "confusion": confusion.tolist(),
     }

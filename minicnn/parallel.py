@@ -92,15 +92,17 @@ def map(fn, n, xp=np, size=None):               # noqa: A001 (a parallel map, on
     if _pool is None:
         _pool = ThreadPoolExecutor(_threads - 1, thread_name_prefix="minicnn")
     ranges = split(n, _threads)
-    futures = [_pool.submit(_as_worker, fn, lo, hi) for lo, hi in ranges[1:]]
-    results = [_as_worker(fn, *ranges[0])]
+    errors = np.geterr()            # np.errstate is per thread: the workers take the caller's
+    futures = [_pool.submit(_as_worker, fn, lo, hi, errors) for lo, hi in ranges[1:]]
+    results = [_as_worker(fn, *ranges[0], errors)]
     return results + [f.result() for f in futures]
 
 
-def _as_worker(fn, lo, hi):
+def _as_worker(fn, lo, hi, errors):
     _local.worker = True
     try:
-        return fn(lo, hi)
+        with np.errstate(**errors):
+            return fn(lo, hi)
     finally:
         _local.worker = False
 

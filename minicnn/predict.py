@@ -6,16 +6,16 @@ Images of another size are resized to the model's input, and grayscale or RGBA i
 converted to RGB; both are noted in the output.
 """
 import argparse
+import os
 import sys
 
 import numpy as np
-from PIL import Image
 
 from minicnn import data as datasets
 from minicnn.backend import to_numpy
 from minicnn.checkpoint import load_for_inference
 from minicnn.cli import positive_int, run
-from minicnn.errors import DataError
+from minicnn.errors import CheckpointError, DataError
 from minicnn.ops import softmax
 
 
@@ -32,9 +32,13 @@ def build_parser():
 
 def _describe(path, size):
     """What conversion an image needs, as a note for the user ('' when none)."""
+    if not os.path.exists(path):
+        raise DataError(f"Image {path} does not exist.")
     try:
-        with Image.open(path) as image:
+        with datasets.open_image(path) as image:
             mode, (w, h) = image.mode, image.size
+    except DataError:                  # too many pixels
+        raise
     except (OSError, SyntaxError, ValueError):
         raise DataError(f"Cannot read {path} as an image.") from None
     notes = []
@@ -45,17 +49,24 @@ def _describe(path, size):
     return f" ({', '.join(notes)})" if notes else ""
 
 
-def predict(checkpoint, images, top=3, backend="numpy"):
-    """-> [(path, note, [(class, probability), ...])] for each image, best first."""
+def predict(checkpoint, images, top=3, backend="numpy", batch_size=256):
+    """-> [(path, note, [(class, probability), ...])] for each image, best first.
+
+    Images are decoded and run batch_size at a time, so a long list needs no more memory than
+    one batch."""
     net = load_for_inference(checkpoint, backend)
     notes = [_describe(path, net.size) for path in images]
-    batch = np.stack([datasets.decode_image(path, net.size) for path in images])   # (N, 3, H, W)
-    probs = to_numpy(softmax(net.model.forward(datasets.normalize(batch, net.mean, net.std,
-                                                                  net.xp))))
     results = []
-    for path, note, p in zip(images, notes, probs):
-        best = np.argsort(-p, kind="stable")[:max(1, top)]
-        results.append((path, note, [(net.classes[k], float(p[k])) for k in best]))
+    for start in range(0, len(images), batch_size):
+        paths = images[start:start + batch_size]
+        batch = np.stack([datasets.decode_image(path, net.size) for path in paths])  # (n, 3, H, W)
+        logits = to_numpy(net.model.forward(datasets.normalize(batch, net.mean, net.std, net.xp)))
+        if not np.isfinite(logits).all():
+            raise CheckpointError(f"{checkpoint} gives non-finite outputs (its weights diverged "
+                                  f"in training); use another checkpoint, e.g. best.npz.")
+        for path, note, p in zip(paths, notes[start:], softmax(logits)):
+            best = np.argsort(-p, kind="stable")[:max(1, top)]
+            results.append((path, note, [(net.classes[k], float(p[k])) for k in best]))
     return results
 
 

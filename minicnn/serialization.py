@@ -23,8 +23,19 @@ _HEADER = "__minicnn__"
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file beside path, then rename it over path."""
+    """Call write(file) on a temporary file beside path, then rename it over path.
+
+    An OSError names path, not the temporary file (which the user never asked for)."""
     path = os.fspath(path)
+    try:
+        _atomic_write(path, write)
+    except OSError as e:
+        if e.errno is None or e.filename == path:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e
+
+
+def _atomic_write(path, write):
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f"{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     # mode 0o666 less the umask, as for any file the user creates (mkstemp would give 0o600)

@@ -61,12 +61,14 @@ HYPERPARAMETERS = {
     "backend": ("numpy", str, "numpy (CPU) or cupy (GPU)"),
     "out": (None, str, "output directory (default: runs/<model>)"),
     "resume": (False, bool, "continue from --out DIR/last.npz"),
-    "force": (False, bool, "with --resume: continue even if the settings differ"),
+    "force": (False, bool, "with --resume: continue even if the settings differ; without: "
+                           "start over in an --out that holds a run (its files are replaced)"),
     "early_stopping": (0, int, "stop after this many epochs without val-accuracy gain; 0: off"),
     "val_split": (None, float, "validation fraction carved from the training data "
                                "(default 0.1 when the data has no test split, else 0)"),
     "checkpoint_every": (0, int, "also checkpoint every N steps (0: at the end of each epoch only)"),
-    "limit": (0, int, "train on a stratified subset of this many images (0: all)"),
+    "limit": (0, int, "train on a stratified subset of this many images, at least one per "
+                      "class (0: all)"),
     "tta": (None, bool, "evaluate with horizontal-flip test-time augmentation"),
 }
 
@@ -84,6 +86,11 @@ MODEL_DEFAULTS = {
 # Settings that may differ between a run and its --resume without changing the result.
 RESUME_FREE = ("resume", "force", "out", "data", "debug")
 
+# The files a run writes to --out: a new run refuses a directory that holds them (unless
+# --force), and only their temporary files (NAME.<8 hex digits>.tmp) count as debris.
+RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv", "settings.json", "curves.png",
+             "report.json", "confusion.png", "predictions.png")
+
 
 class TrainingStopped(MinicnnError):
     """The loss became NaN or inf."""
@@ -95,14 +102,22 @@ def build_parser():
                          for name, d in MODEL_DEFAULTS.items())
     parser = argparse.ArgumentParser(prog="python -m minicnn.train", description=__doc__,
                                      epilog="Each model preset chooses the settings you leave "
-                                            "out:\n" + presets,
+                                            "out:\n" + presets + "\n\nThen, with a checkpoint:\n"
+                                            "  python -m minicnn.evaluate --checkpoint "
+                                            "runs/<model>/best.npz [--data ...]\n"
+                                            "  python -m minicnn.predict --checkpoint "
+                                            "runs/<model>/best.npz IMAGE ...",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, (default, kind, help_text) in HYPERPARAMETERS.items():
         flag = "--" + name.replace("_", "-")
-        if kind is bool:
+        if kind is bool and default is None:       # a preset's choice: --tta or --no-tta
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text + " (default: the preset's)")
+        elif kind is bool:
             parser.add_argument(flag, action="store_true", default=default or None, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+        else:                # None: "not given" (resolve_settings fills in the default)
+            parser.add_argument(flag, type=kind, default=None,
+                                help=help_text + ("" if default is None else f" (default {default})"))
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -124,6 +139,8 @@ def resolve_settings(overrides):
     if settings["out"] is None:
         settings["out"] = os.path.join("runs", settings["model"])
     if settings["data"] is not None:
+        if not str(settings["data"]).strip():
+            raise ValueError("--data is empty; give a path, or leave it out to download CIFAR-10.")
         settings["data"] = os.path.abspath(settings["data"])
     _validate(settings)
     return settings
@@ -135,8 +152,9 @@ def _validate(s):
         (s["batch_size"] >= 1, f"--batch-size must be at least 1, got {s['batch_size']}."),
         (s["optimizer"] in ("sgd", "adam", "adamw"),
          f"--optimizer must be sgd, adam or adamw, got {s['optimizer']!r}."),
-        (s["lr"] > 0, f"--lr must be positive, got {s['lr']}."),
-        (s["weight_decay"] >= 0, f"--weight-decay must be >= 0, got {s['weight_decay']}."),
+        (0 < s["lr"] < math.inf, f"--lr must be a positive number, got {s['lr']}."),
+        (0 <= s["weight_decay"] < math.inf,
+         f"--weight-decay must be a number >= 0, got {s['weight_decay']}."),
         (s["schedule"] in ("none", "step", "cosine", "onecycle", "plateau"),
          f"--schedule must be none, step, cosine, onecycle or plateau, got {s['schedule']!r}."),
         (0 <= s["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1), got {s['label_smoothing']}."),
@@ -198,6 +216,9 @@ def prepare_data(settings):
         x, y = x[train_idx], y[train_idx]
     else:                       # validate on the test split, as the Keras tutorial does
         x_val, y_val = ds.x_test, ds.y_test
+    if val_split > 0 and len(x_val) == 0:
+        raise DataError(f"--val-split {val_split} of {len(y):,} images leaves no class an image "
+                        f"to validate on; give more images or a larger --val-split.")
     if x_val is None or len(x_val) == 0:
         raise DataError("There is no data to validate on; give --val-split > 0.")
     if settings["batch_size"] > len(x):
@@ -277,20 +298,31 @@ class _StopSignal:
 # ---- the run ---------------------------------------------------------------------------------
 def fit(**overrides):
     """Train as `python -m minicnn.train` would with these settings; returns a dict with
-    "history", "report", "out" and "status" ("finished", "early-stopped" or "interrupted")."""
-    s = resolve_settings(overrides)
-    xp = get_backend(s["backend"])
+    "history", "report", "out" and "status" ("finished", "early-stopped" or "interrupted").
+
+    resume=True continues --out's last.npz with the settings that run was started with; the
+    settings given here must agree with them (or force=True)."""
+    given = {k: v for k, v in overrides.items() if v is not None and k != "debug"}
+    s = resolve_settings(given)
     out = Path(s["out"])
     last_path = out / "last.npz"
-    if s["resume"] and not last_path.exists():
-        raise CheckpointError(f"There is no checkpoint to resume from: {last_path} does not exist.")
+    if s["resume"]:
+        if not last_path.exists():
+            raise CheckpointError(f"There is no checkpoint to resume from: {last_path} does "
+                                  f"not exist.")
+        model, info, buffers = load_checkpoint(last_path)
+        saved = {k: v for k, v in info["settings"].items()
+                 if k in HYPERPARAMETERS and k not in ("resume", "force", "out")}
+        _check_model(saved, given, last_path)
+        s = resolve_settings({**saved, **given})       # what is not given: the run's own
+    xp = get_backend(s["backend"])
+    _check_out(out, s)
     d = prepare_data(s)
     steps_per_epoch = -(-len(d["x_train"]) // s["batch_size"])
     seed = s["seed"]
     rng_order, rng_augment = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
     if s["resume"]:
-        model, info, buffers = load_checkpoint(last_path)
-        _check_resume(info["settings"], s, last_path)
+        _check_resume(info, s, d["classes"], last_path)
         model.to(s["backend"])
         optimizer = make_optimizer(s, model)
         optimizer.load_state_dict({"lr": info["optimizer"]["lr"], "steps": info["optimizer"]["steps"],
@@ -308,17 +340,18 @@ def fit(**overrides):
                              augment=rng_augment.bit_generator.state))
     schedule, schedule_unit = make_schedule(s, optimizer, steps_per_epoch)
     if s["resume"]:
-        if schedule is not None:
-            schedule.load_state_dict(info["schedule"])
-        optimizer.lr = info["optimizer"]["lr"]
+        _restore_lr(s, info, optimizer, schedule, schedule_unit, steps_per_epoch)
         rng_order.bit_generator.state = info["rng"]["order"]
         rng_augment.bit_generator.state = info["rng"]["augment"]
         for layer, state in zip(_dropout_layers(model), info["rng"]["dropout"]):
             layer.rng.bit_generator.state = state
         print(f"Resuming {last_path} at epoch {info['epoch'] + 1}, step {info['step']}.")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp"):        # left by a run killed while writing a file
-        stale.unlink()
+    for path in out.iterdir():
+        if s["force"] and not s["resume"] and path.name in RUN_FILES:   # the old run's files
+            path.unlink()
+        elif _is_temporary(path.name):     # left by a run killed while writing a file
+            path.unlink()
     _write_json(out / "settings.json", {"settings": s, "code_version": code_version(),
                                         "classes": d["classes"], "train_images": len(d["x_train"]),
                                         "val_images": len(d["x_val"])})
@@ -333,6 +366,9 @@ def fit(**overrides):
     if status == "interrupted":
         return {"status": status, "history": info["history"], "out": str(out),
                 "signal": stop.signum}
+    # Again, for a run killed between its last checkpoint and these files, then resumed.
+    _write_history(out, info["history"])
+    plot_curves(info["history"], out / "curves.png")
     report = final_report(loop)
     return {"status": status, "history": info["history"], "report": report, "out": str(out)}
 
@@ -361,12 +397,7 @@ def _train(loop, stop):
             loss, dlogits = loss_fn(logits, yb_dev)
             if not math.isfinite(loss):
                 bar.close()
-                last = loop["out"] / "last.npz"
-                kept = (f"the last good checkpoint is {last}" if last.exists()
-                        else "no checkpoint had been written yet")
-                raise TrainingStopped(
-                    f"The loss became {loss} at epoch {epoch}, step {i + 1}; training stopped and "
-                    f"{kept}. Try a lower learning rate than --lr {s['lr']}.")
+                raise TrainingStopped(_diverged(loop, xb, yb_dev, loss_fn, loss, epoch, i + 1))
             model.backward(dlogits, input_grad=False)
             loop["optimizer"].step()
             if loop["schedule_unit"] == "batch":
@@ -394,6 +425,27 @@ def _train(loop, stop):
         if status:
             return status
     return "finished"
+
+
+def _diverged(loop, xb, yb, loss_fn, loss, epoch, step):
+    """The sentence for a loss that became nan or inf at (epoch, step): it says whether the
+    last checkpoint is one to go on from, i.e. still gives a finite loss on this batch (a
+    checkpoint written a step before the blow-up may already hold overflowing weights)."""
+    s, last = loop["s"], loop["out"] / "last.npz"
+    head = f"The loss became {loss} at epoch {epoch}, step {step}; training stopped"
+    lower = f"a lower learning rate than --lr {s['lr']}"
+    if not last.exists():
+        return f"{head} before any checkpoint was written. Start again with {lower}."
+    model, info, _ = load_checkpoint(last)
+    model.to(s["backend"])
+    finite = math.isfinite(loss_fn(model.forward(xb, training=True), yb)[0])
+    when = (f"after epoch {info['epoch']}" if info["step"] == 0
+            else f"at epoch {info['epoch'] + 1}, step {info['step']}")
+    if finite:
+        return (f"{head}. The last checkpoint, {last} (saved {when}), still gives a finite loss "
+                f"on this batch: continue from it with --resume --force and {lower}.")
+    return (f"{head}. The last checkpoint, {last} (saved {when}), diverges on this batch too: "
+            f"start again with --force and {lower}.")
 
 
 def _end_of_epoch(loop, seconds):
@@ -448,18 +500,82 @@ def _interrupted(loop, stop):
     name = signal.Signals(stop.signum).name
     info = loop["info"]
     print(f"\n{name} received: saved {loop['out'] / 'last.npz'} at epoch {info['epoch'] + 1}, "
-          f"step {info['step']}. Resume with: python -m minicnn.train --resume --out {loop['out']} "
-          f"(and the same settings).", file=sys.stderr)
+          f"step {info['step']}. Resume with: python -m minicnn.train --resume --out {loop['out']}",
+          file=sys.stderr)
     return "interrupted"
 
 
-def _check_resume(saved, settings, path):
+def _check_out(out, s):
+    """Refuse an --out that cannot hold the run's files, or (without --resume or --force) that
+    holds another run's: running the same command twice must not replace a finished run."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory.")
+    for name in RUN_FILES:
+        if (out / name).is_dir():
+            raise DataError(f"{out / name} is a directory; the run writes a file there: "
+                            f"choose another --out.")
+    held = [name for name in ("last.npz", "settings.json", "history.json") if (out / name).exists()]
+    if held and not s["resume"] and not s["force"]:
+        raise CheckpointError(f"{out} already holds a run ({', '.join(held)}): continue it with "
+                              f"--resume, choose another --out, or add --force to start over "
+                              f"(its files are replaced).")
+
+
+def _is_temporary(name):
+    """Whether name is an atomic write's temporary file for one of RUN_FILES."""
+    stem, _, suffix = name.rpartition(".")
+    base, _, token = stem.rpartition(".")
+    return (suffix == "tmp" and base in RUN_FILES and len(token) == 8
+            and all(ch in "0123456789abcdef" for ch in token))
+
+
+def _restore_lr(s, info, optimizer, schedule, unit, steps_per_epoch):
+    """Set the lr (and the schedule's position) of a resumed run.
+
+    With the run's own settings this restores the saved state exactly. With --force and
+    another --lr, the run goes on at the rate it had, scaled by new / old (the schedule's base
+    becomes the new --lr); with another --schedule, the new schedule starts where the run is.
+    """
+    saved = info["settings"]
+    same_schedule = saved["schedule"] == s["schedule"]
+    lr = info["optimizer"]["lr"] * (s["lr"] / saved["lr"])
+    if schedule is None:
+        optimizer.lr = lr if same_schedule else s["lr"]
+    elif unit == "metric":                                   # plateau: the lr is the state
+        if same_schedule:
+            schedule.load_state_dict(info["schedule"])
+        optimizer.lr = lr if same_schedule else s["lr"]
+    else:
+        done = info["epoch"] if unit == "epoch" else info["epoch"] * steps_per_epoch + info["step"]
+        state = info["schedule"] if same_schedule else {"last_step": done}
+        schedule.load_state_dict(dict(state, base_lr=s["lr"]))   # sets optimizer.lr
+
+
+def _check_model(saved, given, path):
+    """A run goes on with its own model, --force or not."""
+    if "model" in given and given["model"] != saved.get("model"):
+        raise CheckpointError(f"{path} holds a {saved.get('model')} run, not {given['model']}: "
+                              f"resume it without --model, or give another --out for a new run.")
+
+
+def _check_resume(info, settings, classes, path):
+    saved = info["settings"]
+    if list(info.get("classes", [])) != list(classes):
+        raise CheckpointError(f"{path} was trained on {_names(info.get('classes', []))}, but "
+                              f"{settings['data'] or 'CIFAR-10'} has {_names(classes)}: resume "
+                              f"with the run's data.")
     differ = [k for k in settings if k not in RESUME_FREE and saved.get(k) != settings[k]]
     if differ and not settings["force"]:
         detail = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {settings[k]!r}"
                            for k in differ)
         raise CheckpointError(f"{path} was trained with other settings ({detail}); run with the "
                               f"same settings, or add --force to continue anyway.")
+
+
+def _names(classes, shown=4):
+    """"3 classes (circle, cross, stripes)", the first few names of a long list."""
+    names = ", ".join(list(classes)[:shown]) + (", ..." if len(classes) > shown else "")
+    return f"{len(classes)} classes ({names})"
 
 
 # ---- output ----------------------------------------------------------------------------------

@@ -111,3 +111,15 @@ def test_gpu_columns_on_a_gpu(capsys):
     assert model["gpu_check"] == "ok" and model["gpu_train_img_s"] > 0
     bench.print_report(result)
     assert "GPU:" in capsys.readouterr().out
+
+
+def test_bench_kernels_exits_0_when_every_check_passes(capsys):
+    """bench kernels without a GPU: the CPU rows only; its report is not the exit status."""
+    assert bench.main(["kernels", "--tiny", "--quick", "--batches", "1"]) == 0
+    assert "CPU" in capsys.readouterr().out
+
+
+def test_quick_keeps_a_batch_given_with_it(capsys):
+    assert bench.main(["--json", "--quick", "--batch", "4", "--no-layers", "--no-torch",
+                       "--models", "keras-tutorial"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"] == 4

@@ -507,3 +507,32 @@ def test_real_cifar10_jpeg_folder_loads_and_caches(cifar_jpeg_folder):
     again = data.load_dataset(cifar_jpeg_folder)
     assert time.perf_counter() - start < 10
     np.testing.assert_array_equal(again.x_train, dataset.x_train)
+
+
+def test_an_unwritable_cache_only_costs_a_warning(tmp_path, monkeypatch):
+    root = tmp_path / "pets"
+    save_image(root / "dog" / "a.png", "RGB", (32, 32), (10, 20, 30))
+    save_image(root / "cat" / "b.png", "RGB", (32, 32), (1, 2, 3))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(data.tempfile, "mkstemp", read_only)
+    with pytest.warns(UserWarning, match="Cannot cache the decoded images .*Permission denied"):
+        dataset = data.load_image_folder(root)
+    assert dataset.classes == ["cat", "dog"] and len(dataset.x_train) == 2
+
+
+def test_a_channel_that_never_changes_gets_a_spread_of_one_grey_level():
+    x = np.zeros((4, 3, 8, 8), dtype=np.uint8)
+    x[:, 0] = np.arange(64, dtype=np.uint8).reshape(8, 8)          # red varies, green and blue not
+    mean, std = data.channel_stats(x)
+    assert std[0] > 0.05 and std[1] == std[2] == np.float32(1 / 255)
+    assert np.isfinite(data.normalize(x, mean, std)).all()
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)            # warns above, errors at 2x
+    for side in (12, 40):
+        save_image(tmp_path / f"{side}.png", "RGB", (side, side), (1, 2, 3))
+        with pytest.raises(DataError, match="has more than 100 pixels"):
+            data.decode_image(tmp_path / f"{side}.png")

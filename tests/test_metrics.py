@@ -114,6 +114,16 @@ def test_classification_report_values_and_json():
          "support": 9})
 
 
+def test_macro_average_leaves_out_classes_neither_present_nor_predicted():
+    # three of five classes occur; class 3 is predicted once but absent, class 4 neither
+    y_true, y_pred = np.array([0, 0, 1, 2, 2]), np.array([0, 3, 1, 2, 2])
+    report = classification_report(one_hot_logits(y_pred, 5), y_true, list("abcde"))
+    assert report["per_class"]["e"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    precision, recall = [1.0, 1.0, 1.0, 0.0], [0.5, 1.0, 1.0, 0.0]    # classes a, b, c, d
+    assert report["macro_avg"]["precision"] == pytest.approx(np.mean(precision))
+    assert report["macro_avg"]["recall"] == pytest.approx(np.mean(recall))
+
+
 def test_classification_report_top5_on_many_classes():
     labels = np.arange(10)
     logits = np.tile(-np.arange(10.0), (10, 1))            # every row ranks 0, 1, ..., 9

@@ -2,6 +2,7 @@
 schedule (ReLU after MaxPool) changes no output and no gradient."""
 import contextlib
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -181,3 +182,21 @@ def test_relu_maxpool_schedule_changes_no_output_and_no_gradient():
     want = [y_listed, dx_listed] + [g.copy() for g in model.grads.values()]
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_workers_follow_the_callers_floating_point_error_settings():
+    """np.errstate is per thread: an overflow in a worker obeys the caller's settings."""
+    x = np.ones(1 << 16, dtype=np.float32)
+    x[len(x) // 2:] = 3e38                       # only the second range (a worker's) overflows
+    out = np.empty_like(x)
+
+    def work(lo, hi):
+        np.multiply(x[lo:hi], 10, out=out[lo:hi])
+    with workers(2):
+        with np.errstate(over="raise"):
+            with pytest.raises(FloatingPointError):
+                parallel.map(work, len(x))
+        with np.errstate(over="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("error")       # a RuntimeWarning would fail the worker
+            parallel.map(work, len(x))
+    assert np.isinf(out[len(x) // 2:]).all()

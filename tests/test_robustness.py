@@ -263,3 +263,21 @@ def test_an_os_error_is_one_sentence_too(tmp_path, capsys, monkeypatch):
     assert train.main(["--data", str(folder), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: cannot use {folder}: Permission denied.\n"
+
+
+def test_a_failed_write_names_the_file_asked_for_not_its_temporary(tmp_path):
+    target = tmp_path / "missing-dir" / "last.npz"
+    with pytest.raises(OSError) as info:
+        atomic_write(target, lambda f: f.write(b"x"))
+    assert info.value.filename == str(target) and ".tmp" not in str(info.value)
+
+
+def test_a_warning_is_one_line_on_the_command_line(capsys):
+    import warnings
+    from minicnn.cli import run
+
+    def main(argv):
+        warnings.warn("Skipped 2 unreadable files under x.")
+        return 0
+    assert run(main, []) == 0
+    assert capsys.readouterr().err == "warning: Skipped 2 unreadable files under x.\n"

@@ -14,6 +14,7 @@ from PIL import Image
 import minicnn
 from _data_helpers import SHAPES as CLASSES, make_folder, shape_image as _image
 from minicnn import evaluate, predict, train
+from minicnn.checkpoint import load_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
@@ -212,3 +213,158 @@ def test_brief_training_on_a_slice_of_real_cifar10(tmp_path, monkeypatch):
                        val_split=0.2, seed=0)
     assert len(result["history"]["val_acc"]) == 4
     assert result["history"]["val_acc"][-1] > 0.3
+
+
+# ---- resume, re-runs and divergence ----------------------------------------------------------
+def test_a_twice_resumed_run_ends_as_the_uninterrupted_one(folder, tmp_path, monkeypatch):
+    """Each resume writes the live optimiser state (lr, step count) into later checkpoints, not
+    the state it read from the checkpoint it started from."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = dict(data=str(folder), batch_size=16, val_split=0.25, epochs=3, schedule="cosine",
+                  optimizer="adam", lr=0.01)
+    train.fit(out=str(whole), **common)
+    for _ in range(2):                                # stop after epoch 1, then after epoch 2
+        _sigterm_after(1, monkeypatch, train, "_end_of_epoch")
+        assert train.fit(out=str(split), resume=(split / "last.npz").exists(),
+                         **common)["status"] == "interrupted"
+        monkeypatch.undo()
+    train.fit(out=str(split), resume=True, **common)
+    (a, info_a, _), (b, info_b, _) = (load_checkpoint(d / "last.npz") for d in (whole, split))
+    assert info_b["optimizer"] == info_a["optimizer"] and info_b["optimizer"]["steps"] == 3 * 4
+    for name, value in a.params.items():
+        np.testing.assert_array_equal(value, b.params[name])
+
+
+def test_resume_takes_the_runs_own_settings(folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _sigterm_after(1, monkeypatch, train, "_end_of_epoch")
+    assert train.main(_train_args(folder, out, "--lr", "0.002", "--optimizer", "sgd")) == 143
+    monkeypatch.undo()
+    assert train.main(["--resume", "--out", str(out)]) == 0     # no --data, --lr, --batch-size
+    settings = json.loads((out / "settings.json").read_text())["settings"]
+    assert (settings["lr"], settings["batch_size"], settings["data"]) == (0.002, 16, str(folder))
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2]
+
+
+def test_resume_with_force_and_another_lr_goes_on_at_that_lr(folder, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--epochs", "1", "--schedule", "none")) == 0
+    assert train.main(["--out", str(out), "--resume", "--force", "--epochs", "2",
+                       "--lr", "0.01"]) == 0
+    assert json.loads((out / "history.json").read_text())["lr"] == [0.001, 0.01]
+
+
+def test_resume_with_force_scales_the_schedule_by_the_new_lr(folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _sigterm_after(1, monkeypatch, train, "_end_of_epoch")
+    train.main(_train_args(folder, out, "--epochs", "3", "--schedule", "cosine"))
+    monkeypatch.undo()
+    assert train.main(["--out", str(out), "--resume", "--force", "--lr", "0.01"]) == 0
+    lrs = json.loads((out / "history.json").read_text())["lr"]
+    assert lrs[0] == 0.001 and lrs[1:] == pytest.approx([0.01 * 0.75, 0.01 * 0.25])
+
+
+def test_resume_refuses_another_model_or_other_classes(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert train.main(["--out", str(out), "--resume", "--force", "--model", "resnet-small"]) == 2
+    assert "holds a keras-tutorial run, not resnet-small" in capsys.readouterr().err
+    other = make_folder(tmp_path / "other", classes=CLASSES[:2])
+    assert train.main(["--out", str(out), "--resume", "--force", "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on 3 classes" in err and f"has 2 classes ({', '.join(CLASSES[:2])})" in err
+
+
+def test_a_new_run_refuses_an_out_that_holds_a_run_unless_forced(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--epochs", "1")) == 0
+    first = (out / "last.npz").read_bytes()
+    capsys.readouterr()
+    assert train.main(_train_args(folder, out, "--epochs", "1", "--lr", "0.01")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "last.npz").read_bytes() == first
+    # the user's own .tmp files stay; a killed write's temporary file goes
+    for name in ("notes.tmp", "a.b.tmp", "history.json.0123abcd.tmp"):
+        (out / name).write_text("x")
+    assert train.main(_train_args(folder, out, "--epochs", "1", "--lr", "0.01", "--force")) == 0
+    assert (out / "notes.tmp").exists() and (out / "a.b.tmp").exists()
+    assert not (out / "history.json.0123abcd.tmp").exists()
+    assert json.loads((out / "history.json").read_text())["lr"] == [0.01]
+
+
+def test_resuming_a_finished_run_rewrites_its_history(folder, tmp_path):
+    """A run killed after its last checkpoint but before history.json was rewritten."""
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out)) == 0
+    history = json.loads((out / "history.json").read_text())
+    (out / "history.json").write_text(json.dumps({k: v[:1] for k, v in history.items()}))
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "history.json").read_text()) == history
+    assert len((out / "history.csv").read_text().splitlines()) == 3
+
+
+def test_divergence_names_the_checkpoint_to_go_on_from(folder, tmp_path, capsys):
+    args = _train_args(folder, tmp_path / "run", "--optimizer", "sgd", "--lr", "1e4",
+                       "--checkpoint-every", "1")
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "The loss became" in err and "The last checkpoint" in err and err.count("\n") == 1
+    assert "still gives a finite loss" in err or "diverges on this batch too" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "inf"], "--lr must be a positive number, got inf."),
+    (["--weight-decay", "inf"], "--weight-decay must be a number >= 0, got inf."),
+    (["--data", ""], "--data is empty"),
+    (["--val-split", "0.01"], "--val-split 0.01 of 72 images leaves no class an image"),
+])
+def test_more_bad_settings_are_one_sentence(folder, tmp_path, capsys, args, message):
+    assert train.main(_train_args(folder, tmp_path / "run", *args)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_predict_and_evaluate_refuse_a_checkpoint_whose_outputs_are_not_finite(folder, tmp_path,
+                                                                              capsys):
+    from minicnn.serialization import read_archive, write_archive
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--epochs", "1")) == 0
+    header, arrays = read_archive(out / "last.npz")
+    first = next(k for k in arrays if k.endswith("weight"))
+    arrays[first] = np.full_like(arrays[first], np.inf)
+    write_archive(out / "broken.npz", header, arrays)
+    image = tmp_path / "a.png"
+    Image.fromarray(_image(CLASSES[0], np.random.default_rng(0))).save(image)
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(out / "broken.npz"), str(image)]) == 2
+    assert "gives non-finite outputs" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(out / "broken.npz"), "--data", str(folder)]) == 2
+    assert "gives non-finite outputs" in capsys.readouterr().err
+
+
+def test_predict_says_which_image_is_missing_or_too_large(folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    checkpoint = ["--checkpoint", str(out / "last.npz")]
+    assert predict.main(checkpoint + [str(tmp_path / "nope.png")]) == 2
+    assert f"Image {tmp_path / 'nope.png'} does not exist." in capsys.readouterr().err
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)     # Pillow warns above, errors at 2x
+    for side in (12, 40):
+        Image.new("RGB", (side, side)).save(tmp_path / f"{side}.png")
+        assert predict.main(checkpoint + [str(tmp_path / f"{side}.png")]) == 2
+        err = capsys.readouterr().err
+        assert "has more than 100 pixels" in err and err.count("\n") == 1
+
+
+def test_predict_runs_long_lists_in_batches(folder, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--epochs", "1")) == 0
+    paths = sorted(str(p) for p in folder.rglob("*.png"))[:7]
+    whole = predict.predict(out / "last.npz", paths)
+    batched = predict.predict(out / "last.npz", paths, batch_size=3)
+    assert [r[0] for r in batched] == paths
+    for (_, _, a), (_, _, b) in zip(whole, batched):
+        assert [name for name, _ in a] == [name for name, _ in b]
+        np.testing.assert_allclose([p for _, p in a], [p for _, p in b], rtol=1e-5)
