@@ -2,12 +2,14 @@
 
 Every layer has
     forward(x, training=False) -> y      training=True keeps the cache backward needs
-    backward(dy) -> dx                   fills self.grads (same keys and shapes as self.params)
+    backward(dy) -> dx                   fills self.grads (same keys and shapes as self.params),
+                                         overwriting them: gradients are not accumulated
     params, grads                        dicts of live arrays, named "weight" and "bias"
     state                                non-trainable arrays (BatchNorm's running statistics)
 Images are NCHW. Parameters use PyTorch's shapes, so weights can be copied across.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -18,6 +20,7 @@ from minicnn.ops.im2col import to_pair, same_padding
 
 class Layer:
     """Base class: bookkeeping shared by every layer; subclasses add forward and backward."""
+    _out_shape = None          # the last training forward's output shape: what dy must have
 
     def __init__(self):
         self.params = {}
@@ -64,15 +67,26 @@ class Layer:
         self.params[name] = value
         self.grads[name] = xp.zeros_like(value)
 
-    def _keep(self, cache, training):
-        """Keep the cache only in training mode: inference holds on to no activations."""
+    def _keep(self, cache, training, y=None):
+        """Keep the cache only in training mode: inference holds on to no activations.
+        y: the forward's output, whose shape backward's dy must have."""
         self._cache = cache if training else None
+        self._out_shape = tuple(y.shape) if training and y is not None else None
 
-    def _cached(self):
+    def _cached(self, dy=None):
+        """The cache of the last training forward; dy, when given, must have its output's shape."""
+        name = type(self).__name__
         if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() was called before "
+            raise RuntimeError(f"{name}.backward() was called before "
                                f"forward(x, training=True); run a training forward pass first.")
+        if dy is not None and self._out_shape is not None:
+            shape = tuple(getattr(dy, "shape", ()))
+            if shape != self._out_shape:
+                raise ValueError(f"{name}.backward expects dy of shape {self._out_shape} (its "
+                                 f"forward's output), got {shape}.{self._backward_hint}")
         return self._cache
+
+    _backward_hint = ""
 
     def _check_input(self, x, ndim=None, channels=None, dtype=None):
         """Raise ValueError naming the layer and the expected vs received shape or dtype.
@@ -96,6 +110,13 @@ class Layer:
             raise ValueError(f"{name} expects floating-point input, got {x.dtype}.")
 
 
+def _positive_int(value, name):
+    """value as a Python int, or ValueError naming the argument."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return int(value)
+
+
 def _uniform(rng, bound, shape, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
@@ -113,11 +134,16 @@ class Conv2D(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  dtype=np.float32, rng=None):
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = to_pair(kernel_size, "kernel_size")
-        self.stride = to_pair(stride, "stride")
-        if padding not in ("same", "valid"):
-            padding = to_pair(padding, "padding")
+        self.in_channels = _positive_int(in_channels, "Conv2D in_channels")
+        self.out_channels = _positive_int(out_channels, "Conv2D out_channels")
+        self.kernel_size = to_pair(kernel_size, "kernel_size", minimum=1)
+        self.stride = to_pair(stride, "stride", minimum=1)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', "
+                                 f"got {padding!r}.")
+        else:
+            padding = to_pair(padding, "padding", minimum=0)
         self.padding = padding
         self.dtype = np.dtype(dtype)
         kh, kw = self.kernel_size
@@ -148,12 +174,12 @@ class Conv2D(Layer):
         conv_forward, conv_backward = kernels.select(x, "conv2d")
         out, cache = conv_forward(x, self.params["weight"], self.params.get("bias"),
                                   self.stride, pad)
-        self._keep((conv_backward, cache), training)
+        self._keep((conv_backward, cache), training, out)
         return out
 
     def backward(self, dy, input_grad=True):
         """dy (N, F, OH, OW) -> dx; input_grad=False skips dx (None) for a first layer."""
-        conv_backward, cache = self._cached()
+        conv_backward, cache = self._cached(dy)
         dx, dw, db = conv_backward(dy, cache, input_grad)
         self.grads["weight"][...] = dw
         if "bias" in self.grads:
@@ -173,8 +199,8 @@ class _Pool2D(Layer):
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
-        self.kernel_size = to_pair(kernel_size, "kernel_size")
-        self.stride = to_pair(stride if stride is not None else kernel_size, "stride")
+        self.kernel_size = to_pair(kernel_size, "kernel_size", minimum=1)
+        self.stride = to_pair(stride if stride is not None else kernel_size, "stride", minimum=1)
 
     def forward(self, x, training=False):
         self._check_input(x, 4)
@@ -183,11 +209,11 @@ class _Pool2D(Layer):
                              f"input of shape {tuple(x.shape)}.")
         pool_forward, pool_backward = kernels.select(x, self.op)
         out, cache = pool_forward(x, self.kernel_size, self.stride, training)
-        self._keep((pool_backward, cache), training)
+        self._keep((pool_backward, cache), training, out)
         return out
 
     def backward(self, dy):
-        pool_backward, cache = self._cached()
+        pool_backward, cache = self._cached(dy)
         return pool_backward(dy, cache)
 
     def config(self):
@@ -209,7 +235,8 @@ class Dense(Layer):
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = _positive_int(in_features, "Dense in_features")
+        self.out_features = _positive_int(out_features, "Dense out_features")
         self.dtype = np.dtype(dtype)
         rng = _rng(rng)
         bound = 1.0 / math.sqrt(in_features)
@@ -220,12 +247,12 @@ class Dense(Layer):
     def forward(self, x, training=False):
         self._check_input(x, 2, self.in_features, self.dtype)
         y, cache = ops.dense_forward(x, self.params["weight"], self.params.get("bias"))
-        self._keep(cache, training)
+        self._keep(cache, training, y)
         return y
 
     def backward(self, dy, input_grad=True):
         """dy (N, OUT) -> dx; input_grad=False skips dx (None) for a first layer."""
-        dx, dw, db = ops.dense_backward(dy, self._cached(), input_grad)
+        dx, dw, db = ops.dense_backward(dy, self._cached(dy), input_grad)
         self.grads["weight"][...] = dw
         if "bias" in self.grads:
             self.grads["bias"][...] = db
@@ -243,11 +270,12 @@ class Flatten(Layer):
         if not hasattr(x, "ndim") or x.ndim < 2:
             raise ValueError(f"Flatten expects input of shape (N, ...), got "
                              f"{getattr(x, 'shape', type(x).__name__)}.")
-        self._keep(x.shape, training)
-        return x.reshape(x.shape[0], -1)
+        y = x.reshape(x.shape[0], -1)
+        self._keep(x.shape, training, y)
+        return y
 
     def backward(self, dy):
-        return dy.reshape(self._cached())
+        return dy.reshape(self._cached(dy))
 
 
 class ReLU(Layer):
@@ -256,11 +284,14 @@ class ReLU(Layer):
     def forward(self, x, training=False):
         self._check_input(x)
         y, mask = ops.relu_forward(x, training)
-        self._keep(mask, training)
+        self._keep(mask, training, y)
         return y
 
     def backward(self, dy):
-        return ops.relu_backward(dy, self._cached())
+        return ops.relu_backward(dy, self._cached(dy))
+
+    _backward_hint = (" (Stepping backward through a Sequential by hand? Its forward runs a ReLU "
+                      "that precedes a MaxPool2D after it: go in reversed(model.schedule()) order.)")
 
 
 class Softmax(Layer):
@@ -269,11 +300,11 @@ class Softmax(Layer):
     def forward(self, x, training=False):
         self._check_input(x, 2)
         y = ops.softmax(x)
-        self._keep(y, training)
+        self._keep(y, training, y)
         return y
 
     def backward(self, dy):
-        return ops.softmax_backward(dy, self._cached())
+        return ops.softmax_backward(dy, self._cached(dy))
 
 
 class Dropout(Layer):
@@ -295,14 +326,14 @@ class Dropout(Layer):
             self._keep(None, False)
             return x
         if self.p == 0:
-            self._keep(1, True)                    # nothing dropped: a mask of ones
+            self._keep(1, True, x)                 # nothing dropped: a mask of ones
             return x
         y, mask = ops.dropout_forward(x, self.p, self.rng)
-        self._keep(mask, training)
+        self._keep(mask, training, y)
         return y
 
     def backward(self, dy):
-        return ops.dropout_backward(dy, self._cached())
+        return ops.dropout_backward(dy, self._cached(dy))
 
     def config(self):
         return {"p": self.p}
@@ -317,7 +348,8 @@ class _BatchNorm(Layer):
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, dtype=np.float32):
         super().__init__()
-        self.num_features, self.momentum, self.eps = num_features, momentum, eps
+        self.num_features = _positive_int(num_features, f"{type(self).__name__} num_features")
+        self.momentum, self.eps = momentum, eps
         self.dtype = np.dtype(dtype)
         self._add_param("weight", np.ones(num_features, dtype=self.dtype))
         self._add_param("bias", np.zeros(num_features, dtype=self.dtype))
@@ -340,11 +372,11 @@ class _BatchNorm(Layer):
         mom = self.momentum
         self.state["running_mean"][...] = (1 - mom) * self.state["running_mean"] + mom * mean
         self.state["running_var"][...] = (1 - mom) * self.state["running_var"] + mom * var * (m / (m - 1))
-        self._keep(cache, training)
+        self._keep(cache, training, y)
         return y
 
     def backward(self, dy):
-        dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._cached())
+        dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._cached(dy))
         self.grads["weight"][...] = dgamma
         self.grads["bias"][...] = dbeta
         return dx
@@ -425,11 +457,12 @@ class Residual(Container):
         if y.shape != s.shape:
             raise ValueError(f"Residual body output {tuple(y.shape)} does not match the shortcut "
                              f"{tuple(s.shape)}; give the block a projection shortcut.")
-        self._keep(True, training)
-        return y + s
+        out = y + s
+        self._keep(True, training, out)
+        return out
 
     def backward(self, dy):
-        self._cached()
+        self._cached(dy)
         dx = self.body.backward(dy)
         return dx + (dy if self.shortcut is None else self.shortcut.backward(dy))
 
@@ -454,16 +487,24 @@ def _registry():
 
 
 def layer_config(layer):
-    """{"type": class name, **constructor arguments}, nested for containers."""
-    return {"type": type(layer).__name__, **layer.config()}
+    """{"type": class name, **constructor arguments}, nested for containers.
+
+    Only minicnn's own layer classes: a file must say how to rebuild every layer it holds."""
+    name = type(layer).__name__
+    if _registry().get(name) is not type(layer):
+        raise ValueError(f"{name} is not one of minicnn's layers ({', '.join(_registry())}), so "
+                         f"a model holding it cannot be saved and rebuilt; save its params "
+                         f"with numpy.savez instead.")
+    return {"type": name, **layer.config()}
 
 
 def layer_from_config(config):
     """Rebuild a layer (fresh parameters) from layer_config's output."""
     config = dict(config)
-    cls = _registry().get(config.pop("type", None))
+    name = config.pop("type", None)
+    cls = _registry().get(name)
     if cls is None:
-        raise ValueError(f"unknown layer type in config: {config!r}")
+        raise ValueError(f"unknown layer type {name!r} in config")
     if cls is Residual:
         config["body"] = layer_from_config(config["body"])
         if config.get("shortcut") is not None:

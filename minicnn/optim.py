@@ -12,8 +12,11 @@ from minicnn.backend import array_module
 
 class Optimizer:
     def __init__(self, model, lr):
-        if lr < 0:
-            raise ValueError(f"learning rate must be >= 0, got {lr}.")
+        if not (hasattr(model, "params") and hasattr(model, "grads")):
+            raise TypeError(f"{type(self).__name__} takes the model (a layer or Sequential), whose "
+                            f"params and grads it reads, got {type(model).__name__}.")
+        if not 0 <= lr < math.inf:
+            raise ValueError(f"learning rate must be a number >= 0, got {lr}.")
         self.model = model
         self.lr = lr
         self.steps = 0               # number of step() calls (Adam's t)
@@ -47,6 +50,9 @@ class SGD(Optimizer):
 
     def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(model, lr)
+        if not 0 <= momentum < math.inf or not 0 <= weight_decay < math.inf:
+            raise ValueError(f"momentum and weight_decay must be numbers >= 0, got {momentum} "
+                             f"and {weight_decay}.")
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs momentum > 0.")
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
@@ -151,10 +157,11 @@ class CosineAnnealingLR(LRSchedule):
 
 
 class OneCycleLR(LRSchedule):
-    """Linear warm-up from max_lr/div_factor to max_lr over pct_start of total_steps, then an
-    anneal ("cos" or "linear") down to max_lr/(div_factor*final_div_factor): PyTorch's OneCycleLR
-    (two phases), stepped once per batch. With anneal="linear" this is the linear warm-up/decay
-    ("triangle") schedule of fast CIFAR-10 training.
+    """A warm-up from max_lr/div_factor to max_lr over pct_start of total_steps, then a decay
+    down to max_lr/(div_factor*final_div_factor), both shaped by anneal ("cos": half-cosine
+    ramps, "linear": straight lines): PyTorch's OneCycleLR (two phases, anneal_strategy),
+    stepped once per batch. With anneal="linear" this is the linear warm-up/decay ("triangle")
+    schedule of fast CIFAR-10 training.
     """
 
     def __init__(self, optimizer, max_lr, total_steps, pct_start=0.3, anneal="cos",

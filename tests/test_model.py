@@ -157,6 +157,72 @@ def test_backward_before_forward_is_a_clear_error(layer):
         layer.backward(np.zeros((1, 1, 2, 2), np.float32))
 
 
+@pytest.mark.parametrize("layer,x", [
+    (Conv2D(3, 4, 3), np.zeros((4, 3, 8, 8), np.float32)),
+    (MaxPool2D(2), np.zeros((2, 3, 8, 8), np.float32)),
+    (MaxPool2D(3, 2), np.zeros((2, 3, 9, 9), np.float32)),
+    (Dense(5, 2), np.zeros((3, 5), np.float32)),
+    (ReLU(), np.zeros((2, 3, 4, 4), np.float32)),
+    (Flatten(), np.zeros((2, 3, 4, 4), np.float32)),
+    (BatchNorm2D(3), np.ones((2, 3, 4, 4), np.float32)),
+    (Softmax(), np.zeros((2, 3), np.float32)),
+    (Residual([ReLU()]), np.zeros((2, 3), np.float32)),
+])
+def test_backward_with_a_dy_of_the_wrong_shape_names_both_shapes(layer, x):
+    y = layer.forward(x, training=True)
+    wrong = np.zeros((y.shape[0] + 1,) + y.shape[1:], np.float32)
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__}.backward expects dy of shape "
+                                         rf"\({y.shape[0]}, .*got \({y.shape[0] + 1}, "):
+        layer.backward(wrong)
+
+
+def test_stepping_backward_by_hand_in_list_order_says_to_follow_the_schedule():
+    model = minicnn.Sequential([Conv2D(1, 2, 3), ReLU(), MaxPool2D(2)])
+    y = model.forward(np.ones((1, 1, 6, 6), np.float32), training=True)
+    dy = np.ones_like(y)
+    with pytest.raises(ValueError, match=r"reversed\(model.schedule\(\)\)"):
+        for layer in reversed(list(model)):
+            dy = layer.backward(dy)
+    dy = np.ones_like(y)
+    for i in reversed(model.schedule()):
+        dy = model[i].backward(dy)
+    np.testing.assert_array_equal(dy, model.backward(np.ones_like(y)))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: Conv2D(3, 4, 3, stride=0), "stride must be at least 1"),
+    (lambda: Conv2D(3, 4, 3, padding=-1), "padding must be at least 0"),
+    (lambda: Conv2D(3, 4, 0), "kernel_size must be at least 1"),
+    (lambda: Conv2D(0, 4, 3), "Conv2D in_channels must be a positive int, got 0"),
+    (lambda: Conv2D(3, 4, 3, padding="SAME"), "'same' or 'valid', got 'SAME'"),
+    (lambda: MaxPool2D(2, 0), "stride must be at least 1"),
+    (lambda: MaxPool2D(0), "kernel_size must be at least 1"),
+    (lambda: Dense(0, 2), "Dense in_features must be a positive int"),
+    (lambda: BatchNorm2D(2.5), "BatchNorm2D num_features must be a positive int"),
+    (lambda: optim.SGD(Dense(2, 2), 0.1, momentum=-1), "momentum and weight_decay must be"),
+    (lambda: optim.SGD(Dense(2, 2), float("inf")), "learning rate must be a number >= 0"),
+])
+def test_bad_constructor_arguments_are_one_clear_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_numpy_ints_are_ints_and_an_optimizer_wants_the_model():
+    layer = Conv2D(np.int64(3), 4, np.int64(3), stride=np.int32(1))
+    assert layer.kernel_size == (3, 3) and type(layer.kernel_size[0]) is int
+    with pytest.raises(TypeError, match="Adam takes the model .* got dict"):
+        optim.Adam(layer.params)
+
+
+def test_a_model_with_a_layer_of_ones_own_is_refused_at_save_time(tmp_path):
+    class Scale(ReLU):
+        pass
+    model = minicnn.Sequential([Flatten(), Scale(), Dense(4, 2)])
+    with pytest.raises(ValueError, match="Scale is not one of minicnn's layers"):
+        model.save(tmp_path / "custom.npz")
+    assert not (tmp_path / "custom.npz").exists()
+
+
 def test_inference_forward_keeps_no_cache():
     layer = Conv2D(1, 1, 1)
     layer.forward(np.zeros((1, 1, 2, 2), np.float32), training=True)

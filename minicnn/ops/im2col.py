@@ -14,17 +14,23 @@ the channels-last twins at the bottom of this file, which measured faster on the
     x    (N, H, W, C)                      NHWC memory
     cols (N*OH*OW, KH*KW*C)                row (n*OH + oh)*OW + ow, column (kh*KW + kw)*C + c
 """
+import numbers
+
 from minicnn.backend import array_module
 
 
-def to_pair(value, name):
-    """An int or a pair of ints -> a pair of ints (height, width)."""
+def to_pair(value, name, minimum=None):
+    """An int or a pair of ints (NumPy ints too) -> a pair of Python ints (height, width), each
+    at least minimum when one is given."""
     if isinstance(value, (tuple, list)) and len(value) == 2:
         pair = tuple(value)
     else:
         pair = (value, value)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
+    pair = tuple(int(v) for v in pair)
+    if minimum is not None and min(pair) < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}.")
     return pair
 
 
