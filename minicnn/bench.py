@@ -395,7 +395,7 @@ def main(argv=None):
         result = run(args.models, args.batch, args.repeats, not args.no_layers, not args.no_torch,
                      backends)
     except BackendError as e:
-        print(f"minicnn.bench: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=1))

@@ -23,7 +23,10 @@ class SoftmaxCrossEntropy:
             raise ValueError(f"SoftmaxCrossEntropy expects integer labels of shape "
                              f"({logits.shape[0]},), got {getattr(labels, 'shape', labels)!r} "
                              f"of {getattr(labels, 'dtype', type(labels).__name__)}.")
-        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        if logits.shape[0] == 0:
+            raise ValueError("SoftmaxCrossEntropy got an empty batch (N = 0); its mean loss is "
+                             "undefined.")
+        if (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
             raise ValueError(f"SoftmaxCrossEntropy labels must lie in [0, {logits.shape[1]}), got "
                              f"values from {int(labels.min())} to {int(labels.max())}.")
         return ops.softmax_cross_entropy(logits, labels, self.label_smoothing)

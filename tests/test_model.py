@@ -237,6 +237,8 @@ def test_loss_rejects_bad_labels():
         loss(np.zeros((2, 3)), np.array([0, 3]))
     with pytest.raises(ValueError, match="integer labels"):
         loss(np.zeros((2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="empty batch"):
+        loss(np.zeros((0, 3)), np.zeros(0, np.int64))
 
 
 @pytest.mark.parametrize("build,shape,first_layer_skips", [
