@@ -514,7 +514,8 @@ def _check_out(out, s):
         if (out / name).is_dir():
             raise DataError(f"{out / name} is a directory; the run writes a file there: "
                             f"choose another --out.")
-    held = [name for name in ("last.npz", "settings.json", "history.json") if (out / name).exists()]
+    # settings.json alone is a run that stopped before its first checkpoint: nothing to keep
+    held = [name for name in ("last.npz", "best.npz", "history.json") if (out / name).exists()]
     if held and not s["resume"] and not s["force"]:
         raise CheckpointError(f"{out} already holds a run ({', '.join(held)}): continue it with "
                               f"--resume, choose another --out, or add --force to start over "

@@ -188,7 +188,10 @@ def test_nan_loss_stops_with_a_suggestion(folder, tmp_path, capsys):
     args = _train_args(folder, tmp_path / "run", "--optimizer", "sgd", "--lr", "1e12")
     assert train.main(args) == 2
     err = capsys.readouterr().err
-    assert "The loss became" in err and "lower learning rate" in err
+    assert "The loss became" in err and "before any checkpoint was written" in err
+    assert "lower learning rate" in err
+    # as it says: start again (no --force needed, there was no checkpoint to keep)
+    assert train.main(_train_args(folder, tmp_path / "run", "--epochs", "1")) == 0
 
 
 def test_cli_runs_as_a_module(folder, tmp_path):
