@@ -59,6 +59,14 @@ def _set_tf32(torch, on):
     torch.backends.cudnn.benchmark = True
 
 
+def _on_gpu(cupy, a):
+    """a copied to the GPU in a's memory order (cupy.asarray would make a channels-last NCHW
+    view C-contiguous, so the GPU rows would time another layout than the CPU rows)."""
+    order = sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis]))   # outermost first
+    dense = cupy.asarray(np.ascontiguousarray(a.transpose(order)))
+    return dense.transpose([order.index(axis) for axis in range(a.ndim)])
+
+
 def layer_columns(row, layer, x, dy, gpu, repeats, torch_twin):
     """Add gpu_* and cudnn_* keys to a CPU layer row; x, dy: the CPU row's NumPy input and
     output gradient; torch_twin(layer, torch) builds the PyTorch module with the same weights."""
@@ -66,7 +74,7 @@ def layer_columns(row, layer, x, dy, gpu, repeats, torch_twin):
     y_cpu = layer.forward(x, training=True)
     dx_cpu = layer.backward(dy)
     g = copy.deepcopy(layer).to("cupy")
-    gx, gdy = cupy.asarray(x), cupy.asarray(dy)
+    gx, gdy = _on_gpu(cupy, x), _on_gpu(cupy, dy)
     row["gpu_check"] = check(g.forward(gx, training=True), y_cpu)
     if row["gpu_check"] == "ok":
         row["gpu_check"] = check(g.backward(gdy), dx_cpu)

@@ -186,14 +186,19 @@ def run_shape(n, c, f, hw, settings, rows, gpu):
     rows.extend(shape_rows)
     print_rows(shape_rows, settings)
     if gpu:
-        run_memory_bound(gx, gb, settings, rows, gpu["cupy"], shape)
+        run_memory_bound(gx, settings, rows, gpu["cupy"], shape)
 
 
-def run_memory_bound(x, b, settings, rows, cupy, shape):
-    """im2col, col2im, max-pool and bias+ReLU: raw kernel vs minicnn.ops on CuPy, in GB/s."""
+def run_memory_bound(x, settings, rows, xp, shape):
+    """im2col, col2im, max-pool and bias+ReLU: raw kernel vs minicnn.ops on CuPy, in GB/s.
+
+    x (N, C, H, W) on the device of xp (the tests run it on NumPy arrays through the CUDA
+    emulation); the bias has C entries, as for a layer whose output x is."""
     n, c, h, w = x.shape
+    b = xp.asarray(np.random.default_rng(1).standard_normal(c).astype(np.float32))
     cols = ops.im2col(x, KERNEL, STRIDE, PADDING)
     pool_out, pool_cache = ops.maxpool2d_forward(x, (2, 2), (2, 2))
+    raw_pool_cache = kernels.maxpool2d_forward(x, (2, 2), (2, 2))[1]   # the raw op's own cache
     y, mask = kernels.bias_relu_forward_reference(x, b)
     cases = [  # (op, numpy reference, bytes moved, {impl: fn})
         ("im2col", to_numpy(cols), x.nbytes + cols.nbytes,
@@ -209,7 +214,7 @@ def run_memory_bound(x, b, settings, rows, cupy, shape):
         ("maxpool2d backward", to_numpy(ops.maxpool2d_backward(pool_out, pool_cache)),
          x.nbytes + pool_out.nbytes * 5 // 4,
          {"cupy-generic": lambda: ops.maxpool2d_backward(pool_out, pool_cache),
-          "raw": lambda: kernels.maxpool2d_backward(pool_out, pool_cache)}),
+          "raw": lambda: kernels.maxpool2d_backward(pool_out, raw_pool_cache)}),
         ("bias_relu forward", to_numpy(y), x.nbytes * 9 // 4,
          {"cupy-generic": lambda: kernels.bias_relu_forward_reference(x, b)[0],
           "raw": lambda: kernels.bias_relu_forward(x, b)[0]}),
@@ -226,7 +231,7 @@ def run_memory_bound(x, b, settings, rows, cupy, shape):
             if bad:
                 row["status"] = "FAIL: " + bad
             else:
-                ms = cuda_time(fn, xp=cupy, repeats=settings["repeats"], warmup=settings["warmup"])
+                ms = cuda_time(fn, xp=xp, repeats=settings["repeats"], warmup=settings["warmup"])
                 row.update(status="ok", ms=ms, gbps=nbytes / ms / 1e6)
             case_rows.append(row)
         generic = case_rows[-2]["ms"]

@@ -68,7 +68,9 @@ def test_conv_workspace_budget_chunks_without_changing_results(monkeypatch):
         layer = Conv2D(3, 4, 3, stride=2, padding=1, dtype=np.float64, rng=np.random.default_rng(1))
         y = layer.forward(x, training=True)
         results.append((y, layer.backward(dy), layer.grads["weight"].copy(), layer.grads["bias"].copy()))
-    assert conv._images_per_chunk(5, 3 * 4, 27, 8) == 2
+    assert conv._images_per_chunk(5, 3 * 4, 27, 8, np) == 2
+    gpu_like = object()                                  # any array module but NumPy's
+    assert conv._images_per_chunk(512, 1024, 577, 4, gpu_like) == 2**30 // (1024 * 577 * 4)
     for whole, chunked in zip(*results):
         np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12)
     errors = minicnn.gradcheck(layer, x[:3], seed=0)

@@ -356,6 +356,22 @@ def test_an_installed_wheel_finds_the_cuda_sources_outside_the_source_tree(tmp_p
     assert int(length) == len((ROOT / "kernels" / "conv2d.cu").read_text())
 
 
+# ---- the benchmark's memory-bound rows, on either device --------------------------------------
+@pytest.mark.parametrize("c", [3, 8])
+def test_bench_memory_bound_rows_check_every_raw_kernel(device, c):
+    """The rows that time im2col, col2im, max-pool and bias+ReLU: every raw kernel's result is
+    checked against minicnn.ops first, as on a GPU (here also on the CUDA emulation)."""
+    from minicnn import bench_kernels
+    xp = np if device.name == "emulated" else get_backend("cupy")
+    x = device.asarray(np.random.default_rng(0).standard_normal((2, c, 8, 8)).astype(np.float32))
+    rows = []
+    with device.active():
+        bench_kernels.run_memory_bound(x, {"repeats": 1, "warmup": 0, "json": True}, rows, xp,
+                                       f"{c}->{c}")
+    assert len(rows) == 12 and {r["impl"] for r in rows} == {"cupy-generic", "raw"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r["status"] for r in rows]
+
+
 # ---- the benchmark's CPU path ----------------------------------------------------------------
 def test_bench_kernels_prints_checked_numpy_rows_and_says_what_the_gpu_rows_need(capsys):
     from minicnn import bench_kernels

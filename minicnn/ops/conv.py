@@ -17,6 +17,8 @@ core's cache. Backward rebuilds each chunk from the (9x smaller) padded input in
 keeping the matrix. conv2d_backward(..., input_grad=False) skips dx for a first layer, as
 PyTorch does.
 """
+import numpy as np
+
 from minicnn import parallel
 from minicnn.backend import array_module
 from minicnn.ops.im2col import col2im_nhwc, conv_output_size, im2col_nhwc, pad_nhwc
@@ -27,6 +29,11 @@ from minicnn.ops.im2col import col2im_nhwc, conv_output_size, im2col_nhwc, pad_n
 # steps, medians, 2 vs 4 MiB: keras-tutorial 67.7 vs 75.4, 68.8 vs 70.8, 76.1 vs 77.2 ms;
 # resnet-small 217 vs 229, 279 vs 285 ms (a dW GEMM on 7 images' rows: ~92 GFLOP/s, on 21: ~60).
 CONV_WORKSPACE_BYTES = 2 * 2**20
+
+# On a GPU (CuPy arrays) a cache-sized chunk would only split the batch into many small
+# kernel launches: there the budget is this, and a batch of 512 images of the CIFAR ladder's
+# largest layer (64 channels @32x32, 1.2 GB of cols) runs in two chunks.
+GPU_WORKSPACE_BYTES = 2**30
 
 # A stride-1 convolution with at least this many input channels takes its dx as a convolution
 # (padded) or tap by tap (valid; see _add_taps). Below it (an RGB first layer) both would run
@@ -44,9 +51,11 @@ DX_GEMM_MIN_CHANNELS = 8
 PER_IMAGE_GEMM_MAX_SIZE = 64
 
 
-def _images_per_chunk(n, rows_per_image, k, itemsize):
-    """How many images' im2col rows fit in CONV_WORKSPACE_BYTES (at least one)."""
-    return max(1, min(n, CONV_WORKSPACE_BYTES // max(1, rows_per_image * k * itemsize)))
+def _images_per_chunk(n, rows_per_image, k, itemsize, xp):
+    """How many images' im2col rows fit in the workspace (at least one): CONV_WORKSPACE_BYTES
+    for NumPy, GPU_WORKSPACE_BYTES for CuPy."""
+    budget = CONV_WORKSPACE_BYTES if xp is np else GPU_WORKSPACE_BYTES
+    return max(1, min(n, budget // max(1, rows_per_image * k * itemsize)))
 
 
 def _cols_buffer(rows, k, kb, dtype, xp):
@@ -89,7 +98,7 @@ def conv2d_forward(x, w, b, stride, padding):
     xpad = (xp.empty((n, h + pt + pb, wd + pl + pr, c), dtype=x.dtype) if padded
             else x_nhwc)                                         # (N, Hp, Wp, C)
     out = xp.empty((n, oh, ow, f), dtype=x.dtype)                # NHWC memory
-    chunk = _images_per_chunk(n, oh * ow, kb, x.dtype.itemsize)
+    chunk = _images_per_chunk(n, oh * ow, kb, x.dtype.itemsize, xp)
     per_image = _per_image(kb, f)
     w_cols = xp.ascontiguousarray(w_bias.T) if per_image else w_bias.T   # (K [+ 1], F)
 

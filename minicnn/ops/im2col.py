@@ -125,18 +125,21 @@ def pad_nhwc(x, padding, out=None):
 def im2col_nhwc(xpad, kernel, stride, out=None):
     """xpad (N, Hp, Wp, C) padded NHWC -> cols (N*OH*OW, KH*KW*C), in one strided copy.
 
-    sliding_window_view gives every window without copying, (N, OH, OW, C, KH, KW); reordered to
-    (N, OH, OW, KH, KW, C), a window row (KW, C) is KW*C floats contiguous in xpad, so NumPy's
-    copy runs over long contiguous stretches. out: a reused buffer with at least N*OH*OW rows
+    A strided view gives every window without copying, (N, OH, OW, KH, KW, C): a window row
+    (KW, C) is KW*C floats contiguous in xpad, so NumPy's copy runs over long contiguous
+    stretches. (as_strided rather than sliding_window_view, which on CuPy copies its window
+    shape to the GPU and back on every call.) out: a reused buffer with at least N*OH*OW rows
     (its first rows are filled and returned), or None for a new array. out may have more than
     KH*KW*C columns: the extra ones on the right are left as they are (conv2d_forward keeps a
     column of ones there, which turns the bias into one more column of the GEMM).
     """
     xp = array_module(xpad)
     (kh, kw), (sh, sw) = kernel, stride
-    win = xp.lib.stride_tricks.sliding_window_view(xpad, (kh, kw), axis=(1, 2))
-    win = win[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)      # (N, OH, OW, KH, KW, C), a view
-    n, oh, ow = win.shape[:3]
+    n, hp, wp, c = xpad.shape
+    oh, ow = conv_output_size(hp, kh, sh, 0, 0), conv_output_size(wp, kw, sw, 0, 0)
+    s_n, s_h, s_w, s_c = xpad.strides
+    win = xp.lib.stride_tricks.as_strided(                   # (N, OH, OW, KH, KW, C), a view
+        xpad, (n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h, s_w, s_c))
     rows, k = n * oh * ow, kh * kw * xpad.shape[3]
     cols = xp.empty((rows, k), dtype=xpad.dtype) if out is None else out[:rows]
     # a view of the first K columns as (N, OH, OW, KH, KW, C): only axes are split, so no copy
