@@ -398,22 +398,21 @@ def decode_image(path, image_size=(32, 32)):
     """One image file -> uint8 (3, H, W): converted to RGB (from grayscale, RGBA, palette...) and
     resized bilinearly to image_size = (H, W) when its size differs. DataError if unreadable."""
     height, width = image_size
-    try:
-        with open_image(path) as image:
-            rgb = image.convert("RGB")
+    with open_image(path) as image:
+        rgb = image.convert("RGB")                  # Pillow decodes here: a truncated file fails
         if rgb.size != (width, height):                                     # PIL sizes are (W, H)
             rgb = rgb.resize((width, height), Image.BILINEAR)
-        return np.asarray(rgb).transpose(2, 0, 1)                           # (H,W,3) -> (3,H,W)
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:   # not an image, or a truncated one
-        raise DataError(f"Cannot read {path} as an image ({type(e).__name__}).") from None
+    return np.asarray(rgb).transpose(2, 0, 1)                               # (H,W,3) -> (3,H,W)
 
 
 @contextlib.contextmanager
 def open_image(path):
-    """Image.open(path), with Pillow's decompression-bomb guard (an image of more than
-    Image.MAX_IMAGE_PIXELS pixels: a warning, twice that: an error) as one DataError."""
+    """Image.open(path) as a context in which every way of failing to read the image is one
+    DataError: a missing file, one Pillow cannot read (when opening, or when the block makes it
+    decode), and Pillow's decompression-bomb guard (more than Image.MAX_IMAGE_PIXELS pixels: a
+    warning, twice that: an error)."""
+    if not os.path.exists(path):
+        raise DataError(f"Image {path} does not exist.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -422,6 +421,8 @@ def open_image(path):
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise DataError(f"Cannot read {path} as an image: it has more than "
                         f"{Image.MAX_IMAGE_PIXELS:,} pixels.") from None
+    except (OSError, SyntaxError, ValueError) as e:   # not an image, or a truncated one
+        raise DataError(f"Cannot read {path} as an image ({type(e).__name__}).") from None
 
 
 def _decode_class_files(folder, listing, classes, image_size):

@@ -6,7 +6,6 @@ Images of another size are resized to the model's input, and grayscale or RGBA i
 converted to RGB; both are noted in the output.
 """
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ from minicnn import data as datasets
 from minicnn.backend import to_numpy
 from minicnn.checkpoint import load_for_inference
 from minicnn.cli import positive_int, run
-from minicnn.errors import CheckpointError, DataError
+from minicnn.errors import CheckpointError
 from minicnn.ops import softmax
 
 
@@ -32,15 +31,8 @@ def build_parser():
 
 def _describe(path, size):
     """What conversion an image needs, as a note for the user ('' when none)."""
-    if not os.path.exists(path):
-        raise DataError(f"Image {path} does not exist.")
-    try:
-        with datasets.open_image(path) as image:
-            mode, (w, h) = image.mode, image.size
-    except DataError:                  # too many pixels
-        raise
-    except (OSError, SyntaxError, ValueError):
-        raise DataError(f"Cannot read {path} as an image.") from None
+    with datasets.open_image(path) as image:           # DataError when it cannot be read
+        mode, (w, h) = image.mode, image.size
     notes = []
     if mode != "RGB":
         notes.append(f"converted {mode} to RGB")
