@@ -1,4 +1,5 @@
-"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+"""Training checkpoints: everything a run needs to continue exactly where it stopped, and the
+inference helpers that evaluate, predict and the validation pass share.
 
 A checkpoint is a minicnn model file (so minicnn.load returns the model) whose header also holds
 the settings, epoch and step, history, optimiser and schedule state, the state of every random
@@ -9,7 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minicnn.backend import get_backend
+from minicnn import data as datasets
+from minicnn.backend import get_backend, to_numpy
 from minicnn.errors import CheckpointError
 from minicnn.model import model_from_archive, save_model
 from minicnn.serialization import read_archive
@@ -70,3 +72,25 @@ def load_for_inference(path, backend="numpy"):
                      np.asarray(info["norm"]["mean"], dtype=np.float32),
                      np.asarray(info["norm"]["std"], dtype=np.float32),
                      tuple(info.get("input_shape", (3, 32, 32))[1:]), xp)
+
+
+def predict_logits(model, x_uint8, mean, std, xp, batch_size=500, tta=False):
+    """Inference-mode logits (N, K) as NumPy for uint8 images (N, 3, H, W); tta averages the
+    logits of each image and its mirror."""
+    out = []
+    for start in range(0, len(x_uint8), batch_size):
+        xb = datasets.normalize(x_uint8[start:start + batch_size], mean, std, xp)
+        logits = model.forward(xb)
+        if tta:
+            logits = 0.5 * (logits + model.forward(xp.ascontiguousarray(xb[..., ::-1])))
+        out.append(to_numpy(logits))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def finite_logits(logits, path):
+    """logits, unless some are nan or inf: then the checkpoint at path is unusable (its weights
+    overflowed in training), and a CheckpointError says so."""
+    if not np.isfinite(logits).all():
+        raise CheckpointError(f"{path} gives non-finite outputs (its weights diverged in "
+                              f"training); use another checkpoint, e.g. best.npz.")
+    return logits

@@ -14,11 +14,10 @@ import sys
 import numpy as np
 
 from minicnn import data as datasets
-from minicnn.checkpoint import load_for_inference
+from minicnn.checkpoint import finite_logits, load_for_inference, predict_logits
 from minicnn.cli import positive_int, run
-from minicnn.errors import CheckpointError, DataError
+from minicnn.errors import DataError
 from minicnn.metrics import classification_report, format_report
-from minicnn.train import predict_logits
 
 
 def build_parser():
@@ -52,11 +51,8 @@ def evaluate(checkpoint, data=None, backend="numpy", batch_size=500, tta=False):
     x, y, split = ((ds.x_test, ds.y_test, "test") if ds.x_test is not None
                    else (ds.x_train, ds.y_train, "all images"))
     y = relabel(y, ds.classes, net.classes)
-    logits = predict_logits(net.model, x, net.mean, net.std, net.xp, batch_size=batch_size,
-                            tta=tta)
-    if not np.isfinite(logits).all():
-        raise CheckpointError(f"{checkpoint} gives non-finite outputs (its weights diverged in "
-                              f"training); use another checkpoint, e.g. best.npz.")
+    logits = finite_logits(predict_logits(net.model, x, net.mean, net.std, net.xp,
+                                          batch_size=batch_size, tta=tta), checkpoint)
     report = classification_report(logits, y, net.classes)
     report.update(split=split, checkpoint=str(checkpoint), tta=tta)
     return report

@@ -11,10 +11,8 @@ import sys
 import numpy as np
 
 from minicnn import data as datasets
-from minicnn.backend import to_numpy
-from minicnn.checkpoint import load_for_inference
+from minicnn.checkpoint import finite_logits, load_for_inference, predict_logits
 from minicnn.cli import positive_int, run
-from minicnn.errors import CheckpointError
 from minicnn.ops import softmax
 
 
@@ -44,21 +42,17 @@ def _describe(path, size):
 def predict(checkpoint, images, top=3, backend="numpy", batch_size=256):
     """-> [(path, note, [(class, probability), ...])] for each image, best first.
 
-    Images are decoded and run batch_size at a time, so a long list needs no more memory than
-    one batch."""
+    The images, decoded to the model's small input size (uint8), go through the model
+    batch_size at a time, so a long list needs the activations of one batch only."""
     net = load_for_inference(checkpoint, backend)
     notes = [_describe(path, net.size) for path in images]
+    batch = np.stack([datasets.decode_image(path, net.size) for path in images])   # (N, 3, H, W)
+    logits = finite_logits(predict_logits(net.model, batch, net.mean, net.std, net.xp,
+                                          batch_size=batch_size), checkpoint)
     results = []
-    for start in range(0, len(images), batch_size):
-        paths = images[start:start + batch_size]
-        batch = np.stack([datasets.decode_image(path, net.size) for path in paths])  # (n, 3, H, W)
-        logits = to_numpy(net.model.forward(datasets.normalize(batch, net.mean, net.std, net.xp)))
-        if not np.isfinite(logits).all():
-            raise CheckpointError(f"{checkpoint} gives non-finite outputs (its weights diverged "
-                                  f"in training); use another checkpoint, e.g. best.npz.")
-        for path, note, p in zip(paths, notes[start:], softmax(logits)):
-            best = np.argsort(-p, kind="stable")[:max(1, top)]
-            results.append((path, note, [(net.classes[k], float(p[k])) for k in best]))
+    for path, note, p in zip(images, notes, softmax(logits)):
+        best = np.argsort(-p, kind="stable")[:max(1, top)]
+        results.append((path, note, [(net.classes[k], float(p[k])) for k in best]))
     return results
 
 

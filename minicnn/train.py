@@ -30,7 +30,7 @@ import minicnn
 from minicnn import data as datasets
 from minicnn import optim
 from minicnn.backend import get_backend, to_device, to_numpy
-from minicnn.checkpoint import load_checkpoint, save_checkpoint
+from minicnn.checkpoint import load_checkpoint, predict_logits, save_checkpoint
 from minicnn.cli import run
 from minicnn.errors import CheckpointError, DataError, MinicnnError
 from minicnn.layers import Dropout, walk
@@ -253,19 +253,6 @@ def make_schedule(settings, optimizer, steps_per_epoch):
     if kind == "plateau":
         return optim.ReduceLROnPlateau(optimizer, factor=0.1, patience=2), "metric"
     return None, None
-
-
-def predict_logits(model, x_uint8, mean, std, xp, batch_size=500, tta=False):
-    """Inference-mode logits (N, K) as NumPy for uint8 images (N, 3, H, W); tta averages the
-    logits of each image and its mirror."""
-    out = []
-    for start in range(0, len(x_uint8), batch_size):
-        xb = datasets.normalize(x_uint8[start:start + batch_size], mean, std, xp)
-        logits = model.forward(xb)
-        if tta:
-            logits = 0.5 * (logits + model.forward(xp.ascontiguousarray(xb[..., ::-1])))
-        out.append(to_numpy(logits))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def _dropout_layers(model):
