@@ -35,8 +35,18 @@ def atomic_write(path, write):
         raise OSError(e.errno, e.strerror, path) from e
 
 
+def is_temporary_of(name, targets):
+    """Whether the file name is the temporary file of an atomic_write to one of targets (file
+    names): "<target>.<8 hex digits>.tmp", left behind when a process is killed mid-write."""
+    stem, _, suffix = name.rpartition(".")
+    target, _, token = stem.rpartition(".")
+    return (suffix == "tmp" and target in targets and len(token) == 8
+            and all(ch in "0123456789abcdef" for ch in token))
+
+
 def _atomic_write(path, write):
     directory = os.path.dirname(os.path.abspath(path))
+    # the name is_temporary_of recognises
     tmp = os.path.join(directory, f"{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     # mode 0o666 less the umask, as for any file the user creates (mkstemp would give 0o600)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -37,7 +37,7 @@ from minicnn.layers import Dropout, walk
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.metrics import classification_report, format_report
 from minicnn.plots import plot_confusion, plot_curves, plot_predictions
-from minicnn.serialization import atomic_write
+from minicnn.serialization import atomic_write, is_temporary_of
 from minicnn.zoo import MODELS, build_model
 
 # One readable dict of hyperparameters, turned into flags (name: default, type, help).
@@ -337,7 +337,7 @@ def fit(**overrides):
     for path in out.iterdir():
         if s["force"] and not s["resume"] and path.name in RUN_FILES:   # the old run's files
             path.unlink()
-        elif _is_temporary(path.name):     # left by a run killed while writing a file
+        elif is_temporary_of(path.name, RUN_FILES):     # a run killed while writing a file
             path.unlink()
     _write_json(out / "settings.json", {"settings": s, "code_version": code_version(),
                                         "classes": d["classes"], "train_images": len(d["x_train"]),
@@ -348,14 +348,17 @@ def fit(**overrides):
                 schedule_unit=schedule_unit, rng_order=rng_order, rng_augment=rng_augment,
                 steps_per_epoch=steps_per_epoch, out=out, info=info)
     # A diverging loss is reported by the loop in one sentence, not by NumPy's overflow warnings.
+    epochs_done = info["epoch"]
     with _StopSignal() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         status = _train(loop, stop)
     if status == "interrupted":
         return {"status": status, "history": info["history"], "out": str(out),
                 "signal": stop.signum}
-    # Again, for a run killed between its last checkpoint and these files, then resumed.
-    _write_history(out, info["history"])
-    plot_curves(info["history"], out / "curves.png")
+    # A finished run resumed trains no epoch, so nothing rewrote these: it may have been killed
+    # between its last checkpoint and them.
+    if info["epoch"] == epochs_done:
+        _write_history(out, info["history"])
+        plot_curves(info["history"], out / "curves.png")
     report = final_report(loop)
     return {"status": status, "history": info["history"], "report": report, "out": str(out)}
 
@@ -507,14 +510,6 @@ def _check_out(out, s):
         raise CheckpointError(f"{out} already holds a run ({', '.join(held)}): continue it with "
                               f"--resume, choose another --out, or add --force to start over "
                               f"(its files are replaced).")
-
-
-def _is_temporary(name):
-    """Whether name is an atomic write's temporary file for one of RUN_FILES."""
-    stem, _, suffix = name.rpartition(".")
-    base, _, token = stem.rpartition(".")
-    return (suffix == "tmp" and base in RUN_FILES and len(token) == 8
-            and all(ch in "0123456789abcdef" for ch in token))
 
 
 def _restore_lr(s, info, optimizer, schedule, unit, steps_per_epoch):

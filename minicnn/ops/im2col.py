@@ -140,7 +140,7 @@ def im2col_nhwc(xpad, kernel, stride, out=None):
     s_n, s_h, s_w, s_c = xpad.strides
     win = xp.lib.stride_tricks.as_strided(                   # (N, OH, OW, KH, KW, C), a view
         xpad, (n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h, s_w, s_c))
-    rows, k = n * oh * ow, kh * kw * xpad.shape[3]
+    rows, k = n * oh * ow, kh * kw * c
     cols = xp.empty((rows, k), dtype=xpad.dtype) if out is None else out[:rows]
     # a view of the first K columns as (N, OH, OW, KH, KW, C): only axes are split, so no copy
     cols.reshape(n, oh, ow, -1)[..., :k].reshape(win.shape)[...] = win
