@@ -83,8 +83,9 @@ MODEL_DEFAULTS = {
                          schedule="onecycle", label_smoothing=0.2, augment="crop+flip", tta=True),
 }
 
-# Settings that may differ between a run and its --resume without changing the result.
-RESUME_FREE = ("resume", "force", "out", "data", "debug")
+# Settings that may differ between a run and its --resume without changing the result (the
+# backend only up to float32 rounding: a run started on a GPU may go on on the CPU, and back).
+RESUME_FREE = ("resume", "force", "out", "data", "debug", "backend")
 
 # The files a run writes to --out: a new run refuses a directory that holds them (unless
 # --force), and only their temporary files (NAME.<8 hex digits>.tmp) count as debris.

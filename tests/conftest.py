@@ -13,12 +13,29 @@ settings.register_profile("thorough", max_examples=400, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-@pytest.fixture(params=["numpy", "cupy"])
-def xp(request):
-    """The array module of each backend; the cupy case is skipped without CuPy and a GPU."""
-    from minicnn.backend import get_backend
+def _array_module(name, monkeypatch):
+    """The array module called name; "fake-cupy" installs tests/fake_cupy.py as minicnn's CuPy
+    (NumPy maths behind CuPy's device boundary, so the cupy code paths run, and host/device
+    mixing fails, on every machine); "cupy" is skipped without CuPy and a GPU."""
+    from minicnn import backend
     from minicnn.errors import BackendError
+    if name == "fake-cupy":
+        import fake_cupy
+        monkeypatch.setattr(backend, "_cupy", fake_cupy.module)
+        return fake_cupy.module
     try:
-        return get_backend(request.param)
+        return backend.get_backend(name)
     except BackendError as e:
         pytest.skip(f"CuPy or a GPU is not available: {e}")
+
+
+@pytest.fixture(params=["numpy", "cupy", "fake-cupy"])
+def xp(request, monkeypatch):
+    """The array module of each backend (see _array_module)."""
+    return _array_module(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["cupy", "fake-cupy"])
+def gpu_xp(request, monkeypatch):
+    """CuPy on a GPU, and fake_cupy everywhere (see _array_module)."""
+    return _array_module(request.param, monkeypatch)

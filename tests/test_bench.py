@@ -100,15 +100,17 @@ def test_counts_below_one_are_refused_in_one_line(argv, capsys):
     assert "must be at least 1" in err[-1] or "expected a whole number" in err[-1]
 
 
-def test_gpu_columns_on_a_gpu(capsys):
-    """On a GPU machine: every layer and model row gets checked GPU columns and the table prints."""
-    from minicnn.backend import gpu_available
-    if not gpu_available():
-        pytest.skip("CuPy or a GPU is not available")
+def test_gpu_columns(gpu_xp, capsys, monkeypatch):
+    """Every layer and model row gets checked GPU columns and the table prints: on a GPU, and on
+    fake_cupy everywhere (its SGEMM-measured peak replaced by a stated one, to save the time)."""
+    from minicnn import bench_kernels
+    monkeypatch.setitem(bench_kernels.FP32_PEAK_TFLOPS, "fake_cupy", 0.1)
     result = bench.run(models=["keras-tutorial"], batch=4, repeats=1, use_torch=False,
                        backends=("numpy", "cupy"))
     assert result["gpu"]["peak_tflops"] > 0
     assert all(r["gpu_check"] == "ok" and r["gpu_fwd_ms"] > 0 for r in result["layers"])
+    convs = [r for r in result["layers"] if r["layer"].startswith("Conv2D")]
+    assert convs and all(r["gpu_pct_peak"] > 0 for r in convs)
     [model] = result["models"]
     assert model["gpu_check"] == "ok" and model["gpu_train_img_s"] > 0
     bench.print_report(result)

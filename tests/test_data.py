@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from minicnn import data
+from minicnn.backend import to_numpy
 from minicnn.errors import DataError
 
 from _data_helpers import (BATCHES, CLASSES, LocalServer, binary_files, fake_cifar, md5_of,
@@ -372,21 +373,7 @@ def test_normalize_gives_float32_zero_mean_unit_std():
 
 # ---------------------------------------------------------------- augmentation, both backends
 
-@pytest.fixture(params=["numpy", "cupy"])
-def xp(request):
-    if request.param == "numpy":
-        return np
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    try:
-        cupy.zeros(1)
-    except Exception as error:  # CuPy without a usable GPU
-        pytest.skip(f"no GPU for CuPy: {error}")
-    return cupy
-
-
-def to_numpy(a):
-    return a.get() if hasattr(a, "get") else a
-
+# xp: conftest.py's fixture (numpy, cupy on a GPU, fake_cupy).
 
 def batch(xp, n=64, c=3, h=8, w=8):
     x = np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)

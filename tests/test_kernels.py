@@ -29,6 +29,8 @@ from minicnn.backend import get_backend, to_numpy
 from minicnn.errors import BackendError
 from strategies import pool_problems
 
+import fake_cupy
+
 ROOT = Path(__file__).resolve().parent.parent
 HEADER_FIELDS = ("Computes:", "Layout:", "Launch:", "Must match:", "Time:")
 
@@ -53,6 +55,7 @@ class EmulatedCUDA:
         assert len(args) == len(expected), f"{name}: {len(args)} arguments, kernel takes {len(expected)}"
         holders = []
         for i, (code, a) in enumerate(zip(expected, args)):
+            a = a._a if isinstance(a, fake_cupy.ndarray) else a      # fake_cupy's NumPy storage
             if code == "p":
                 assert isinstance(a, np.ndarray) and a.flags.c_contiguous, f"{name} argument {i}"
                 holders.append(ctypes.c_void_p(a.ctypes.data))
@@ -97,10 +100,15 @@ def build_emulator(folder):
     return library
 
 
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    return EmulatedCUDA(build_emulator(tmp_path_factory.mktemp("cuda_emulator")))
+
+
 @pytest.fixture(scope="session", params=["emulated", "cupy"])
-def device(request, tmp_path_factory):
+def device(request):
     if request.param == "emulated":
-        return EmulatedCUDA(build_emulator(tmp_path_factory.mktemp("cuda_emulator")))
+        return request.getfixturevalue("emulator")
     try:
         return RealCUDA(get_backend("cupy"))
     except BackendError as e:
@@ -229,9 +237,11 @@ def test_raw_kernels_reject_other_dtypes_and_numpy_arrays():
         kernels.maxpool2d_forward(x.astype(np.float32), (2, 2), (2, 2))
 
 
-def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device):
+def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device, monkeypatch):
     """One SGD step of a net with strided, padded, bias-free and >64-channel convs and both pools:
     layers wired to kernels.select, run with use("raw"), against the same step on minicnn.ops.
+    Emulated: fake_cupy stands in for CuPy, so the model moves with .to("cupy") and select
+    hands out the raw pair as on a GPU.
     """
     import copy
 
@@ -255,15 +265,14 @@ def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device):
         return loss, {k: to_numpy(v) for k, v in {**model.grads, **model.params}.items()}
 
     expected_loss, expected = step(generic, x, labels)
-    if device.name == "emulated":   # NumPy arrays: make select hand out the raw pair anyway
-        def select(a, op):
-            return kernels.RAW[op] if op in kernels.RAW else kernels.GENERIC[op]
-        switch = mock.patch.object(kernels, "select", select)
-    else:
-        raw.to("cupy")
-        switch = kernels.use("raw")
-    with device.active(), switch:
-        loss, got = step(raw, device.asarray(x), device.asarray(labels))
+    if device.name == "emulated":
+        from minicnn import backend
+        monkeypatch.setattr(backend, "_cupy", fake_cupy.module)
+    cupy = get_backend("cupy")
+    raw.to("cupy")
+    with device.active(), kernels.use("raw"):
+        assert kernels.select(cupy.zeros(1, dtype=np.float32), "conv2d")[0] is kernels.conv2d_forward
+        loss, got = step(raw, cupy.asarray(x), cupy.asarray(labels))
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     for key, value in expected.items():
         assert_close(got[key], value)
@@ -370,6 +379,32 @@ def test_bench_memory_bound_rows_check_every_raw_kernel(device, c):
                                        f"{c}->{c}")
     assert len(rows) == 12 and {r["impl"] for r in rows} == {"cupy-generic", "raw"}
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r["status"] for r in rows]
+
+
+def test_bench_kernels_gpu_rows_run_on_fake_cupy_and_the_cuda_emulation(emulator, monkeypatch,
+                                                                        capsys):
+    """The ladder's GPU path end to end where no GPU is: fake_cupy stands in for CuPy and the
+    raw kernels run on the CUDA emulation. Every cupy-generic and raw row (the convolution passes
+    and the memory-bound kernels) is checked against NumPy, then timed, and printed."""
+    from minicnn import backend, bench_kernels
+    monkeypatch.setattr(backend, "_cupy", fake_cupy.module)
+    monkeypatch.setitem(bench_kernels.FP32_PEAK_TFLOPS, "fake_cupy", 0.1)
+    with emulator.active():
+        report = bench_kernels.main(["--tiny", "--quick", "--batches", "1"])
+    printed = capsys.readouterr().out
+    assert report["device"] == "fake_cupy (NumPy on the CPU): data sheet" and report["peak_tflops"]
+    assert report["note"] == "cuDNN rows need PyTorch with CUDA."
+    rows = report["rows"]
+    assert {r["impl"] for r in rows} == {"numpy", "cupy-generic", "raw"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r["status"] for r in rows]
+    for shape in bench_kernels.TINY:
+        name = f"{shape[0]}->{shape[1]} {shape[2]}x{shape[2]} N=1"
+        raw = {r["pass"] for r in rows if r["shape"] == name and r["impl"] == "raw"}
+        assert {"forward", "backward_data", "backward_weight", "backward", "im2col", "col2im",
+                "maxpool2d forward", "maxpool2d backward", "bias_relu forward",
+                "bias_relu backward"} == raw
+    assert all(r["pct_peak"] > 0 for r in rows if r.get("gflops") and r["impl"] != "numpy")
+    assert "raw" in printed and "GB/s" in printed
 
 
 # ---- the benchmark's CPU path ----------------------------------------------------------------

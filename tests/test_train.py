@@ -99,6 +99,38 @@ def test_evaluate_json_and_predict(folder, tmp_path, capsys):
     assert sum(name in line for name in CLASSES) == 2
 
 
+def test_train_resume_evaluate_and_predict_with_the_cupy_backend(gpu_xp, folder, tmp_path,
+                                                                  capsys):
+    """--backend cupy end to end, on a GPU and on fake_cupy everywhere: training with every
+    augmentation, a resume on the CPU and one back on the GPU, evaluate and predict. The
+    checkpoints hold NumPy arrays, and the GPU's predictions are the CPU's."""
+    out = tmp_path / "run"
+    args = _train_args(folder, out, "--augment", "crop+flip+cutout", "--epochs", "1")
+    assert train.main(args + ["--backend", "cupy"]) == 0
+    assert train.main(["--resume", "--out", str(out), "--backend", "numpy", "--epochs", "2",
+                       "--force"]) == 0
+    assert train.main(["--resume", "--out", str(out), "--backend", "cupy", "--epochs", "3",
+                       "--force"]) == 0
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2, 3]
+    model = minicnn.load(out / "last.npz")
+    assert all(type(p) is np.ndarray for p in model.params.values())
+    capsys.readouterr()
+    reports = {}
+    for backend in ("numpy", "cupy"):
+        assert evaluate.main(["--checkpoint", str(out / "best.npz"), "--data", str(folder),
+                              "--backend", backend, "--json"]) == 0
+        reports[backend] = json.loads(capsys.readouterr().out)
+    assert reports["cupy"]["num_samples"] == reports["numpy"]["num_samples"] == 72
+    assert abs(reports["cupy"]["top1"] - reports["numpy"]["top1"]) <= 1 / 72   # float32 ties
+    image = next(folder.rglob("*.png"))
+    lines = {}
+    for backend in ("numpy", "cupy"):
+        assert predict.main(["--checkpoint", str(out / "best.npz"), "--backend", backend,
+                             str(image)]) == 0
+        lines[backend] = capsys.readouterr().out.split(":", 1)[1].split("|")[0].split()[0]
+    assert lines["cupy"] == lines["numpy"]                     # the same most likely class
+
+
 def test_evaluate_rejects_unknown_class_folders(folder, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(_train_args(folder, out))
