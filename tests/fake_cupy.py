@@ -12,9 +12,11 @@ What it enforces, as CuPy does:
   bool(), .item() and format() read it back, as in CuPy);
 - indexing may use NumPy index arrays, and assignment NumPy values (CuPy copies them over).
 
-What it cannot check: that CuPy has every function and keyword used (NumPy's namespace stands in
-for CuPy's), cuBLAS's float32 rounding, asynchrony, and the raw CUDA kernels (RawModule is not
-emulated here; tests/cuda_emulator.h runs those).
+- the NumPy functions, submodule members and array methods that CuPy lacks are missing here too
+  (NUMPY_ONLY, taken from CuPy 14.2 with dir()): np.errstate, for one, is NumPy's only.
+
+What it cannot check: the keywords CuPy's functions take, cuBLAS's float32 rounding, asynchrony,
+and the raw CUDA kernels (RawModule is not emulated here; tests/cuda_emulator.h runs those).
 
     import fake_cupy
     monkeypatch.setattr(minicnn.backend, "_cupy", fake_cupy.module)
@@ -23,6 +25,27 @@ import time
 import types
 
 import numpy as np
+
+NUMPY_ONLY = {   # NumPy names that CuPy 14.2.0 lacks, by namespace
+    "": set("""
+        False_ ScalarType True_ asmatrix block bmat busday_count busday_offset busdaycalendar
+        bytes_ char character clongdouble complex256 core ctypeslib datetime64
+        datetime_as_string datetime_data dtypes einsum_path emath errstate f2py flexible
+        float128 frompyfunc fromregex geomspace get_include getbufsize geterr geterrcall
+        histogram_bin_edges info insert is_busday isnat little_endian longdouble ma matrix
+        matvec memmap nanpercentile nanquantile ndenumerate nditer nested_iters object_ polyder
+        polydiv polyint rec recarray record sctypeDict setbufsize seterr seterrcall show_runtime
+        spacing str_ strings test timedelta64 typecodes unstack vecdot vecmat void
+    """.split()),
+    "random": set("""
+        MT19937 PCG64 PCG64DXSM Philox SFC64 SeedSequence bit_generator get_bit_generator
+        get_state mtrand set_bit_generator set_state test
+    """.split()),
+    "linalg": set("""
+        diagonal matrix_norm multi_dot outer svdvals tensordot test trace vecdot vector_norm
+    """.split()),
+}
+NDARRAY_NUMPY_ONLY = set("ctypes getfield resize setfield setflags to_device".split())
 
 HOST_REFUSED = ("Unsupported type <class 'numpy.ndarray'>: {}, like CuPy, takes device arrays, "
                 "not NumPy arrays (move them with cupy.asarray)")
@@ -147,8 +170,8 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
 
     # ---- everything else: NumPy's attributes and methods, on the device -------------------------
     def __getattr__(self, name):
-        if name.startswith("__") or name == "_a":
-            raise AttributeError(name)
+        if name.startswith("__") or name == "_a" or name in NDARRAY_NUMPY_ONLY:
+            raise AttributeError(f"'cupy.ndarray' object has no attribute '{name}'")
         value = getattr(self._a, name)
         return _Function(value, f"ndarray.{name}") if callable(value) else _wrap(value)
 
@@ -161,8 +184,8 @@ class _Module(types.ModuleType):
         self._np = numpy_module
 
     def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
+        if name.startswith("__") or name in NUMPY_ONLY.get(self.__name__[len("cupy."):], ()):
+            raise AttributeError(f"module '{self.__name__}' has no attribute '{name}'")
         value = getattr(self._np, name)
         if isinstance(value, types.ModuleType):
             return _Module(f"{self.__name__}.{name}", value)
