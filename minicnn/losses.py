@@ -26,7 +26,7 @@ class SoftmaxCrossEntropy:
         if logits.shape[0] == 0:
             raise ValueError("SoftmaxCrossEntropy got an empty batch (N = 0); its mean loss is "
                              "undefined.")
-        if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
+        if bool(((labels < 0) | (labels >= logits.shape[1])).any()):   # one device sync
             raise ValueError(f"SoftmaxCrossEntropy labels must lie in [0, {logits.shape[1]}), got "
                              f"values from {int(labels.min())} to {int(labels.max())}.")
         return ops.softmax_cross_entropy(logits, labels, self.label_smoothing)

@@ -6,6 +6,8 @@ handles a strided view of the whole batch. Windows may overlap (stride < kernel)
 Every function here works on any memory order (NCHW, or the NHWC memory that minicnn.ops.conv
 hands on): the taps are strided views, and NumPy's elementwise ops keep their input's order.
 """
+import numpy as np
+
 from minicnn import parallel
 from minicnn.backend import array_module
 from minicnn.ops.im2col import conv_output_size
@@ -117,9 +119,10 @@ def _maxpool2x2_forward(x, training):
         xp.greater(right, left, out=cs)
         # Tie between the columns: the first maximum in row-major order is (0, right) when the
         # left column's maximum sits in its bottom row and the right column's in its top row.
-        # (Rare in conv outputs, so the four passes that settle them run only when there are.)
+        # Rare in conv outputs, so on the CPU the four passes that settle them run only when
+        # there are; on a GPU they always run (asking would make the host wait for the GPU).
         ties = xp.equal(right, left)
-        if ties.any():
+        if xp is not np or ties.any():
             cs |= ties & rs[..., 0::2] & ~rs[..., 1::2]
 
     parallel.map(work, n, xp, x.size)
