@@ -12,7 +12,7 @@ import copy
 import numpy as np
 
 from minicnn.backend import cuda_time, get_backend, to_numpy
-from minicnn.bench_kernels import fp32_peak, time_torch, torch_with_cuda
+from minicnn.bench_kernels import fp32_peak, set_tf32, time_torch, torch_with_cuda
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD
 
@@ -52,11 +52,6 @@ def torch_step_fns(torch, module, tx, tlabels):
         with torch.no_grad():
             module(tx)
     return train, evaluate
-
-
-def _set_tf32(torch, on):
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.benchmark = True
 
 
 def _on_gpu(cupy, a):
@@ -99,9 +94,9 @@ def layer_columns(row, layer, x, dy, gpu, repeats, torch_twin):
             module(tx).backward(tdy)
 
         for key, tf32 in (("cudnn_ms", False), ("cudnn_tf32_ms", True)):
-            _set_tf32(torch, tf32)
+            set_tf32(torch, tf32)
             row[key] = time_torch(torch, fwd_bwd, repeats, 3)
-        _set_tf32(torch, False)
+        set_tf32(torch, False)
         row["gpu_vs_cudnn"] = row["cudnn_ms"] / total
     return row
 
@@ -136,10 +131,10 @@ def model_columns(row, model, x, labels, gpu, repeats, torch_twin):
         torch_train, torch_eval = torch_step_fns(torch, module, tx, tlabels)
 
         for suffix, tf32 in (("", False), ("_tf32", True)):
-            _set_tf32(torch, tf32)
+            set_tf32(torch, tf32)
             row[f"cudnn{suffix}_train_img_s"] = batch / time_torch(torch, torch_train, repeats, 3) * 1e3
             row[f"cudnn{suffix}_eval_img_s"] = batch / time_torch(torch, torch_eval, repeats, 3) * 1e3
-        _set_tf32(torch, False)
+        set_tf32(torch, False)
     return row
 
 

@@ -98,6 +98,19 @@ def torch_with_cuda():
     return torch if torch.cuda.is_available() else None
 
 
+def set_tf32(torch, on):
+    """cuDNN convolutions and cuBLAS matmuls in TF32 (on: tensor cores, PyTorch's default for
+    convolutions) or in IEEE FP32 (off), with cuDNN's algorithm search on. PyTorch 2.9+ has
+    fp32_precision and refuses to read the old flags once it is mixed with them; older versions
+    have only allow_tf32."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.benchmark = True
+
+
 def time_torch(torch, fn, repeats, warmup):
     for _ in range(warmup):
         fn()
@@ -153,9 +166,7 @@ def run_shape(n, c, f, hw, settings, rows, gpu):
     shape_rows = []
     for impl, passes, xp, repeats in impls:
         if impl.startswith("cudnn"):
-            tf32 = impl == "cudnn-tf32"
-            xp.backends.cudnn.allow_tf32 = xp.backends.cuda.matmul.allow_tf32 = tf32
-            xp.backends.cudnn.benchmark = True
+            set_tf32(xp, impl == "cudnn-tf32")
         for pass_name, fn in passes.items():
             row = {"shape": shape, "batch": n, "impl": impl, "pass": pass_name, "gflop": None,
                    "ms": None, "gflops": None, "pct_peak": None, "vs_cudnn": None}

@@ -127,3 +127,27 @@ def test_quick_keeps_a_batch_given_with_it(capsys):
     assert bench.main(["--json", "--quick", "--batch", "4", "--no-layers", "--no-torch",
                        "--models", "keras-tutorial"]) == 0
     assert json.loads(capsys.readouterr().out)["batch"] == 4
+
+
+def test_set_tf32_uses_fp32_precision_where_torch_has_it_and_allow_tf32_before():
+    from types import SimpleNamespace
+
+    from minicnn.bench_kernels import set_tf32
+    old = SimpleNamespace(backends=SimpleNamespace(     # a PyTorch before 2.9: the flags only
+        cudnn=SimpleNamespace(allow_tf32=True, benchmark=False),
+        cuda=SimpleNamespace(matmul=SimpleNamespace(allow_tf32=True))))
+    set_tf32(old, False)
+    assert not old.backends.cudnn.allow_tf32 and not old.backends.cuda.matmul.allow_tf32
+    assert old.backends.cudnn.benchmark
+    torch = pytest.importorskip("torch")
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    if not hasattr(conv, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} predates fp32_precision")
+    saved = conv.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.benchmark
+    try:
+        set_tf32(torch, False)
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        set_tf32(torch, True)
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.benchmark = saved
