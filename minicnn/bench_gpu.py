@@ -11,6 +11,7 @@ import copy
 
 import numpy as np
 
+from minicnn import kernels
 from minicnn.backend import cuda_time, get_backend, to_numpy
 from minicnn.bench_kernels import fp32_peak, set_tf32, time_torch, torch_with_cuda
 from minicnn.losses import SoftmaxCrossEntropy
@@ -101,17 +102,14 @@ def layer_columns(row, layer, x, dy, gpu, repeats, torch_twin):
     return row
 
 
-def model_columns(row, model, x, labels, gpu, repeats, torch_twin):
-    """Add gpu_* and cudnn_* keys to a CPU model row: one training step (forward, loss,
-    backward, SGD momentum step) and inference on the GPU, in images/s."""
-    cupy, torch = gpu["cupy"], gpu["torch"]
-    batch = len(x)
-    expected = model.forward(x)
+def _time_model_on_gpu(model, gx, glabels, expected, cupy, repeats):
+    """(check, train ms, eval ms) of a GPU copy of model: one training step (forward, loss,
+    backward, SGD momentum step) and inference, after checking its inference output against
+    expected (no times when that fails). Runs with whichever kernels.use(...) is active."""
     g = copy.deepcopy(model).to("cupy")
-    gx, glabels = cupy.asarray(x), cupy.asarray(labels)
-    row["gpu_check"] = check(g.forward(gx), expected)
-    if row["gpu_check"] != "ok":
-        return row
+    status = check(g.forward(gx), expected)
+    if status != "ok":
+        return status, None, None
     loss_fn, opt = SoftmaxCrossEntropy(), SGD(g, lr=0.01, momentum=0.9)
 
     def train_step():
@@ -119,11 +117,31 @@ def model_columns(row, model, x, labels, gpu, repeats, torch_twin):
         g.backward(dlogits, input_grad=False)
         opt.step()
 
-    train = cuda_time(train_step, cupy, repeats)
-    evaluate = cuda_time(lambda: g.forward(gx), cupy, repeats)
+    return status, cuda_time(train_step, cupy, repeats), cuda_time(lambda: g.forward(gx), cupy,
+                                                                   repeats)
+
+
+def model_columns(row, model, x, labels, gpu, repeats, torch_twin):
+    """Add gpu_*, gpu_raw_* and cudnn_* keys to a CPU model row: a training step and inference
+    on the GPU in images/s, with minicnn.ops on CuPy (generic) and with the raw CUDA kernels."""
+    cupy, torch = gpu["cupy"], gpu["torch"]
+    batch = len(x)
+    expected = model.forward(x)
+    gx, glabels = cupy.asarray(x), cupy.asarray(labels)
+    row["gpu_check"], train, evaluate = _time_model_on_gpu(model, gx, glabels, expected, cupy,
+                                                           repeats)
+    if row["gpu_check"] != "ok":
+        return row
     row.update(gpu_train_img_s=batch / train * 1e3,
                gpu_eval_img_s=batch / evaluate * 1e3,
                gpu_train_speedup=row["train_ms"] / train)
+    with kernels.use("raw"):
+        row["gpu_raw_check"], raw_train, raw_eval = _time_model_on_gpu(
+            model, gx, glabels, expected, cupy, repeats)
+    if row["gpu_raw_check"] == "ok":
+        row.update(gpu_raw_train_img_s=batch / raw_train * 1e3,
+                   gpu_raw_eval_img_s=batch / raw_eval * 1e3,
+                   gpu_raw_vs_generic_train=train / raw_train)
     if torch is not None:
         module = torch_twin(model, torch).cuda()
         tx = torch.as_tensor(x, device="cuda")
@@ -167,17 +185,22 @@ def print_tables(result, print_fn=print):
             f"{fmt(r.get('cudnn_tf32_ms'), '9.3f'):>9}  {r.get('gpu_check', '-')}"
             for r in result["layers"]], print_fn)
     if result["models"]:
-        head = (f"{'model':<16}{'train img/s':>13}{'x CPU':>7}{'torch':>9}{'TF32':>9}"
-                f"{'eval img/s':>12}{'torch':>9}{'TF32':>9}  check")
+        head = (f"{'model':<16}{'train img/s':>13}{'raw':>8}{'x CPU':>7}{'torch':>9}{'TF32':>9}"
+                f"{'eval img/s':>12}{'raw':>8}{'torch':>9}{'TF32':>9}  check (raw)")
         print_table(head, [
             f"{r['model']:<16}{fmt(r.get('gpu_train_img_s'), '13.0f'):>13}"
+            f"{fmt(r.get('gpu_raw_train_img_s'), '8.0f'):>8}"
             f"{fmt(r.get('gpu_train_speedup'), '7.1f'):>7}"
             f"{fmt(r.get('cudnn_train_img_s'), '9.0f'):>9}"
             f"{fmt(r.get('cudnn_tf32_train_img_s'), '9.0f'):>9}"
             f"{fmt(r.get('gpu_eval_img_s'), '12.0f'):>12}"
+            f"{fmt(r.get('gpu_raw_eval_img_s'), '8.0f'):>8}"
             f"{fmt(r.get('cudnn_eval_img_s'), '9.0f'):>9}"
             f"{fmt(r.get('cudnn_tf32_eval_img_s'), '9.0f'):>9}  {r.get('gpu_check', '-')}"
+            f" ({r.get('gpu_raw_check', '-')})"
             for r in result["models"]], print_fn)
-    print_fn("x CPU: the CPU row's time / the GPU's. torch: PyTorch on the GPU (cuDNN for the "
-             "convolutions) with TF32 off, an FP32 comparison; x torch: its time / minicnn's (above "
-             "1: minicnn is faster). TF32: the same with PyTorch's default TF32 (tensor cores).")
+    print_fn("raw: the same model with kernels.use(\"raw\") (the CUDA kernels of kernels/*.cu "
+             "for its convs and max-pools). x CPU: the CPU row's time / the GPU's. torch: PyTorch "
+             "on the GPU (cuDNN for the convolutions) with TF32 off, an FP32 comparison; x torch: "
+             "its time / minicnn's (above 1: minicnn is faster). TF32: the same with PyTorch's "
+             "default TF32 (tensor cores).")

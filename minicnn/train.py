@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import minicnn
 from minicnn import data as datasets
-from minicnn import optim
+from minicnn import kernels, optim
 from minicnn.backend import get_backend, to_device, to_numpy
 from minicnn.checkpoint import load_checkpoint, predict_logits, save_checkpoint
 from minicnn.cli import run
@@ -59,6 +59,9 @@ HYPERPARAMETERS = {
     "augment": (None, str, "none, or crop, flip and cutout joined by '+' (e.g. crop+flip)"),
     "seed": (0, int, "seed of every random generator (init, split, order, augmentation)"),
     "backend": ("numpy", str, "numpy (CPU) or cupy (GPU)"),
+    "kernels": ("generic", str, "generic (minicnn.ops; on a GPU CuPy's operations and cuBLAS) or "
+                                "raw (the hand-written CUDA kernels of kernels/*.cu for the convs "
+                                "and max-pools; needs --backend cupy)"),
     "out": (None, str, "output directory (default: runs/<model>)"),
     "resume": (False, bool, "continue from --out DIR/last.npz"),
     "force": (False, bool, "with --resume: continue even if the settings differ; without: "
@@ -84,8 +87,8 @@ MODEL_DEFAULTS = {
 }
 
 # Settings that may differ between a run and its --resume without changing the result (the
-# backend only up to float32 rounding: a run started on a GPU may go on on the CPU, and back).
-RESUME_FREE = ("resume", "force", "out", "data", "debug", "backend")
+# backend and kernels only up to float32 rounding: a run started on a GPU may go on on the CPU).
+RESUME_FREE = ("resume", "force", "out", "data", "debug", "backend", "kernels")
 
 # The files a run writes to --out: a new run refuses a directory that holds them (unless
 # --force), and only their temporary files (NAME.<8 hex digits>.tmp) count as debris.
@@ -166,6 +169,10 @@ def _validate(s):
         (s["limit"] >= 0, f"--limit must be >= 0, got {s['limit']}."),
         (s["seed"] >= 0, f"--seed must be >= 0, got {s['seed']}."),
         (s["backend"] in ("numpy", "cupy"), f"--backend must be numpy or cupy, got {s['backend']!r}."),
+        (s["kernels"] in kernels.IMPLEMENTATIONS,
+         f"--kernels must be generic or raw, got {s['kernels']!r}."),
+        (s["kernels"] == "generic" or s["backend"] == "cupy",
+         "--kernels raw needs --backend cupy: the CUDA kernels run on the GPU only."),
     ]
     for ok, message in checks:
         if not ok:
@@ -350,7 +357,8 @@ def fit(**overrides):
                 steps_per_epoch=steps_per_epoch, out=out, info=info)
     # A diverging loss is reported by the loop in one sentence, not by NumPy's overflow warnings.
     epochs_done = info["epoch"]
-    with _StopSignal() as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with (_StopSignal() as stop, kernels.use(s["kernels"]),
+          np.errstate(over="ignore", invalid="ignore", divide="ignore")):
         status = _train(loop, stop)
     if status == "interrupted":
         return {"status": status, "history": info["history"], "out": str(out),
@@ -360,7 +368,8 @@ def fit(**overrides):
     if info["epoch"] == epochs_done:
         _write_history(out, info["history"])
         plot_curves(info["history"], out / "curves.png")
-    report = final_report(loop)
+    with kernels.use(s["kernels"]):
+        report = final_report(loop)
     return {"status": status, "history": info["history"], "report": report, "out": str(out)}
 
 
@@ -595,7 +604,8 @@ def _table_row(r):
 def _print_header(s, d, model):
     params = sum(int(p.size) for p in model.params.values())
     print(f"minicnn {code_version()} | model {s['model']} ({params:,} parameters) | backend "
-          f"{s['backend']} | {len(d['x_train']):,} train / {len(d['x_val']):,} val images | "
+          f"{s['backend']}{' (raw CUDA kernels)' if s['kernels'] == 'raw' else ''} | "
+          f"{len(d['x_train']):,} train / {len(d['x_val']):,} val images | "
           f"{len(d['classes'])} classes")
     print(f"optimizer {s['optimizer']} lr {s['lr']} wd {s['weight_decay']} schedule {s['schedule']} "
           f"| batch {s['batch_size']} | epochs {s['epochs']} | augment {s['augment']} | "

@@ -101,10 +101,14 @@ def test_counts_below_one_are_refused_in_one_line(argv, capsys):
 
 
 def test_gpu_columns(gpu_xp, capsys, monkeypatch):
-    """Every layer and model row gets checked GPU columns and the table prints: on a GPU, and on
-    fake_cupy everywhere (its SGEMM-measured peak replaced by a stated one, to save the time)."""
-    from minicnn import bench_kernels
+    """Every layer and model row gets checked GPU columns, the model rows with the raw kernels
+    too, and the table prints: on a GPU, and on fake_cupy everywhere (its SGEMM-measured peak
+    replaced by a stated one, to save the time)."""
+    import fake_cupy
+    from minicnn import bench_kernels, kernels
     monkeypatch.setitem(bench_kernels.FP32_PEAK_TFLOPS, "fake_cupy", 0.1)
+    if gpu_xp is fake_cupy.module:       # it runs no CUDA C: "raw" hands out minicnn.ops here
+        monkeypatch.setattr(kernels, "RAW", dict(kernels.GENERIC))
     result = bench.run(models=["keras-tutorial"], batch=4, repeats=1, use_torch=False,
                        backends=("numpy", "cupy"))
     assert result["gpu"]["peak_tflops"] > 0
@@ -113,8 +117,11 @@ def test_gpu_columns(gpu_xp, capsys, monkeypatch):
     assert convs and all(r["gpu_pct_peak"] > 0 for r in convs)
     [model] = result["models"]
     assert model["gpu_check"] == "ok" and model["gpu_train_img_s"] > 0
+    assert model["gpu_raw_check"] == "ok" and model["gpu_raw_train_img_s"] > 0
+    assert model["gpu_raw_vs_generic_train"] > 0
     bench.print_report(result)
-    assert "GPU:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "GPU:" in printed and "ok (ok)" in printed
 
 
 def test_bench_kernels_exits_0_when_every_check_passes(capsys):

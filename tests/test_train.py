@@ -131,6 +131,28 @@ def test_train_resume_evaluate_and_predict_with_the_cupy_backend(gpu_xp, folder,
     assert lines["cupy"] == lines["numpy"]                     # the same most likely class
 
 
+def test_kernels_raw_trains_through_the_raw_kernels(gpu_xp, folder, tmp_path, monkeypatch):
+    """--kernels raw: every conv and max-pool of the run goes through kernels.RAW (counted
+    here; on fake_cupy, which runs no CUDA C, the counted pairs are minicnn.ops's)."""
+    import fake_cupy
+    from minicnn import kernels
+    pairs = dict(kernels.GENERIC if gpu_xp is fake_cupy.module else kernels.RAW)
+    calls = []
+
+    def counted(op, forward):
+        def wrapped(*args, **kwargs):
+            calls.append(op)
+            return forward(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(kernels, "RAW", {op: (counted(op, forward), backward)
+                                         for op, (forward, backward) in pairs.items()})
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--backend", "cupy", "--kernels", "raw",
+                                  "--epochs", "1")) == 0
+    assert calls.count("conv2d") >= 3 * 4 and calls.count("maxpool2d") >= 2 * 4   # 4 steps
+    assert json.loads((out / "settings.json").read_text())["settings"]["kernels"] == "raw"
+
+
 def test_evaluate_rejects_unknown_class_folders(folder, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(_train_args(folder, out))
@@ -353,6 +375,8 @@ def test_divergence_names_the_checkpoint_to_go_on_from(folder, tmp_path, capsys)
     (["--weight-decay", "inf"], "--weight-decay must be a number >= 0, got inf."),
     (["--data", ""], "--data is empty"),
     (["--val-split", "0.01"], "--val-split 0.01 of 72 images leaves no class an image"),
+    (["--kernels", "raw"], "--kernels raw needs --backend cupy"),
+    (["--kernels", "fast", "--backend", "cupy"], "--kernels must be generic or raw, got 'fast'."),
 ])
 def test_more_bad_settings_are_one_sentence(folder, tmp_path, capsys, args, message):
     assert train.main(_train_args(folder, tmp_path / "run", *args)) == 2
