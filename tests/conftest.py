@@ -39,3 +39,10 @@ def xp(request, monkeypatch):
 def gpu_xp(request, monkeypatch):
     """CuPy on a GPU, and fake_cupy everywhere (see _array_module)."""
     return _array_module(request.param, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """The CUDA emulation (tests/cuda_emulation.py), built once per session."""
+    from cuda_emulation import EmulatedCUDA, build_emulator
+    return EmulatedCUDA(build_emulator(tmp_path_factory.mktemp("cuda_emulator")))
