@@ -309,6 +309,8 @@ def fit(**overrides):
         saved = {k: v for k, v in info["settings"].items()
                  if k in HYPERPARAMETERS and k not in ("resume", "force", "out")}
         _check_model(saved, given, last_path)
+        if "backend" in given and "kernels" not in given:   # raw kernels belong to the GPU run
+            saved.pop("kernels", None)
         s = resolve_settings({**saved, **given})       # what is not given: the run's own
     xp = get_backend(s["backend"])
     _check_out(out, s)

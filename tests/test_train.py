@@ -151,6 +151,10 @@ def test_kernels_raw_trains_through_the_raw_kernels(gpu_xp, folder, tmp_path, mo
                                   "--epochs", "1")) == 0
     assert calls.count("conv2d") >= 3 * 4 and calls.count("maxpool2d") >= 2 * 4   # 4 steps
     assert json.loads((out / "settings.json").read_text())["settings"]["kernels"] == "raw"
+    # going on on the CPU drops the raw kernels, which run on the GPU only
+    assert train.main(["--resume", "--out", str(out), "--backend", "numpy", "--epochs", "2",
+                       "--force"]) == 0
+    assert json.loads((out / "settings.json").read_text())["settings"]["kernels"] == "generic"
 
 
 def test_evaluate_rejects_unknown_class_folders(folder, tmp_path, capsys):
