@@ -10,8 +10,7 @@ What it enforces, as CuPy does:
 - NumPy functions called on device arrays dispatch to the device (NEP 18) and stay there;
 - a full reduction or a full index gives a 0-d device array, not a scalar (float(), int(),
   bool(), .item() and format() read it back, as in CuPy);
-- indexing may use NumPy index arrays, and assignment NumPy values (CuPy copies them over).
-
+- indexing may use NumPy index arrays, and assignment NumPy values (CuPy copies them over);
 - the NumPy functions, submodule members and array methods that CuPy lacks are missing here too
   (NUMPY_ONLY, taken from CuPy 14.2 with dir()): np.errstate, for one, is NumPy's only.
 
