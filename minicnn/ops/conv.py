@@ -24,10 +24,12 @@ from minicnn.backend import array_module
 from minicnn.ops.im2col import col2im_nhwc, conv_output_size, im2col_nhwc, pad_nhwc
 
 # The most bytes of im2col rows one worker builds at once: a chunk of a few images that stays
-# in the core's cache (L2 2.5 MiB, L3 48 MiB shared on the 2-core Xeon) between the copy that
-# builds it and the GEMMs that read it. 2 MiB fits the L2: interleaved A/B of whole training
-# steps, medians, 2 vs 4 MiB: keras-tutorial 67.7 vs 75.4, 68.8 vs 70.8, 76.1 vs 77.2 ms;
-# resnet-small 217 vs 229, 279 vs 285 ms (a dW GEMM on 7 images' rows: ~92 GFLOP/s, on 21: ~60).
+# in cache (L2 1.25 MiB a core, L3 48 MiB shared on the 2-core Xeon) between the copy that
+# builds it and the GEMMs that read it. Interleaved A/B of whole training steps, medians, 2 vs
+# 4 MiB: keras-tutorial 67.7 vs 75.4, 68.8 vs 70.8, 76.1 vs 77.2 ms; resnet-small 217 vs 229,
+# 279 vs 285 ms (a dW GEMM on 7 images' rows: ~92 GFLOP/s, on 21: ~60). Smaller is not better
+# although 2 MiB overflows the L2 (the GEMMs get fewer rows): 0.5 / 1 / 2 MiB, keras-tutorial
+# 83.1 / 70.5 / 69.5 ms, resnet-small 305 / 243 / 226 ms.
 CONV_WORKSPACE_BYTES = 2 * 2**20
 
 # On a GPU (CuPy arrays) a cache-sized chunk would only split the batch into many small
