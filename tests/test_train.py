@@ -234,10 +234,15 @@ def test_sigterm_saves_and_resume_continues_exactly(folder, tmp_path, monkeypatc
     (["--resume"], "no checkpoint to resume from"),
     (["--seed", "-5"], "--seed must be >= 0, got -5."),
     (["--val-split", "0"], "There is no data to validate on; give --val-split > 0."),
+    (["--lr", "inf"], "--lr must be a positive number, got inf."),
+    (["--weight-decay", "inf"], "--weight-decay must be a number >= 0, got inf."),
+    (["--data", ""], "--data is empty"),
+    (["--val-split", "0.01"], "--val-split 0.01 of 72 images leaves no class an image"),
+    (["--kernels", "raw"], "--kernels raw needs --backend cupy"),
+    (["--kernels", "fast", "--backend", "cupy"], "--kernels must be generic or raw, got 'fast'."),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(folder, tmp_path, capsys, args, message):
-    argv = ["--data", str(folder), "--out", str(tmp_path / "run"), "--epochs", "1"] + args
-    assert train.main(argv) == 2
+    assert train.main(_train_args(folder, tmp_path / "run", *args)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
@@ -372,20 +377,6 @@ def test_divergence_names_the_checkpoint_to_go_on_from(folder, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "The loss became" in err and "The last checkpoint" in err and err.count("\n") == 1
     assert "still gives a finite loss" in err or "diverges on this batch too" in err
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--lr", "inf"], "--lr must be a positive number, got inf."),
-    (["--weight-decay", "inf"], "--weight-decay must be a number >= 0, got inf."),
-    (["--data", ""], "--data is empty"),
-    (["--val-split", "0.01"], "--val-split 0.01 of 72 images leaves no class an image"),
-    (["--kernels", "raw"], "--kernels raw needs --backend cupy"),
-    (["--kernels", "fast", "--backend", "cupy"], "--kernels must be generic or raw, got 'fast'."),
-])
-def test_more_bad_settings_are_one_sentence(folder, tmp_path, capsys, args, message):
-    assert train.main(_train_args(folder, tmp_path / "run", *args)) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
 
 
 def test_predict_and_evaluate_refuse_a_checkpoint_whose_outputs_are_not_finite(folder, tmp_path,
