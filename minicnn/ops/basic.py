@@ -101,30 +101,47 @@ def dropout_backward(dy, mask):
 
 
 # ---- batch norm ----------------------------------------------------------------------------
+# Batch norm works on x as channel rows, (M, C) with M = N*H*W: a free view of channels-last
+# memory. A per-channel vector broadcast over (M, C) makes NumPy run its inner loop over only C
+# values (32 floats) at a time, which costs nearly 2x a plain pass; so the rows are taken r at
+# a time, (M/r, r*C), and the per-channel vectors tiled r times (measured on one core, a
+# (32768, 32) float32 subtract: 0.66 ms as it is, 0.44 ms as 16 rows at a time, 0.36 ms as 256).
+WIDE_ROW = 2048
+
+
 def _channel_rows(x):
-    """x (N, C) or (N, C, H, W) -> (M, C), one row per value of each channel: a free view of
+    """x (N, C) or (N, C, H, W) -> (rows, r): rows (M/r, r*C), r channel rows side by side,
+    r the largest power of two that divides M with r*C <= WIDE_ROW. A free view of
     channels-last memory (what minicnn's convs produce); a copy for NCHW memory."""
-    if x.ndim == 2:
-        return x
-    return x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
+    c = x.shape[1]
+    rows = x if x.ndim == 2 else x.transpose(0, 2, 3, 1).reshape(-1, c)
+    m, r = rows.shape[0], 1
+    while 2 * r * c <= WIDE_ROW and m % (2 * r) == 0:
+        r *= 2
+    return rows.reshape(m // r, r * c), r
 
 
 def _like_input(rows, x):
-    """(M, C) rows -> x's shape (an NCHW view of NHWC memory for 4-D x)."""
+    """Channel rows -> x's shape (an NCHW view of NHWC memory for 4-D x)."""
     if x.ndim == 2:
-        return rows
+        return rows.reshape(x.shape)
     n, c, h, w = x.shape
     return rows.reshape(n, h, w, c).transpose(0, 3, 1, 2)
 
 
 def column_sums(rows):
-    """(M, C) -> (C,) column sums (per channel, per feature), as one BLAS matrix-vector product.
+    """(M, K) -> (K,) column sums, as one BLAS matrix-vector product.
 
-    rows.sum(axis=0) runs its inner loop over only C values at a time: measured on the 2-core
+    rows.sum(axis=0) runs its inner loop over only K values at a time: measured on the 2-core
     Xeon, (19200, 32) float32 rows take 0.60 ms that way and 0.15 ms as ones @ rows.
     """
     xp = array_module(rows)
     return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
+
+
+def _channel_sums(rows, r):
+    """Wide channel rows (M/r, r*C) -> (C,): the sum over all M values of each channel."""
+    return column_sums(rows).reshape(r, -1).sum(axis=0)
 
 
 def batchnorm_forward(x, gamma, beta, eps):
@@ -132,36 +149,37 @@ def batchnorm_forward(x, gamma, beta, eps):
     (biased, as PyTorch) variance: the training-mode forward.
 
     x (N, C) or (N, C, H, W); gamma, beta (C,).
-    -> (y, cache, (mean, var)); cache: x - mean as (M, C) rows, 1/sqrt(var + eps), gamma; the
-    statistics are returned so the caller can update its running estimates. xhat itself is
+    -> (y, cache, (mean, var)); cache: x - mean as channel rows, 1/sqrt(var + eps), gamma, r;
+    the statistics are returned so the caller can update its running estimates. xhat itself is
     never written out: y = (x - mean) * (gamma / sqrt(var + eps)) + beta is one multiply and one
     add, and backward folds 1/sqrt(var + eps) into its per-channel factors (one pass fewer than
     writing xhat: 6 interleaved comparisons, 7-33% faster forward on 32- and 64-channel maps).
-    Works on x as an (M, C) matrix of channel rows, so each op streams through memory once;
-    the sums are BLAS matrix-vector products, the elementwise passes run on the workers.
+    Works on x as wide channel rows (see _channel_rows), so each op streams through memory
+    once; the sums are BLAS matrix-vector products, the elementwise passes run on the workers.
     """
     xp = array_module(x)
-    rows = _channel_rows(x)                               # (M, C)
-    m = rows.shape[0]
-    mean = column_sums(rows) / m
-    xc = xp.empty_like(rows)                              # (M, C), x - mean
+    rows, r = _channel_rows(x)                            # (M/r, r*C)
+    m = rows.shape[0] * r                                 # values per channel
+    mean = _channel_sums(rows, r) / m                     # (C,)
+    mean_r = xp.tile(mean, r)                             # (r*C,): a wide row's worth
+    xc = xp.empty_like(rows)                              # x - mean
     y = xp.empty_like(rows)
 
     def center(lo, hi):
-        xp.subtract(rows[lo:hi], mean, out=xc[lo:hi])
+        xp.subtract(rows[lo:hi], mean_r, out=xc[lo:hi])
         xp.square(xc[lo:hi], out=y[lo:hi])                # y as scratch: no extra temporary
 
-    parallel.map(center, m, xp, rows.size)
-    var = column_sums(y) / m
+    parallel.map(center, len(rows), xp, rows.size)
+    var = _channel_sums(y, r) / m
     invstd = 1.0 / xp.sqrt(var + eps)
-    scale = gamma * invstd
+    scale_r, beta_r = xp.tile(gamma * invstd, r), xp.tile(beta, r)
 
     def normalize(lo, hi):
-        xp.multiply(xc[lo:hi], scale, out=y[lo:hi])
-        y[lo:hi] += beta
+        xp.multiply(xc[lo:hi], scale_r, out=y[lo:hi])
+        y[lo:hi] += beta_r
 
-    parallel.map(normalize, m, xp, rows.size)
-    return _like_input(y, x), (xc, invstd, gamma), (mean, var)
+    parallel.map(normalize, len(rows), xp, rows.size)
+    return _like_input(y, x), (xc, invstd, gamma, r), (mean, var)
 
 
 def batchnorm_inference(x, gamma, beta, eps, mean, var):
@@ -172,14 +190,15 @@ def batchnorm_inference(x, gamma, beta, eps, mean, var):
     xp = array_module(x)
     scale = gamma / xp.sqrt(var + eps)                    # (C,)
     shift = beta - mean * scale
-    rows = _channel_rows(x)                               # (M, C)
+    rows, r = _channel_rows(x)                            # (M/r, r*C)
+    scale_r, shift_r = xp.tile(scale, r), xp.tile(shift, r)
     y = xp.empty_like(rows)
 
     def affine(lo, hi):
-        xp.multiply(rows[lo:hi], scale, out=y[lo:hi])
-        y[lo:hi] += shift
+        xp.multiply(rows[lo:hi], scale_r, out=y[lo:hi])
+        y[lo:hi] += shift_r
 
-    parallel.map(affine, rows.shape[0], xp, rows.size)
+    parallel.map(affine, len(rows), xp, rows.size)
     return _like_input(y, x)
 
 
@@ -193,18 +212,19 @@ def batchnorm_backward(dy, cache):
     xhat * dgamma / m = xc * (dgamma / sqrt(var + eps) / m).
     """
     xp = array_module(dy)
-    xc, invstd, gamma = cache
-    rows = _channel_rows(dy)                              # (M, C)
-    m = rows.shape[0]
+    xc, invstd, gamma, r = cache
+    rows, _ = _channel_rows(dy)                           # (M/r, r*C), as xc
+    m = rows.shape[0] * r
     dx = xp.empty_like(xc)                                # scratch for dy * xc, then dx
 
     def product(lo, hi):
         xp.multiply(rows[lo:hi], xc[lo:hi], out=dx[lo:hi])
 
-    parallel.map(product, m, xp, rows.size)
-    dbeta = column_sums(rows)
-    dgamma = column_sums(dx) * invstd
-    dgamma_m, dbeta_m, scale = dgamma * invstd / m, dbeta / m, gamma * invstd
+    parallel.map(product, len(rows), xp, rows.size)
+    dbeta = _channel_sums(rows, r)
+    dgamma = _channel_sums(dx, r) * invstd
+    dgamma_m, dbeta_m = xp.tile(dgamma * invstd / m, r), xp.tile(dbeta / m, r)
+    scale = xp.tile(gamma * invstd, r)
 
     def combine(lo, hi):
         d = dx[lo:hi]
@@ -213,7 +233,7 @@ def batchnorm_backward(dy, cache):
         d -= dbeta_m
         d *= scale
 
-    parallel.map(combine, m, xp, rows.size)
+    parallel.map(combine, len(rows), xp, rows.size)
     return _like_input(dx, dy), dgamma, dbeta
 
 
