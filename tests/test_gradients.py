@@ -20,16 +20,19 @@ def _assert_ok(errors):
     assert errors and all(e < TOL for e in errors.values()), errors
 
 
-@given(conv_problems(), seeds, st.booleans(), st.sampled_from([1, 10**9]),
-       st.sampled_from([0, 10**9]))
-def test_conv2d(problem, seed, bias, dx_gemm_min_channels, per_image_gemm_max_size):
-    """Both ways a stride-1 conv can take its dx: as a convolution (padded) or tap by tap
-    (valid), from 1 channel on; and dcols + col2im (never either). And the GEMMs run one per
-    image (always) or one per chunk of images (never)."""
+@given(conv_problems(), seeds, st.booleans(), st.sampled_from([0, 10**9]),
+       st.sampled_from([1, 10**9]), st.sampled_from([0, 10**9]))
+def test_conv2d(problem, seed, bias, channels_first_below, dx_gemm_min_channels,
+                per_image_gemm_max_size):
+    """Both layouts: channels-first (the teaching im2col, for any channel count) and
+    channels-last. In the latter, both ways a stride-1 conv can take its dx: as a convolution
+    (padded) or tap by tap (valid), from 1 channel on; and dcols + col2im (never either). And
+    the GEMMs run one per image (always) or one per chunk of images (never)."""
     n, c, h, w, f, kernel, stride, padding = problem
     rng = np.random.default_rng(seed)
     layer = Conv2D(c, f, kernel, stride, padding, bias=bias, dtype=np.float64, rng=rng)
-    with mock.patch.multiple(conv_ops, DX_GEMM_MIN_CHANNELS=dx_gemm_min_channels,
+    with mock.patch.multiple(conv_ops, CHANNELS_FIRST_BELOW=channels_first_below,
+                             DX_GEMM_MIN_CHANNELS=dx_gemm_min_channels,
                              PER_IMAGE_GEMM_MAX_SIZE=per_image_gemm_max_size):
         _assert_ok(minicnn.gradcheck(layer, rng.standard_normal((n, c, h, w)), seed=seed))
 

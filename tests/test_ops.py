@@ -30,6 +30,19 @@ def test_im2col_and_col2im_are_adjoint(problem, seed):
     lhs = np.vdot(cols, c)                                   # <im2col(x), c>
     rhs = np.vdot(x, col2im(c, x.shape, layer.kernel_size, layer.stride, pad))  # <x, col2im(c)>
     assert np.isclose(lhs, rhs, rtol=1e-10, atol=1e-10)
+    # into a reused buffer with one more row (the conv's row of ones for the bias): the first
+    # rows are the same cols, the last is left alone; col2im adds into a padded array
+    taller = np.full((cols.shape[0], cols.shape[1] + 1, cols.shape[2]), 7.0)
+    filled = im2col(x, layer.kernel_size, layer.stride, pad, out=taller)
+    np.testing.assert_array_equal(filled, cols)
+    assert np.shares_memory(filled, taller) and (taller[:, -1] == 7).all()
+    (pt, pb), (pl, pr) = pad
+    n, ch, h, w = x.shape
+    padded = np.ones((n, ch, h + pt + pb, w + pl + pr))
+    added = col2im(c, x.shape, layer.kernel_size, layer.stride, pad, out=padded)
+    assert added is padded
+    np.testing.assert_allclose(padded[:, :, pt:pt + h, pl:pl + w] - 1,
+                               col2im(c, x.shape, layer.kernel_size, layer.stride, pad))
 
 
 @given(conv_problems(), st.integers(0, 2**32 - 1))
@@ -56,8 +69,10 @@ def test_conv_matches_nested_loop_reference(problem, seed):
     pad = layer._padding_for(*x.shape[2:])
     expected = conv2d_reference(x, layer.params["weight"], layer.params["bias"], layer.stride, pad)
     np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
-    for per_image_gemm_max_size in (0, 10**9):          # one GEMM per chunk of images, per image
-        with mock.patch.object(conv_ops, "PER_IMAGE_GEMM_MAX_SIZE", per_image_gemm_max_size):
+    # channels-first and channels-last; in the latter, one GEMM per chunk of images or per image
+    for channels_first_below, per_image in ((10**9, 0), (0, 0), (0, 10**9)):
+        with mock.patch.multiple(conv_ops, CHANNELS_FIRST_BELOW=channels_first_below,
+                                 PER_IMAGE_GEMM_MAX_SIZE=per_image):
             np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
 
 

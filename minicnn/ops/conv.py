@@ -7,8 +7,10 @@ layout on, and the next convolution gets its NHWC input for free. Measured on a 
   - im2col of NHWC memory is one strided copy whose innermost run is KW*C contiguous floats,
     3-10x faster than nine per-tap copies of NCHW rows of OW floats;
   - the GEMM's output rows (N*OH*OW, F) are already NHWC: no transpose of the output, ever.
-The slow, obvious version of the same maths is tests/reference.py::conv2d_reference; the
-teaching-layout im2col (N, C*KH*KW, OH*OW) is minicnn/ops/im2col.py::im2col.
+The slow, obvious version of the same maths is tests/reference.py::conv2d_reference. A layer
+with only a few input channels (an RGB first layer) runs on the teaching-layout im2col instead,
+cols (N, C*KH*KW, OH*OW) from minicnn/ops/im2col.py::im2col (see CHANNELS_FIRST_BELOW); its
+output is NHWC memory all the same.
 
 Work split: the batch's images are shared among minicnn.parallel's workers (one per core), and
 each worker goes through its images a chunk at a time: build the chunk's im2col rows
@@ -21,7 +23,8 @@ import numpy as np
 
 from minicnn import parallel
 from minicnn.backend import array_module
-from minicnn.ops.im2col import col2im_nhwc, conv_output_size, im2col_nhwc, pad_nhwc
+from minicnn.ops.im2col import (col2im, col2im_nhwc, conv_output_size, im2col, im2col_nhwc,
+                                pad_images, pad_nhwc)
 
 # The most bytes of im2col rows one worker builds at once: a chunk of a few images that stays
 # in cache (L2 1.25 MiB a core, L3 48 MiB shared on the 2-core Xeon) between the copy that
@@ -36,6 +39,13 @@ CONV_WORKSPACE_BYTES = 2 * 2**20
 # kernel launches: there the budget is this, and a batch of 512 images of the CIFAR ladder's
 # largest layer (64 channels @32x32, 1.2 GB of cols) runs in two chunks.
 GPU_WORKSPACE_BYTES = 2**30
+
+# A convolution of fewer input channels than this (an RGB first layer) runs in the teaching
+# layout instead, cols (N, C*KH*KW, OH*OW) built from NCHW memory (_forward_channels_first): in
+# NHWC memory a window row is only KW*C floats (9 for RGB), the inner loop of im2col's copy; in
+# NCHW memory it is a run of OW. Measured on one worker's 64 images, 3->32 @32x32, CPU ms:
+# forward 4.2-5.5 -> 2.2-2.4 (valid) and 4.5-6.7 -> 3.4-4.6 (padding 1); dW + db 4.2-4.4 -> 2.1.
+CHANNELS_FIRST_BELOW = 8
 
 # A stride-1 convolution with at least this many input channels takes its dx as a convolution
 # (padded) or tap by tap (valid; see _add_taps). Below it (an RGB first layer) both would run
@@ -60,10 +70,11 @@ def _images_per_chunk(n, rows_per_image, k, itemsize, xp):
     return max(1, min(n, budget // max(1, rows_per_image * k * itemsize)))
 
 
-def _cols_buffer(rows, k, kb, dtype, xp):
-    """An im2col workspace (rows, kb); when kb == k + 1, its last column is ones (the bias's)."""
-    buf = xp.empty((rows, kb), dtype=dtype)
-    if kb > k:
+def _cols_buffer(shape, k, dtype, xp):
+    """An im2col workspace, (rows, K [+ 1]) or (images, K [+ 1], OH*OW): when its axis 1 is
+    K + 1 long, its index K there is ones (the bias's column, or row)."""
+    buf = xp.empty(shape, dtype=dtype)
+    if shape[1] > k:
         buf[:, k] = 1
     return buf
 
@@ -82,6 +93,8 @@ def conv2d_forward(x, w, b, stride, padding):
     1.29 -> 0.91 ms, dW + db 1.74 -> 1.20 ms; 3-10% on the 32- to 128-channel layers. A separate
     out += b runs over only F floats at a time, and so does db = dY.sum(axis=0).
     """
+    if x.shape[1] < CHANNELS_FIRST_BELOW:
+        return _forward_channels_first(x, w, b, stride, padding)
     xp = array_module(x)
     n, c, h, wd = x.shape
     f, _, kh, kw = w.shape
@@ -107,7 +120,7 @@ def conv2d_forward(x, w, b, stride, padding):
     def work(lo, hi):                                            # images lo:hi, one worker
         if padded:
             pad_nhwc(x[lo:hi], padding, out=xpad[lo:hi])
-        buf = _cols_buffer(min(chunk, hi - lo) * oh * ow, k, kb, x.dtype, xp)
+        buf = _cols_buffer((min(chunk, hi - lo) * oh * ow, kb), k, x.dtype, xp)
         for s in range(lo, hi, chunk):
             e = min(s + chunk, hi)
             cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, out=buf)   # (rows, K [+ 1])
@@ -116,7 +129,8 @@ def conv2d_forward(x, w, b, stride, padding):
                       out=out[s:e].reshape(gemms + (f,)))
 
     parallel.map(work, n, xp)
-    cache = (x.shape, xpad, chunk, w_bias, w.shape, stride, padding, b is not None)
+    cache = ("channels-last", x.shape, xpad, chunk, w_bias, w.shape, stride, padding,
+             b is not None)
     return out.transpose(0, 3, 1, 2), cache
 
 
@@ -139,8 +153,10 @@ def conv2d_backward(dout, cache, input_grad=True):
     their dx is summed tap by tap instead (_add_taps: col2im(dY @ W) without the dcols matrix).
     Both need at least DX_GEMM_MIN_CHANNELS input channels; otherwise dcols + col2im.
     """
+    if cache[0] == "channels-first":
+        return _backward_channels_first(dout, cache, input_grad)
     xp = array_module(dout)
-    x_shape, xpad, chunk, w_bias, w_shape, stride, padding, has_bias = cache
+    _, x_shape, xpad, chunk, w_bias, w_shape, stride, padding, has_bias = cache
     n, c, h, wd = x_shape
     f, _, kh, kw = w_shape
     k, kb = kh * kw * c, w_bias.shape[1]                         # kb: k + 1 with a bias
@@ -160,19 +176,12 @@ def conv2d_backward(dout, cache, input_grad=True):
         input_grad = False                                       # the workers: dW and db only
     if by_taps:
         w_taps = xp.ascontiguousarray(w_mat.reshape(f, kh, kw, c).transpose(1, 2, 0, 3))
-    if not input_grad:
-        dxpad = None
-    elif c >= 8 or by_taps:
-        dxpad = xp.empty(xpad.shape, dtype=dout.dtype)           # NHWC memory
-    else:
-        # Few channels (an RGB first layer): in NHWC memory each col2im add would run over only
-        # C floats at a time; in NCHW memory it runs along image rows, about 2x faster here.
-        dxpad = xp.empty((n, c) + xpad.shape[1:3], dtype=dout.dtype).transpose(0, 2, 3, 1)
+    dxpad = xp.empty(xpad.shape, dtype=dout.dtype) if input_grad else None   # NHWC memory
 
     def work(lo, hi):                                            # images lo:hi, one worker
         dy_part = xp.ascontiguousarray(dy[lo:hi])                # free when dout is NHWC memory
         rows = min(chunk, hi - lo) * pixels
-        cols_buf = _cols_buffer(rows, k, kb, dout.dtype, xp)
+        cols_buf = _cols_buffer((rows, kb), k, dout.dtype, xp)
         dcols_buf = (xp.empty((rows, c if by_taps else k), dtype=dout.dtype) if input_grad
                      else None)                                  # dcols, or one tap's dx rows
         dw, dw_part = xp.zeros((f, kb), dtype=dout.dtype), xp.empty((f, kb), dtype=dout.dtype)
@@ -204,6 +213,82 @@ def conv2d_backward(dout, cache, input_grad=True):
     if not as_conv:
         dx = dxpad[:, pt:pt + h, pl:pl + wd, :].transpose(0, 3, 1, 2) if input_grad else None
     return dx, xp.ascontiguousarray(dw), db
+
+
+# ---- few input channels: the teaching layout, cols (N, C*KH*KW, OH*OW) -----------------------
+def _forward_channels_first(x, w, b, stride, padding):
+    """conv2d_forward for fewer than CHANNELS_FIRST_BELOW input channels: the same maths, the
+    cols of each chunk of images built by minicnn.ops.im2col.im2col from NCHW memory, one GEMM
+    per image, out[n] (OH*OW, F) = cols[n]^T @ [W b]^T, so the output is NHWC memory as the
+    channels-last path's. cache: the padded NCHW input and the (K [+ 1], F) weight matrix."""
+    xp = array_module(x)
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    oh = conv_output_size(h, kh, stride[0], *padding[0])
+    ow = conv_output_size(wd, kw, stride[1], *padding[1])
+    pixels, k = oh * ow, c * kh * kw
+    kb = k + (b is not None)                                     # GEMM rows: + the bias's
+    w_cols = xp.empty((kb, f), dtype=w.dtype)                    # rows in (c, i, j) order, b
+    w_cols[:k] = w.reshape(f, k).T
+    if b is not None:
+        w_cols[k] = b
+    xpad = pad_images(x, padding)                                # (N, C, Hp, Wp)
+    out = xp.empty((n, pixels, f), dtype=x.dtype)                # NHWC memory
+    chunk = _images_per_chunk(n, pixels, kb, x.dtype.itemsize, xp)
+
+    def work(lo, hi):                                            # images lo:hi, one worker
+        buf = _cols_buffer((min(chunk, hi - lo), kb, pixels), k, x.dtype, xp)
+        for s in range(lo, hi, chunk):
+            e = min(s + chunk, hi)
+            im2col(xpad[s:e], (kh, kw), stride, _NO_PADDING, out=buf[:e - s])
+            xp.matmul(buf[:e - s].transpose(0, 2, 1), w_cols, out=out[s:e])
+
+    parallel.map(work, n, xp)
+    cache = ("channels-first", x.shape, xpad, chunk, w_cols, w.shape, stride, padding,
+             b is not None)
+    return out.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), cache
+
+
+def _backward_channels_first(dout, cache, input_grad):
+    """conv2d_backward of _forward_channels_first, per image n with dY[n] (OH*OW, F):
+    [dW db]^T += cols[n] @ dY[n],  dcols[n] = W^T @ dY[n]^T,  dx = col2im(dcols) (NCHW memory,
+    whose adds run along image rows)."""
+    xp = array_module(dout)
+    _, x_shape, xpad, chunk, w_cols, w_shape, stride, padding, has_bias = cache
+    n, c, h, wd = x_shape
+    f, _, kh, kw = w_shape
+    k, kb = c * kh * kw, w_cols.shape[0]
+    (pt, _), (pl, _) = padding
+    dy = dout.transpose(0, 2, 3, 1)                              # (N, OH, OW, F), a view
+    pixels = dy.shape[1] * dy.shape[2]
+    dxpad = xp.empty(xpad.shape, dtype=dout.dtype) if input_grad else None   # NCHW memory
+
+    def work(lo, hi):                                            # images lo:hi, one worker
+        dy_part = xp.ascontiguousarray(dy[lo:hi]).reshape(hi - lo, pixels, f)
+        images = min(chunk, hi - lo)
+        buf = _cols_buffer((images, kb, pixels), k, dout.dtype, xp)
+        dcols_buf = xp.empty((images, k, pixels), dtype=dout.dtype) if input_grad else None
+        dw = xp.zeros((kb, f), dtype=dout.dtype)
+        if input_grad:
+            dxpad[lo:hi] = 0
+        for s in range(lo, hi, chunk):
+            e = min(s + chunk, hi)
+            im2col(xpad[s:e], (kh, kw), stride, _NO_PADDING, out=buf[:e - s])
+            g = dy_part[s - lo:e - lo]                           # (images, OH*OW, F)
+            dw += xp.matmul(buf[:e - s], g).sum(axis=0)          # (K [+ 1], F): [dW db]^T
+            if input_grad:
+                dcols = xp.matmul(w_cols[:k], g.transpose(0, 2, 1), out=dcols_buf[:e - s])
+                col2im(dcols, (e - s, c, h, wd), (kh, kw), stride, padding, out=dxpad[s:e])
+        return dw
+
+    dw_t = sum(parallel.map(work, n, xp))                        # (K [+ 1], F)
+    db = xp.ascontiguousarray(dw_t[k]) if has_bias else None
+    dw = xp.ascontiguousarray(dw_t[:k].T).reshape(f, c, kh, kw)
+    dx = dxpad[:, :, pt:pt + h, pl:pl + wd] if input_grad else None
+    return dx, dw, db
+
+
+_NO_PADDING = ((0, 0), (0, 0))
 
 
 def _per_image(*sizes):

@@ -9,8 +9,9 @@ already NCHW: no transpose of the output is needed.
 The loops below run over the KH*KW kernel offsets only (9 for a 3x3 kernel); each iteration
 copies a strided view of the whole batch, so no Python loop ever touches a pixel.
 
-This layout is the one to learn from (and the CUDA kernels' layout). minicnn.ops.conv runs on
-the channels-last twins at the bottom of this file, which measured faster on the CPU:
+This layout is the one to learn from (and the CUDA kernels' layout); minicnn.ops.conv uses it
+for a first layer of a few (RGB) channels, whose NCHW image rows make long copies. Deeper layers
+run on the channels-last twins at the bottom of this file, which measured faster there:
     x    (N, H, W, C)                      NHWC memory
     cols (N*OH*OW, KH*KW*C)                row (n*OH + oh)*OW + ow, column (kh*KW + kw)*C + c
 """
@@ -60,10 +61,13 @@ def pad_images(x, padding):
     return out
 
 
-def im2col(x, kernel, stride, padding):
+def im2col(x, kernel, stride, padding, out=None):
     """x (N, C, H, W) -> cols (N, C*KH*KW, OH*OW).
 
     kernel, stride: (h, w) pairs; padding: ((top, bottom), (left, right)).
+    out: a buffer (N, >= C*KH*KW, OH*OW) to fill instead of a new array; its first C*KH*KW
+    rows are filled and returned, the rows below are left as they are (minicnn.ops.conv keeps
+    a row of ones there, which turns the bias into one more row of the GEMM).
     """
     xp = array_module(x)
     n, c, h, w = x.shape
@@ -71,19 +75,24 @@ def im2col(x, kernel, stride, padding):
     oh = conv_output_size(h, kh, sh, *padding[0])
     ow = conv_output_size(w, kw, sw, *padding[1])
     xpad = pad_images(x, padding)                          # (N, C, Hp, Wp)
-    cols = xp.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    if out is None:
+        out = xp.empty((n, c * kh * kw, oh * ow), dtype=x.dtype)
+    cols = out[:, :c * kh * kw]
+    cols6 = cols.reshape(n, c, kh, kw, oh, ow)             # a view: only axes are split
     for i in range(kh):
         for j in range(kw):
             # every output pixel's (i, j) tap, for the whole batch at once
-            cols[:, :, i, j] = xpad[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
-    return cols.reshape(n, c * kh * kw, oh * ow)
+            cols6[:, :, i, j] = xpad[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+    return cols
 
 
-def col2im(cols, x_shape, kernel, stride, padding):
+def col2im(cols, x_shape, kernel, stride, padding, out=None):
     """The adjoint of im2col: cols (N, C*KH*KW, OH*OW) -> dx (N, C, H, W).
 
     Each column entry is added back to the pixel it was copied from; pixels read by several
     windows (overlap) receive the sum. <im2col(x), c> == <x, col2im(c)> for all x, c.
+    out: a padded (N, C, H+pt+pb, W+pl+pr) array to add into, returned as it is (uncropped),
+    instead of a new zeroed one cropped to (N, C, H, W).
     """
     xp = array_module(cols)
     n, c, h, w = x_shape
@@ -92,11 +101,12 @@ def col2im(cols, x_shape, kernel, stride, padding):
     oh = conv_output_size(h, kh, sh, pt, pb)
     ow = conv_output_size(w, kw, sw, pl, pr)
     cols6 = cols.reshape(n, c, kh, kw, oh, ow)
-    dxpad = xp.zeros((n, c, h + pt + pb, w + pl + pr), dtype=cols.dtype)
+    dxpad = (xp.zeros((n, c, h + pt + pb, w + pl + pr), dtype=cols.dtype) if out is None
+             else out)
     for i in range(kh):
         for j in range(kw):
             dxpad[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += cols6[:, :, i, j]
-    if pt == pb == pl == pr == 0:
+    if out is not None or pt == pb == pl == pr == 0:
         return dxpad
     return xp.ascontiguousarray(dxpad[:, :, pt:pt + h, pl:pl + w])
 
