@@ -3,6 +3,7 @@ schedule (ReLU after MaxPool) changes no output and no gradient."""
 import contextlib
 import threading
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from minicnn import parallel
 from minicnn.layers import (BatchNorm1D, BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU,
                             Residual)
 from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.ops import pool as pool_ops
 from minicnn.zoo import keras_tutorial
 from strategies import conv_problems, pool_problems
 
@@ -65,6 +67,11 @@ def test_split_pool_and_relu_equal_one_thread(problem, seed):
     _same_with_workers(lambda: MaxPool2D(kernel, stride), x)
     _same_with_workers(lambda: MaxPool2D(2), x)                  # the 2x2 fast path
     _same_with_workers(ReLU, x)
+    # ... and the 2x2 fast path a block of one image at a time inside each worker
+    whole = _forward_backward(MaxPool2D(2), x, 1)
+    with mock.patch.object(pool_ops, "POOL_BLOCK_BYTES", 1), workers(3):
+        for blocked, expected in zip(_forward_backward(MaxPool2D(2), x, 1), whole):
+            np.testing.assert_array_equal(blocked, expected)
 
 
 @given(st.integers(2, 9), st.integers(1, 5), st.integers(0, 2**32 - 1))
