@@ -140,8 +140,10 @@ def column_sums(rows):
 
 
 def _channel_sums(rows, r):
-    """Wide channel rows (M/r, r*C) -> (C,): the sum over all M values of each channel."""
-    return column_sums(rows).reshape(r, -1).sum(axis=0)
+    """Wide channel rows (M/r, r*C), or their column sums (r*C,) -> (C,): the sum over all M
+    values of each channel."""
+    sums = column_sums(rows) if rows.ndim == 2 else rows
+    return sums.reshape(r, -1).sum(axis=0)
 
 
 def batchnorm_forward(x, gamma, beta, eps):
@@ -155,7 +157,8 @@ def batchnorm_forward(x, gamma, beta, eps):
     add, and backward folds 1/sqrt(var + eps) into its per-channel factors (one pass fewer than
     writing xhat: 6 interleaved comparisons, 7-33% faster forward on 32- and 64-channel maps).
     Works on x as wide channel rows (see _channel_rows), so each op streams through memory
-    once; the sums are BLAS matrix-vector products, the elementwise passes run on the workers.
+    once; the sums are BLAS matrix-vector products, each worker summing the range it has just
+    written (still in its cache) where it can.
     """
     xp = array_module(x)
     rows, r = _channel_rows(x)                            # (M/r, r*C)
@@ -165,12 +168,12 @@ def batchnorm_forward(x, gamma, beta, eps):
     xc = xp.empty_like(rows)                              # x - mean
     y = xp.empty_like(rows)
 
-    def center(lo, hi):
+    def center(lo, hi):                                   # -> this range's sums of squares
         xp.subtract(rows[lo:hi], mean_r, out=xc[lo:hi])
         xp.square(xc[lo:hi], out=y[lo:hi])                # y as scratch: no extra temporary
+        return column_sums(y[lo:hi])
 
-    parallel.map(center, len(rows), xp, rows.size)
-    var = _channel_sums(y, r) / m
+    var = _channel_sums(sum(parallel.map(center, len(rows), xp, rows.size)), r) / m
     invstd = 1.0 / xp.sqrt(var + eps)
     scale_r, beta_r = xp.tile(gamma * invstd, r), xp.tile(beta, r)
 
@@ -217,12 +220,13 @@ def batchnorm_backward(dy, cache):
     m = rows.shape[0] * r
     dx = xp.empty_like(xc)                                # scratch for dy * xc, then dx
 
-    def product(lo, hi):
+    def product(lo, hi):                                  # -> this range's sums of dy, dy * xc
         xp.multiply(rows[lo:hi], xc[lo:hi], out=dx[lo:hi])
+        return column_sums(rows[lo:hi]), column_sums(dx[lo:hi])
 
-    parallel.map(product, len(rows), xp, rows.size)
-    dbeta = _channel_sums(rows, r)
-    dgamma = _channel_sums(dx, r) * invstd
+    sums = parallel.map(product, len(rows), xp, rows.size)
+    dbeta = _channel_sums(sum(s for s, _ in sums), r)
+    dgamma = _channel_sums(sum(s for _, s in sums), r) * invstd
     dgamma_m, dbeta_m = xp.tile(dgamma * invstd / m, r), xp.tile(dbeta / m, r)
     scale = xp.tile(gamma * invstd, r)
 
