@@ -106,7 +106,7 @@ def _images_per_block(x, xp):
     mean more kernel launches)."""
     if xp is not np:
         return len(x)
-    return max(1, POOL_BLOCK_BYTES // max(1, x[0].nbytes))
+    return max(1, POOL_BLOCK_BYTES // max(1, x[:1].nbytes))
 
 
 def _maxpool2x2_forward(x, training):
