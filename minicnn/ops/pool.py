@@ -101,12 +101,15 @@ def maxpool2d_backward(dout, cache):
 POOL_BLOCK_BYTES = 2**20
 
 
-def _images_per_block(x, xp):
-    """Images per block of POOL_BLOCK_BYTES (all of them on a GPU, where blocks would only
-    mean more kernel launches)."""
-    if xp is not np:
-        return len(x)
-    return max(1, POOL_BLOCK_BYTES // max(1, x[:1].nbytes))
+def _by_blocks(fn, x, xp):
+    """A worker's fn(lo, hi) that calls fn on its images a block of POOL_BLOCK_BYTES of x at a
+    time (all of them at once on a GPU, where blocks would only mean more kernel launches)."""
+    block = len(x) if xp is not np else max(1, POOL_BLOCK_BYTES // max(1, x[:1].nbytes))
+
+    def work(lo, hi):
+        for s in range(lo, hi, block):
+            fn(s, min(s + block, hi))
+    return work
 
 
 def _maxpool2x2_forward(x, training):
@@ -121,10 +124,6 @@ def _maxpool2x2_forward(x, training):
     out = _empty_like_layout((n, c, oh, ow), x.strides, x.dtype, xp)
     row_second = _empty_like_layout((n, c, oh, 2 * ow), x.strides, bool, xp) if training else None
     col_second = _empty_like_layout((n, c, oh, ow), x.strides, bool, xp) if training else None
-
-    def work(lo, hi):
-        for s in range(lo, hi, block):
-            pool_block(s, min(s + block, hi))
 
     def pool_block(lo, hi):
         xs = x[lo:hi]
@@ -146,8 +145,7 @@ def _maxpool2x2_forward(x, training):
         if xp is not np or ties.any():
             cs |= ties & rs[..., 0::2] & ~rs[..., 1::2]
 
-    block = _images_per_block(x, xp)
-    parallel.map(work, n, xp, x.size)
+    parallel.map(_by_blocks(pool_block, x, xp), n, xp, x.size)
     return out, ("2x2", x.shape, x.strides, row_second, col_second) if training else None
 
 
@@ -157,10 +155,6 @@ def _maxpool2x2_backward(dout, cache):
     _, x_shape, x_strides, row_second, col_second = cache
     oh, ow = dout.shape[2:]
     dx = _empty_like_layout(x_shape, x_strides, dout.dtype, xp)
-
-    def work(lo, hi):
-        for s in range(lo, hi, block):
-            unpool_block(s, min(s + block, hi))
 
     def unpool_block(lo, hi):
         # second = g * won_second; first = g - second (exactly g or 0): no where().
@@ -175,8 +169,7 @@ def _maxpool2x2_backward(dout, cache):
         xp.multiply(drows, rs, out=bottom)
         xp.subtract(drows, bottom, out=top)
 
-    block = _images_per_block(dx, xp)
-    parallel.map(work, len(dout), xp, dout.size * 4)
+    parallel.map(_by_blocks(unpool_block, dx, xp), len(dout), xp, dout.size * 4)
     return dx
 
 
