@@ -55,6 +55,35 @@ def test_keras_tutorial_training_step_lowers_the_loss():
     assert all(p.dtype == np.float32 for p in model.params.values())
 
 
+@pytest.mark.parametrize("name", ["keras-tutorial", "resnet-small"])
+def test_the_presets_stay_float32_end_to_end(name):
+    """No silent float64 anywhere in a training step or in inference: every layer's output and
+    input gradient, the loss's gradient, the parameter gradients, the updated parameters and
+    the optimiser's buffers (a float64 array in the middle would halve the speed of everything
+    after it)."""
+    model = minicnn.zoo.build_model(name, rng=np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    layers = [model[i] for i in model.schedule()]
+    h, seen = x, []
+    for layer in layers:
+        h = layer.forward(h, training=True)
+        seen.append((f"{type(layer).__name__} output", h))
+    _, d = SoftmaxCrossEntropy()(h, np.arange(4))
+    seen.append(("dlogits", d))
+    for layer in reversed(layers):
+        d = layer.backward(d)
+        seen.append((f"{type(layer).__name__} input gradient", d))
+    opt = optim.AdamW(model, 1e-3)
+    opt.step()
+    seen += [(f"grad {k}", g) for k, g in model.grads.items()]
+    seen += [(f"param {k}", p) for k, p in model.params.items()]
+    seen += [(f"{k} {b}", v) for k, bufs in opt.state.items() for b, v in bufs.items()
+             if hasattr(v, "dtype")]
+    seen.append(("inference", model.forward(x)))
+    wrong = [label for label, a in seen if a.dtype != np.float32]
+    assert not wrong, wrong
+
+
 def test_params_and_grads_are_live_and_named_like_pytorch():
     model = keras_tutorial(rng=np.random.default_rng(0))
     assert list(model.params)[:2] == ["0.weight", "0.bias"]
