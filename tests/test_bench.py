@@ -30,6 +30,24 @@ def test_json_output_parses(capsys):
     assert result["machine"]["threads"] >= 1 and result["sgemm_gflops"] > 0
 
 
+def test_percent_of_peak_uses_the_better_of_the_two_sgemm_measurements(monkeypatch):
+    """The SGEMM peak is measured before the layers and again after them; the higher one is
+    reported and every layer's % of peak is taken against it."""
+    measured = iter([50.0, 200.0])
+    monkeypatch.setattr(bench, "sgemm_peak", lambda repeats: next(measured))
+    result = bench.run(models=["keras-tutorial"], batch=2, repeats=1, use_torch=False)
+    assert result["sgemm_gflops"] == 200.0
+    convs = [r for r in result["layers"] if r["gflops"]]
+    assert convs and all(r["pct_peak"] == pytest.approx(r["gflops"] / 2) for r in convs)
+    assert all(r["pct_peak"] is None for r in result["layers"] if not r["gflops"])
+
+
+def test_sgemm_peak_is_the_best_run(monkeypatch):
+    ticks = iter([0.0, 4.0, 10.0, 11.0, 20.0, 22.0])     # three runs: 4 s, 1 s, 2 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    assert bench.sgemm_peak(3, size=8) == pytest.approx(2 * 8 ** 3 / 1.0 / 1e9)
+
+
 @pytest.mark.parametrize("name", list(zoo.MODELS))
 def test_torch_twin_of_every_preset_matches(name):
     torch = pytest.importorskip("torch")
