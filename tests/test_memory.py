@@ -1,17 +1,19 @@
 """The memory bound of the CPU-speed work: training the Keras-tutorial CNN at batch 128 peaks
 under 1.5 GB of RSS (measured: 76-93 MiB), in a fresh interpreter so that nothing the other
-tests allocated counts."""
+tests allocated counts.
+
+The peak is the new process's own high-water mark, VmHWM in /proc/self/status, not getrusage's
+ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec, and so reported
+the whole pytest process (1.6 GB after the rest of the suite) as the child's peak."""
+import os
 import subprocess
 import sys
 
 import pytest
 
-resource = pytest.importorskip("resource")        # ru_maxrss: Unix only
-
 LIMIT_BYTES = 1.5e9
 
 TRAIN_AND_REPORT = """
-import resource, sys
 import numpy as np
 from minicnn import optim
 from minicnn.losses import SoftmaxCrossEntropy
@@ -27,12 +29,13 @@ for _ in range(5):
     model.backward(dlogits, input_grad=False)
     opt.step()
     model.forward(x)                               # and inference, as evaluate() runs it
-# ru_maxrss is in KiB on Linux, in bytes on macOS
-scale = 1 if sys.platform == "darwin" else 1024
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+with open("/proc/self/status") as status:
+    [peak_kib] = [line.split()[1] for line in status if line.startswith("VmHWM:")]
+print(int(peak_kib) * 1024)
 """
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM is Linux's")
 def test_keras_tutorial_training_at_batch_128_peaks_under_1_5_gb():
     run = subprocess.run([sys.executable, "-c", TRAIN_AND_REPORT], capture_output=True,
                          text=True, timeout=300)
