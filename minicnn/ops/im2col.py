@@ -167,11 +167,8 @@ def col2im_nhwc(cols, dxpad, kernel, stride):
     oh, ow = conv_output_size(hp, kh, sh, 0, 0), conv_output_size(wp, kw, sw, 0, 0)
     xp = array_module(cols)
     cols6 = cols.reshape(n, oh, ow, kh, kw, c)
-    # NumPy runs the innermost loop along the last axis given; list the axes in dxpad's memory
-    # order so that this is its contiguous one (C for NHWC memory, W when dxpad is NCHW memory).
-    axes = (0, 1, 2, 3) if dxpad.strides[3] <= dxpad.strides[2] else (0, 3, 1, 2)
     for i in range(kh):
         for j in range(kw):
-            dst = dxpad[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw].transpose(axes)
-            xp.add(dst, cols6[:, :, :, i, j].transpose(axes), out=dst)
+            dst = dxpad[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            xp.add(dst, cols6[:, :, :, i, j], out=dst)
     return dxpad
