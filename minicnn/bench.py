@@ -12,7 +12,10 @@ Three tables, each row timed side by side with PyTorch (interleaved, so machine 
      presets use: forward ms, backward ms, GFLOP/s (forward + backward, 2*N*F*C*KH*KW*OH*OW per
      GEMM-pass, three passes), % of the SGEMM peak, and PyTorch's time / ours (> 1: we're faster).
   3. Models: every preset; one training step (forward, loss, backward, SGD momentum step) and
-     inference, in images/s, ours and PyTorch's, and the ratio.
+     inference, in images/s, ours and PyTorch's, and the ratio. Ours as the trainer and
+     `evaluate` run them: the batch split over the cores, a whole model copy a worker
+     (minicnn.data_parallel); the fwd ms and bwd ms columns are model.forward and
+     model.backward on the whole batch, each op split over the cores (minicnn.parallel).
 Each case is checked against PyTorch first (same weights, same input), then warmed up, then timed
 `repeats` times; the median is reported. PyTorch runs with as many threads as minicnn's workers
 (minicnn.parallel: one per core, each with a single-threaded BLAS), and the count is printed; the
@@ -28,7 +31,7 @@ import time
 
 import numpy as np
 
-from minicnn import bench_gpu, parallel, zoo
+from minicnn import bench_gpu, data_parallel, parallel, zoo
 from minicnn.cli import positive_int
 from minicnn.errors import BackendError
 from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
@@ -278,12 +281,11 @@ def bench_model(name, torch, batch, repeats, gpu=None):
     def backward():
         model.backward(loss_fn(model.forward(x, training=True), labels)[1], input_grad=False)
 
-    def train_step():
-        _, dlogits = loss_fn(model.forward(x, training=True), labels)
-        model.backward(dlogits, input_grad=False)
+    def train_step():                  # as the trainer: the batch split over the cores
+        data_parallel.train_step(model, x, labels, loss_fn)
         opt.step()
 
-    fns = {"train": train_step, "eval": lambda: model.forward(x)}
+    fns = {"train": train_step, "eval": lambda: data_parallel.predict(model, x)}
     if torch is not None:
         torch_train, torch_eval = bench_gpu.torch_step_fns(torch, module, tx, tlabels)
         fns.update(torch_train=torch_train, torch_eval=torch_eval)

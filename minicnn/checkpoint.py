@@ -11,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minicnn import data as datasets
+from minicnn import data_parallel
 from minicnn.backend import get_backend, to_numpy
 from minicnn.errors import CheckpointError
 from minicnn.model import model_from_archive, save_model
@@ -80,9 +81,10 @@ def predict_logits(model, x_uint8, mean, std, xp, batch_size=500, tta=False):
     out = []
     for start in range(0, len(x_uint8), batch_size):
         xb = datasets.normalize(x_uint8[start:start + batch_size], mean, std, xp)
-        logits = model.forward(xb)
+        logits = data_parallel.predict(model, xb)           # model.forward(xb), on all cores
         if tta:
-            logits = 0.5 * (logits + model.forward(xp.ascontiguousarray(xb[..., ::-1])))
+            mirrored = xp.ascontiguousarray(xb[..., ::-1])
+            logits = 0.5 * (logits + data_parallel.predict(model, mirrored))
         out.append(to_numpy(logits))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

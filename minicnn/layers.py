@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from minicnn import kernels, ops
+from minicnn import kernels, ops, parallel
 from minicnn.backend import array_module, to_device
 from minicnn.ops.im2col import to_pair, same_padding
 
@@ -364,14 +364,18 @@ class _BatchNorm(Layer):
                                         self.state["running_mean"], self.state["running_var"])
             self._keep(None, False)
             return y
-        m = x.size // x.shape[1]
-        if m < 2:
+        if x.size // x.shape[1] < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel in "
                              f"training mode, got input of shape {tuple(x.shape)}.")
-        y, cache, (mean, var) = ops.batchnorm_forward(x, w, b, self.eps)
-        mom = self.momentum
-        self.state["running_mean"][...] = (1 - mom) * self.state["running_mean"] + mom * mean
-        self.state["running_var"][...] = (1 - mom) * self.state["running_var"] + mom * var * (m / (m - 1))
+        y, cache, (mean, var, m) = ops.batchnorm_forward(x, w, b, self.eps)
+        # m: values per channel in the whole batch. In a data-parallel step (minicnn.data_parallel)
+        # every worker's replica has the same, whole-batch statistics and shares this state:
+        # the first worker updates it.
+        if parallel.rank() == 0:
+            mom = self.momentum
+            self.state["running_mean"][...] = (1 - mom) * self.state["running_mean"] + mom * mean
+            self.state["running_var"][...] = ((1 - mom) * self.state["running_var"]
+                                              + mom * var * (m / (m - 1)))
         self._keep(cache, training, y)
         return y
 

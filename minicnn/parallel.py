@@ -18,6 +18,9 @@ its threads back.
     parallel.threads()             how many workers: MINICNN_THREADS, else the CPU count
     parallel.set_threads(k)        change it (1: everything in the calling thread)
     parallel.blas_with_own_threads()   a block in which BLAS has its threads back
+    parallel.together(fns)         [fn() for fn in fns], each on its own worker at once, as one
+                                   group: a whole training step a worker (minicnn.data_parallel)
+    parallel.all_sum(*values)      inside such a group: each value summed over its members
 
 CuPy arrays always run in the calling thread: on a GPU one stream does the work.
 """
@@ -76,6 +79,13 @@ def split(n, parts):
     return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
+def _get_pool():
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_threads - 1, thread_name_prefix="minicnn")
+    return _pool
+
+
 def map(fn, n, xp=np, size=None):               # noqa: A001 (a parallel map, on purpose)
     """[fn(lo, hi) for (lo, hi) in split(n, threads())], the calls running on the pool at once.
 
@@ -84,16 +94,13 @@ def map(fn, n, xp=np, size=None):               # noqa: A001 (a parallel map, on
     thread. Everything runs as one call fn(0, n) for CuPy (xp), one worker, n < 2, a size below
     MIN_PARALLEL_SIZE, or a call from inside a worker.
     """
-    global _pool
     if (xp is not np or _threads == 1 or n < 2 or getattr(_local, "worker", False)
             or (size is not None and size < MIN_PARALLEL_SIZE)):
         return [fn(0, n)]
     _single_threaded_blas()
-    if _pool is None:
-        _pool = ThreadPoolExecutor(_threads - 1, thread_name_prefix="minicnn")
     ranges = split(n, _threads)
     errors = np.geterr()            # np.errstate is per thread: the workers take the caller's
-    futures = [_pool.submit(_as_worker, fn, lo, hi, errors) for lo, hi in ranges[1:]]
+    futures = [_get_pool().submit(_as_worker, fn, lo, hi, errors) for lo, hi in ranges[1:]]
     results = [_as_worker(fn, *ranges[0], errors)]
     return results + [f.result() for f in futures]
 
@@ -105,6 +112,80 @@ def _as_worker(fn, lo, hi, errors):
             return fn(lo, hi)
     finally:
         _local.worker = False
+
+
+# ---- groups: one whole task a worker, summing values across them ------------------------------
+class _Group:
+    """The workers of one together() call: a barrier, and two sets of slots that all_sum
+    alternates between (a member can start the next all_sum only after every member has
+    reached this one's barrier, so the other set is free by then: one wait a sum)."""
+
+    def __init__(self, size):
+        self.size = size
+        self.barrier = threading.Barrier(size)
+        self.slots = [[None] * size, [None] * size]
+
+
+def together(fns):
+    """[fn() for fn in fns], each on its own worker at once (fns[0] in the calling thread), as
+    one group: inside them rank() is the fn's index and all_sum() adds values up across the
+    group. Inside, parallel.map runs in the calling worker. An error in one member breaks the
+    group's barrier, so no member waits for it forever; the first error that is not that
+    broken barrier is raised. len(fns) <= threads()."""
+    if not 1 <= len(fns) <= _threads:
+        raise ValueError(f"together() runs 1 to {_threads} tasks (the workers), got {len(fns)}.")
+    if getattr(_local, "worker", False):
+        raise RuntimeError("together() cannot run inside a worker: its group would wait for "
+                           "a worker that is busy.")
+    _single_threaded_blas()
+    group, errors = _Group(len(fns)), np.geterr()
+    futures = [_get_pool().submit(_as_member, fn, group, i, errors)
+               for i, fn in enumerate(fns[1:], start=1)]
+    outcomes = [_outcome(_as_member, fns[0], group, 0, errors)]
+    outcomes += [_outcome(f.result) for f in futures]
+    failures = [e for ok, e in outcomes if not ok]
+    if failures:
+        real = [e for e in failures if not isinstance(e, threading.BrokenBarrierError)]
+        raise (real or failures)[0]
+    return [value for _, value in outcomes]
+
+
+def _outcome(fn, *args):
+    try:
+        return True, fn(*args)
+    except BaseException as e:                  # re-raised by together(), after every member
+        return False, e
+
+
+def _as_member(fn, group, rank, errors):
+    _local.worker, _local.group, _local.rank, _local.sums = True, group, rank, 0
+    try:
+        with np.errstate(**errors):
+            return fn()
+    except BaseException:
+        group.barrier.abort()
+        raise
+    finally:
+        _local.worker, _local.group, _local.rank = False, None, 0
+
+
+def rank():
+    """This worker's index inside together() (0 outside it)."""
+    return getattr(_local, "rank", 0)
+
+
+def all_sum(*values):
+    """[each value summed over every member of the together() group this runs in] (NumPy arrays
+    or numbers; every member gets the same sums, added in rank order); outside a group, the
+    values as they are. Every member must make the same all_sum calls in the same order."""
+    group = getattr(_local, "group", None)
+    if group is None:
+        return list(values)
+    slots = group.slots[_local.sums % 2]
+    _local.sums += 1
+    slots[_local.rank] = values
+    group.barrier.wait()
+    return [sum((member[i] for member in slots[1:]), slots[0][i]) for i in range(len(values))]
 
 
 # ---- BLAS thread count ----------------------------------------------------------------------

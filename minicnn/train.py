@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import minicnn
 from minicnn import data as datasets
-from minicnn import kernels, optim
+from minicnn import data_parallel, kernels, optim
 from minicnn.backend import get_backend, to_device, to_numpy
 from minicnn.checkpoint import load_checkpoint, predict_logits, save_checkpoint
 from minicnn.cli import run
@@ -395,12 +395,11 @@ def _train(loop, stop):
             xb = datasets.normalize(xb, d["mean"], d["std"], xp)
             xb = datasets.augment(xb, loop["rng_augment"], **aug)
             yb_dev = xp.asarray(yb)
-            logits = model.forward(xb, training=True)
-            loss, dlogits = loss_fn(logits, yb_dev)
+            # forward, loss, backward: model.grads (the batch split over the cores)
+            loss, logits = data_parallel.train_step(model, xb, yb_dev, loss_fn)
             if not math.isfinite(loss):
                 bar.close()
                 raise TrainingStopped(_diverged(loop, xb, yb_dev, loss_fn, loss, epoch, i + 1))
-            model.backward(dlogits, input_grad=False)
             loop["optimizer"].step()
             if loop["schedule_unit"] == "batch":
                 loop["schedule"].step()
