@@ -1,7 +1,7 @@
 """A whole training step on every core at once: the batch split, one model copy a worker.
 
 minicnn.parallel splits each op's images over the workers, and every op ends by waiting for
-all of them: some 25 waits a Keras-tutorial step, 70 a resnet-small one. On the 2-vCPU VM
+all of them: 16 waits a Keras-tutorial training step, 68 a resnet-small one. On the 2-vCPU VM
 this engine is tuned on, waking a sleeping thread takes ~130 us (more while the machine is
 busy), and each wait also idles the worker that finished first. Here each worker instead runs
 the whole step on its part of the batch:
@@ -12,11 +12,11 @@ the whole step on its part of the batch:
 A replica is a copy of the model built from its config whose layers share the model's
 parameter and state arrays (replica 0 is the model itself), with its own caches and gradients.
 The loss is a mean over the batch, so part k's dlogits are scaled by n_k / N. The only waits
-inside the step are BatchNorm's: its batch statistics are summed over the workers
-(parallel.all_sum), so every replica normalises with the whole batch's mean and variance, as
-one model on the whole batch would (PyTorch calls this SyncBatchNorm), and the first worker
-updates the running estimates. Outputs and gradients equal the one-model step's up to float
-rounding (tests/test_data_parallel.py).
+inside the step are BatchNorm's (three a layer, 21 a resnet-small step): its batch sums are
+added up over the workers (parallel.all_sum), so every replica normalises with the whole
+batch's mean and variance, as one model on the whole batch would (PyTorch calls this
+SyncBatchNorm), and the first worker updates the running estimates. Outputs and gradients
+equal the one-model step's up to float rounding (tests/test_data_parallel.py).
 
 The step falls back to the plain one (each op split over the workers) on CuPy arrays, with one
 worker, with fewer than two images a worker, and, in training, for a model with Dropout (its
