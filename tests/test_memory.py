@@ -15,7 +15,7 @@ LIMIT_BYTES = 1.5e9
 
 TRAIN_AND_REPORT = """
 import numpy as np
-from minicnn import optim
+from minicnn import data_parallel, optim
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.zoo import keras_tutorial
 
@@ -24,11 +24,10 @@ model = keras_tutorial(rng=rng)
 x = rng.standard_normal((128, 3, 32, 32)).astype(np.float32)
 labels = rng.integers(0, 10, 128)
 loss_fn, opt = SoftmaxCrossEntropy(), optim.Adam(model, 1e-3)
-for _ in range(5):
-    _, dlogits = loss_fn(model.forward(x, training=True), labels)
-    model.backward(dlogits, input_grad=False)
+for _ in range(5):                  # as the trainer and evaluate() run them
+    data_parallel.train_step(model, x, labels, loss_fn)
     opt.step()
-    model.forward(x)                               # and inference, as evaluate() runs it
+    data_parallel.predict(model, x)
 with open("/proc/self/status") as status:
     [peak_kib] = [line.split()[1] for line in status if line.startswith("VmHWM:")]
 print(int(peak_kib) * 1024)
