@@ -70,10 +70,10 @@ def _replicas_of(model, count):
 
 
 def train_step(model, x, labels, loss_fn):
-    """Forward, loss and backward of one training step; model.grads get the whole batch's
-    gradients (the first layer's input gradient is skipped, as model.backward(...,
-    input_grad=False) does). -> (loss, logits). loss_fn must average over the batch, as
-    SoftmaxCrossEntropy does."""
+    """Forward, loss and backward of one training step of model (a Sequential); model.grads
+    get the whole batch's gradients (the first layer's input gradient is skipped, as
+    model.backward(..., input_grad=False) does). -> (loss, logits). loss_fn must average over
+    the batch, as SoftmaxCrossEntropy does."""
     copies = _copies(model, x, training=True)
     if len(copies) == 1:
         logits = model.forward(x, training=True)

@@ -153,10 +153,10 @@ def batchnorm_forward(x, gamma, beta, eps):
     x (N, C) or (N, C, H, W); gamma, beta (C,).
     -> (y, cache, (mean, var, m)); cache: x - mean as channel rows, 1/sqrt(var + eps), gamma,
     r, m; the statistics (and m, the values per channel) are returned so the caller can update
-    its running estimates. xhat itself is
-    never written out: y = (x - mean) * (gamma / sqrt(var + eps)) + beta is one multiply and one
-    add, and backward folds 1/sqrt(var + eps) into its per-channel factors (one pass fewer than
-    writing xhat: 6 interleaved comparisons, 7-33% faster forward on 32- and 64-channel maps).
+    its running estimates. xhat itself is never written out: y = (x - mean) * (gamma /
+    sqrt(var + eps)) + beta is one multiply and one add, and backward folds 1/sqrt(var + eps)
+    into its per-channel factors (one pass fewer than writing xhat: 6 interleaved comparisons,
+    7-33% faster forward on 32- and 64-channel maps).
     Works on x as wide channel rows (see _channel_rows), so each op streams through memory
     once; the sums are BLAS matrix-vector products, each worker summing the range it has just
     written (still in its cache) where it can.
