@@ -32,7 +32,9 @@ from minicnn.ops.im2col import (col2im, col2im_nhwc, conv_output_size, im2col, i
 # 4 MiB: keras-tutorial 67.7 vs 75.4, 68.8 vs 70.8, 76.1 vs 77.2 ms; resnet-small 217 vs 229,
 # 279 vs 285 ms (a dW GEMM on 7 images' rows: ~92 GFLOP/s, on 21: ~60). Smaller is not better
 # although 2 MiB overflows the L2 (the GEMMs get fewer rows): 0.5 / 1 / 2 MiB, keras-tutorial
-# 83.1 / 70.5 / 69.5 ms, resnet-small 305 / 243 / 226 ms.
+# 83.1 / 70.5 / 69.5 ms, resnet-small 305 / 243 / 226 ms. Again with the data-parallel step
+# (minicnn.data_parallel), 1 / 2 / 4 MiB: keras-tutorial 66.4 / 62.4 / 67.3 ms, resnet-small
+# 300 / 257 / 346 ms.
 CONV_WORKSPACE_BYTES = 2 * 2**20
 
 # On a GPU (CuPy arrays) a cache-sized chunk would only split the batch into many small
