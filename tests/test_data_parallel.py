@@ -152,3 +152,19 @@ def test_together_refuses_more_tasks_than_workers_and_calls_from_inside_a_worker
             parallel.together([lambda: parallel.together([lambda: 0]), lambda: 1])
         names = parallel.together([lambda: threading.current_thread().name] * 2)
         assert len(set(names)) == 2
+
+
+def test_the_trainer_and_its_evaluation_run_the_split_step(tmp_path, monkeypatch):
+    from _data_helpers import make_folder
+    from minicnn import train
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
+    folder = make_folder(tmp_path / "shapes", per_class=24)     # 3 classes: 54 train, 18 val
+    for name in ("train_step", "predict"):
+        monkeypatch.setattr(data_parallel, name, mock.Mock(wraps=getattr(data_parallel, name)))
+    with workers(2), mock.patch.object(parallel, "together", wraps=parallel.together) as spy:
+        result = train.fit(data=str(folder), out=str(tmp_path / "run"), epochs=1, batch_size=16,
+                           val_split=0.25)
+    assert result["status"] == "finished"
+    steps, evaluations = data_parallel.train_step.call_count, data_parallel.predict.call_count
+    assert steps == 4 and evaluations > 0                        # ceil(54 / 16) steps
+    assert spy.call_count == steps + evaluations   # every one of them split over the workers
