@@ -43,8 +43,7 @@ def _copies(model, x, training):
     """[model, replica 1, ...]: one model copy for each worker the step runs on ([model]: the
     plain step)."""
     k = parallel.threads()
-    if (k < 2 or array_module(x) is not np or len(x) < 2 * k
-            or getattr(parallel._local, "worker", False)):
+    if k < 2 or array_module(x) is not np or len(x) < 2 * k or parallel.in_worker():
         return [model]
     if training and any(isinstance(layer, Dropout) for layer in walk(model)):
         return [model]

@@ -94,22 +94,28 @@ def map(fn, n, xp=np, size=None):               # noqa: A001 (a parallel map, on
     thread. Everything runs as one call fn(0, n) for CuPy (xp), one worker, n < 2, a size below
     MIN_PARALLEL_SIZE, or a call from inside a worker.
     """
-    if (xp is not np or _threads == 1 or n < 2 or getattr(_local, "worker", False)
+    if (xp is not np or _threads == 1 or n < 2 or in_worker()
             or (size is not None and size < MIN_PARALLEL_SIZE)):
         return [fn(0, n)]
     _single_threaded_blas()
     ranges = split(n, _threads)
     errors = np.geterr()            # np.errstate is per thread: the workers take the caller's
-    futures = [_get_pool().submit(_as_worker, fn, lo, hi, errors) for lo, hi in ranges[1:]]
-    results = [_as_worker(fn, *ranges[0], errors)]
+    futures = [_get_pool().submit(_as_worker, fn, errors, lo, hi) for lo, hi in ranges[1:]]
+    results = [_as_worker(fn, errors, *ranges[0])]
     return results + [f.result() for f in futures]
 
 
-def _as_worker(fn, lo, hi, errors):
+def in_worker():
+    """Whether this thread is running a worker's share (of map or together) right now."""
+    return getattr(_local, "worker", False)
+
+
+def _as_worker(fn, errors, *args):
+    """fn(*args) as a worker: nested maps run in this thread, under the caller's np.errstate."""
     _local.worker = True
     try:
         with np.errstate(**errors):
-            return fn(lo, hi)
+            return fn(*args)
     finally:
         _local.worker = False
 
@@ -134,7 +140,7 @@ def together(fns):
     broken barrier is raised. len(fns) <= threads()."""
     if not 1 <= len(fns) <= _threads:
         raise ValueError(f"together() runs 1 to {_threads} tasks (the workers), got {len(fns)}.")
-    if getattr(_local, "worker", False):
+    if in_worker():
         raise RuntimeError("together() cannot run inside a worker: its group would wait for "
                            "a worker that is busy.")
     _single_threaded_blas()
@@ -158,15 +164,14 @@ def _outcome(fn, *args):
 
 
 def _as_member(fn, group, rank, errors):
-    _local.worker, _local.group, _local.rank, _local.sums = True, group, rank, 0
+    _local.group, _local.rank, _local.sums = group, rank, 0
     try:
-        with np.errstate(**errors):
-            return fn()
+        return _as_worker(fn, errors)
     except BaseException:
         group.barrier.abort()
         raise
     finally:
-        _local.worker, _local.group, _local.rank = False, None, 0
+        _local.group, _local.rank = None, 0
 
 
 def rank():

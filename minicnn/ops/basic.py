@@ -176,8 +176,8 @@ def batchnorm_forward(x, gamma, beta, eps):
         xp.square(xc[lo:hi], out=y[lo:hi])                # y as scratch: no extra temporary
         return column_sums(y[lo:hi])
 
-    var = parallel.all_sum(_channel_sums(sum(parallel.map(center, len(rows), xp, rows.size)),
-                                         r))[0] / m
+    squares = _channel_sums(sum(parallel.map(center, len(rows), xp, rows.size)), r)   # (C,)
+    var = parallel.all_sum(squares)[0] / m
     invstd = 1.0 / xp.sqrt(var + eps)
     scale_r, beta_r = xp.tile(gamma * invstd, r), xp.tile(beta, r)
 
