@@ -3,8 +3,9 @@ import numpy as np
 
 from minicnn.backend import array_module
 from minicnn.errors import CheckpointError
-from minicnn.layers import (Container, Conv2D, Dense, MaxPool2D, ReLU, layer_config,
+from minicnn.layers import (AvgPool2D, Container, Conv2D, Dense, MaxPool2D, ReLU, layer_config,
                             layer_from_config)
+from minicnn.ops.im2col import conv_output_size
 from minicnn.serialization import read_archive, write_archive
 
 
@@ -19,6 +20,7 @@ class Sequential(Container):
         super().__init__()
         self._layers = list(layers)
         self.input_shape = None
+        self._uncropped = None          # (H, W) of the last input, when forward cropped it
 
     def named_layers(self):
         return [(str(i), layer) for i, layer in enumerate(self._layers)]
@@ -46,9 +48,42 @@ class Sequential(Container):
                 i += 1
         return order
 
+    def needed_input(self, h, w):
+        """(h', w'), at most (h, w): the top-left part of an h x w input that the output
+        depends on. A pooling window that does not fit is dropped (a 2x2 max-pool of a 13x13 map
+        reads 12x12 of it), and an unpadded conv reads only the input its needed outputs cover,
+        so the Keras-tutorial CNN never reads the last 2 rows and columns of a 32x32 image
+        (sizes of each output, and the part of it that is read, going back from Flatten):
+
+            image 32 -> conv 30 -> pool 15 -> conv 13 -> pool 6 -> conv 4 -> Flatten
+                  30 <-      28 <-      14 <-      12 <-      6 <-      4
+
+        The walk goes forward through the layers it has a rule for (unpadded Conv2D, MaxPool2D,
+        AvgPool2D, ReLU), up to the first other one (Flatten, Dense, BatchNorm, whose statistics
+        see every pixel, a padded conv, ...), which needs all of its input, and then back."""
+        layers = [self._layers[i] for i in self.schedule()]
+        sizes = [(h, w)]                                  # each ruled layer's input size
+        for layer in layers:
+            out = _output_size(layer, sizes[-1])
+            if out is None or min(out) < 1:
+                break
+            sizes.append(out)
+        need = sizes[-1]                                  # the first other layer's: all of it
+        for layer, size in zip(reversed(layers[:len(sizes) - 1]), reversed(sizes[:-1])):
+            need = _input_needed(layer, need, size)
+        return need
+
     def forward(self, x, training=False):
+        """The layers in schedule() order, on the part of x that the output depends on
+        (needed_input: a view of x's top-left h' x w'; the same output, less work)."""
         if hasattr(x, "shape"):
             self.input_shape = tuple(x.shape[1:])
+        self._uncropped = None
+        if getattr(x, "ndim", 0) == 4:
+            h, w = self.needed_input(*x.shape[2:])
+            if (h, w) != tuple(x.shape[2:]):
+                self._uncropped = tuple(x.shape[2:])
+                x = x[:, :, :h, :w]
         for i in self.schedule():
             x = self._layers[i].forward(x, training)
         return x
@@ -63,6 +98,11 @@ class Sequential(Container):
             if i == order[0] and not input_grad and isinstance(layer, (Conv2D, Dense)):
                 return layer.backward(dy, input_grad=False)
             dy = layer.backward(dy)
+        if self._uncropped is not None:                   # the input forward never read: 0
+            n, c, h, w = dy.shape
+            dx = array_module(dy).zeros((n, c) + self._uncropped, dtype=dy.dtype)
+            dx[:, :, :h, :w] = dy
+            dy = dx
         return dy
 
     def config(self):
@@ -102,6 +142,27 @@ class Sequential(Container):
     def save(self, path, **extra):
         """Write architecture, weights and state to one file (atomically). extra: JSON-able notes."""
         save_model(self, path, extra)
+
+
+def _output_size(layer, size):
+    """(OH, OW) of a layer that Sequential.needed_input has a rule for, on an input of
+    size (H, W); None for any other layer."""
+    if type(layer) is ReLU:
+        return size
+    if type(layer) in (MaxPool2D, AvgPool2D) or (type(layer) is Conv2D
+                                                 and layer.padding in ("valid", (0, 0))):
+        return tuple(conv_output_size(n, k, s, 0, 0)
+                     for n, k, s in zip(size, layer.kernel_size, layer.stride))
+    return None
+
+
+def _input_needed(layer, need, size):
+    """The (rows, columns) of a ruled layer's size (H, W) input that its first need
+    (rows, columns) outputs read: a window's stride * (outputs - 1) + its kernel."""
+    if type(layer) is ReLU:
+        return need
+    return tuple(min(n, s * (r - 1) + k)
+                 for r, n, k, s in zip(need, size, layer.kernel_size, layer.stride))
 
 
 def _summary_rows(layer, x, indent, rows):

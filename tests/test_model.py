@@ -1,16 +1,19 @@
 """Sequential, training a small model, save/load, and the errors users see on bad input."""
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import minicnn
 from minicnn import optim
 from minicnn.errors import CheckpointError
-from minicnn.layers import (BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D,
-                            ReLU, Residual, Softmax)
+from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                            MaxPool2D, ReLU, Residual, Softmax)
 from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.zoo import keras_tutorial
+from minicnn.zoo import keras_tutorial, resnet_small
 
 
 def small_resnet(rng):
@@ -288,3 +291,101 @@ def test_backward_without_input_grad_gives_the_same_parameter_gradients(build, s
     assert (skipped is None) == first_layer_skips      # Flatten first: nothing to skip
     for k, g in model.grads.items():
         np.testing.assert_array_equal(g, full[k])
+
+
+def _run(model, x, dy, crop):
+    """Forward (training), backward with the input gradient; as Sequential does it, or on the
+    whole input (needed_input patched to keep everything)."""
+    whole = (lambda self, h, w: (h, w)) if not crop else minicnn.Sequential.needed_input
+    with mock.patch.object(minicnn.Sequential, "needed_input", whole):
+        y = model.forward(x, training=True)
+        dx = model.backward(dy)
+    return y, dx, {k: g.copy() for k, g in model.grads.items()}
+
+
+def _assert_same_step(model, x, dy):
+    y, dx, grads = _run(model, x, dy, crop=True)
+    y_whole, dx_whole, grads_whole = _run(model, x, dy, crop=False)
+    np.testing.assert_allclose(y, y_whole, rtol=1e-12, atol=1e-12)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose(dx, dx_whole, rtol=1e-12, atol=1e-12)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads_whole[k], rtol=1e-12, atol=1e-12)
+    return dx
+
+
+def test_keras_tutorial_reads_only_30x30_of_a_32x32_image():
+    """Its second max-pool never reads the last row and column of the 13x13 map before it,
+    so the last 2 rows and columns of the image never reach the output: forward leaves them
+    out, with the same output and gradients, and their input gradient is 0."""
+    rng = np.random.default_rng(0)
+    model = keras_tutorial(rng=rng, dtype=np.float64)
+    assert model.needed_input(32, 32) == (30, 30)
+    assert model.needed_input(33, 35) == (30, 34)
+    assert resnet_small(rng=rng).needed_input(32, 32) == (32, 32)     # padded convs, BatchNorm
+    x, dy = rng.standard_normal((3, 3, 32, 32)), rng.standard_normal((3, 10))
+    dx = _assert_same_step(model, x, dy)
+    assert not dx[:, :, 30:].any() and not dx[:, :, :, 30:].any()
+    assert dx[:, :, 28:30, :30].any() and dx[:, :, :30, 28:30].any()  # the cut is right there
+    model.forward(x, training=True)
+    assert model[0]._cache[1][2].shape == (3, 3, 30, 30)               # the first conv's input
+
+
+@st.composite
+def _chains(draw):
+    """(model, x): a Sequential of unpadded convs, pools and ReLUs (Sequential.needed_input's
+    rules), maybe with a padded conv or a BatchNorm among them, then Flatten and Dense; and an
+    input for it."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    c0, h, w = draw(st.integers(1, 3)), draw(st.integers(3, 14)), draw(st.integers(3, 14))
+    layers, c, size = [], c0, (h, w)
+    for _ in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["conv", "conv", "max", "max", "avg", "relu", "padded", "bn"]))
+        k, s = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+        if kind in ("conv", "max", "avg") and min(size) < k:
+            continue
+        if kind == "conv":
+            f, s = draw(st.integers(1, 3)), min(s, 2)
+            layers.append(Conv2D(c, f, k, stride=s, dtype=np.float64, rng=rng))
+            c = f
+        elif kind == "padded":
+            layers.append(Conv2D(c, c, 3, padding=1, dtype=np.float64, rng=rng))
+            k = s = 1                                     # the size stays
+        elif kind in ("max", "avg"):
+            layers.append((MaxPool2D if kind == "max" else AvgPool2D)(k, s))
+        else:
+            layers.append(ReLU() if kind == "relu" else BatchNorm2D(c, dtype=np.float64))
+            k = s = 1
+        size = tuple((d - k) // s + 1 for d in size)
+    layers += [Flatten(), Dense(c * size[0] * size[1], 4, dtype=np.float64, rng=rng)]
+    return minicnn.Sequential(layers), rng.standard_normal((2, c0, h, w))
+
+
+@settings(deadline=None)
+@given(_chains(), st.integers(0, 2**32 - 1))
+def test_leaving_out_the_input_the_output_never_reads_changes_nothing(chain, seed):
+    """Output, parameter gradients and input gradient (zeros where the input is left out)."""
+    model, x = chain
+    h, w = model.needed_input(*x.shape[2:])
+    assert 1 <= h <= x.shape[2] and 1 <= w <= x.shape[3]
+    dx = _assert_same_step(model, x, np.random.default_rng(seed).standard_normal((2, 4)))
+    assert not dx[:, :, h:].any() and not dx[:, :, :, w:].any()
+
+
+def test_no_input_is_left_out_before_a_layer_that_sees_every_pixel():
+    """A pool after BatchNorm (whose statistics see every pixel) or after a padded conv (whose
+    border would move) reads less than all of its input, but nothing is cut: the output then
+    depends on all of it. A pool before BatchNorm still gets its input cut."""
+    rng = np.random.default_rng(1)
+    for middle in (BatchNorm2D(2, dtype=np.float64),
+                   Conv2D(2, 2, 3, padding=1, dtype=np.float64, rng=rng)):
+        model = minicnn.Sequential([Conv2D(1, 2, 2, dtype=np.float64, rng=rng), middle,
+                                    MaxPool2D(2), Flatten(),
+                                    Dense(2 * 3 * 3, 4, dtype=np.float64, rng=rng)])
+        assert model.needed_input(8, 8) == (8, 8)         # the pool alone would need 6 of 7
+        _assert_same_step(model, rng.standard_normal((2, 1, 8, 8)), rng.standard_normal((2, 4)))
+    model = minicnn.Sequential([Conv2D(1, 2, 2, dtype=np.float64, rng=rng), MaxPool2D(2),
+                                BatchNorm2D(2, dtype=np.float64), Flatten(),
+                                Dense(2 * 3 * 3, 4, dtype=np.float64, rng=rng)])
+    assert model.needed_input(8, 8) == (7, 7)             # the pool comes first: cut before it
+    _assert_same_step(model, rng.standard_normal((2, 1, 8, 8)), rng.standard_normal((2, 4)))

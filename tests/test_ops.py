@@ -7,11 +7,9 @@ from hypothesis import strategies as st
 
 from minicnn import ops
 from minicnn.layers import AvgPool2D, Conv2D, MaxPool2D
-from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.ops import col2im, im2col
 from minicnn.ops import conv as conv_ops
 from minicnn.ops.im2col import col2im_nhwc, im2col_nhwc, pad_nhwc
-from minicnn.zoo import keras_tutorial
 from reference import conv2d_reference, pool2d_reference
 from strategies import conv_problems, pool_problems
 
@@ -76,60 +74,6 @@ def test_conv_matches_nested_loop_reference(problem, seed):
         with mock.patch.multiple(conv_ops, CHANNELS_FIRST_BELOW=channels_first_below,
                                  PER_IMAGE_GEMM_MAX_SIZE=per_image):
             np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
-
-
-@given(conv_problems(), st.integers(0, 2**32 - 1), st.integers(0, 3), st.integers(0, 3),
-       st.sampled_from([1, 10**9]), st.sampled_from([0, 10**9]), st.booleans())
-def test_conv_backward_leaves_out_outputs_without_gradient(problem, seed, cut_h, cut_w,
-                                                           dx_gemm_min_channels, per_image,
-                                                           input_grad):
-    """Trailing output rows and columns whose gradient is zero everywhere (the last row and
-    column of an odd-sized map under a 2x2 max-pool) are left out of an unpadded conv's
-    backward, which gives the same dx, dW and db as the backward that keeps them; on both ways
-    to dx (tap by tap and dcols + col2im) and both GEMM groupings."""
-    layer, x = _layer_and_input(problem, seed)
-    pad = layer._padding_for(*x.shape[2:])
-    w, b = layer.params["weight"], layer.params["bias"]
-    with mock.patch.multiple(conv_ops, CHANNELS_FIRST_BELOW=0,
-                             DX_GEMM_MIN_CHANNELS=dx_gemm_min_channels,
-                             PER_IMAGE_GEMM_MAX_SIZE=per_image):
-        y, cache = conv_ops.conv2d_forward(x, w, b, layer.stride, pad)
-        oh, ow = y.shape[2:]
-        dy = np.random.default_rng(seed + 1).standard_normal(y.shape)
-        dy[:, :, max(0, oh - cut_h):] = 0
-        dy[:, :, :, max(0, ow - cut_w):] = 0
-        live = conv_ops._live_extent(dy.transpose(0, 2, 3, 1))
-        assert live == ((1, 1) if cut_h >= oh or cut_w >= ow else (oh - cut_h, ow - cut_w))
-        got = conv_ops.conv2d_backward(dy, cache, input_grad)
-        with mock.patch.object(conv_ops, "_live_extent", lambda d: d.shape[1:3]):
-            expected = conv_ops.conv2d_backward(dy, cache, input_grad)
-    for g, e in zip(got, expected):
-        if e is None:
-            assert g is None
-        else:
-            np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12)
-
-
-def test_keras_tutorial_middle_conv_backward_runs_on_12x12_of_its_13x13_outputs():
-    """Its 2x2 max-pool never reads the last row and column, so they get no gradient; a NaN
-    there would (a NaN is gradient), and nothing is left out."""
-    rng = np.random.default_rng(0)
-    model = keras_tutorial(rng=rng, dtype=np.float64)
-    x, labels = rng.standard_normal((4, 3, 32, 32)), rng.integers(0, 10, 4)
-    live_extent, extents = conv_ops._live_extent, []
-
-    def spy(dy):                                  # (OH, OW) -> what is left of them
-        extents.append((dy.shape[1:3], live_extent(dy)))
-        return extents[-1][1]
-    with mock.patch.object(conv_ops, "_live_extent", spy):
-        _, dlogits = SoftmaxCrossEntropy()(model.forward(x, training=True), labels)
-        model.backward(dlogits, input_grad=False)
-    assert ((13, 13), (12, 12)) in extents and ((4, 4), (4, 4)) in extents
-    dy = np.zeros((2, 13, 13, 5))
-    dy[:, :12, :12] = 1
-    assert conv_ops._live_extent(dy) == (12, 12)
-    dy[1, 12, 3, 4] = np.nan
-    assert conv_ops._live_extent(dy) == (13, 12)
 
 
 def test_same_padding_keeps_size_and_valid_shrinks():

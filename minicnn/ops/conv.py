@@ -156,15 +156,6 @@ def conv2d_backward(dout, cache, input_grad=True):
     the presets. Valid (unpadded) convolutions would pad dy by 2 and do more work; with stride 1
     their dx is summed tap by tap instead (_add_taps: col2im(dY @ W) without the dcols matrix).
     Both need at least DX_GEMM_MIN_CHANNELS input channels; otherwise dcols + col2im.
-
-    Output rows at the bottom and columns on the right whose gradient is zero in every image
-    and channel add nothing to dW, db or dx, and an unpadded convolution on NumPy leaves them
-    out (see _live_extent): a 2x2 max-pool of an odd-sized map never reads its last row and
-    column, so the Keras-tutorial's 13x13 conv gets gradient on 12x12 outputs only, 15% fewer
-    rows in every GEMM and im2col of its backward. The input rows and columns that only those
-    outputs read get dx = 0. Interleaved A/B, ms: that backward on one worker's 64 images
-    21.0 -> 20.4, 25.1 -> 22.4, 28.0 -> 25.1 (the check costs ~0.13); whole training steps
-    73.0 -> 72.7, 66.4 -> 65.5, 59.4 -> 58.3, 60.5 -> 59.0.
     """
     if cache[0] == "channels-first":
         return _backward_channels_first(dout, cache, input_grad)
@@ -176,6 +167,7 @@ def conv2d_backward(dout, cache, input_grad=True):
     w_mat = w_bias[:, :k]                                        # (F, K), a view
     (pt, pb), (pl, pr) = padding
     dy = dout.transpose(0, 2, 3, 1)                              # (N, OH, OW, F), a view
+    pixels = dy.shape[1] * dy.shape[2]                           # OH*OW: rows per image
     dw_per_image, dcols_per_image = _per_image(kb, f), _per_image(f, k)
     flipped_padding = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
     fast_dx = input_grad and tuple(stride) == (1, 1) and c >= DX_GEMM_MIN_CHANNELS
@@ -189,14 +181,9 @@ def conv2d_backward(dout, cache, input_grad=True):
     if by_taps:
         w_taps = xp.ascontiguousarray(w_mat.reshape(f, kh, kw, c).transpose(1, 2, 0, 3))
     dxpad = xp.empty(xpad.shape, dtype=dout.dtype) if input_grad else None   # NHWC memory
-    if xp is np and not as_conv and pt == pb == pl == pr == 0:
-        live_h, live_w = _live_extent(dy)                        # the rest: no gradient
-        dy = dy[:, :live_h, :live_w]
-        xpad = xpad[:, :stride[0] * (live_h - 1) + kh, :stride[1] * (live_w - 1) + kw]
-    dx_live = dxpad[:, :xpad.shape[1], :xpad.shape[2]] if input_grad else None   # dy's reach
-    pixels = dy.shape[1] * dy.shape[2]                           # OH*OW: rows per image
 
     def work(lo, hi):                                            # images lo:hi, one worker
+        dy_part = xp.ascontiguousarray(dy[lo:hi])                # free when dout is NHWC memory
         rows = min(chunk, hi - lo) * pixels
         cols_buf = _cols_buffer((rows, kb), k, dout.dtype, xp)
         dcols_buf = (xp.empty((rows, c if by_taps else k), dtype=dout.dtype) if input_grad
@@ -207,8 +194,7 @@ def conv2d_backward(dout, cache, input_grad=True):
         for s in range(lo, hi, chunk):
             e = min(s + chunk, hi)
             cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, out=cols_buf)   # (rows, K [+ 1])
-            dy_rows = xp.ascontiguousarray(dy[s:e]).reshape(-1, f)   # (rows, F); a view of
-            # NHWC memory, a copy of the chunk when dout is NCHW memory or its edges were cut
+            dy_rows = dy_part[s - lo:e - lo].reshape(-1, f)      # (rows, F)
             if dw_per_image:                                     # (images, K [+ 1], F), summed
                 gemms = (e - s, pixels)                          # one GEMM per image
                 dw += xp.matmul(cols.reshape(gemms + (kb,)).transpose(0, 2, 1),
@@ -217,12 +203,12 @@ def conv2d_backward(dout, cache, input_grad=True):
                 xp.matmul(dy_rows.T, cols, out=dw_part)          # (F, K [+ 1]): dW [db]
                 dw += dw_part
             if by_taps:
-                _add_taps(dy_rows, w_taps, dx_live[s:e], dcols_buf)
+                _add_taps(dy_rows, w_taps, dxpad[s:e], dcols_buf)
             elif input_grad:
                 dcols = dcols_buf[:len(dy_rows)]                 # (rows, K) = dY @ W
                 gemms = _gemm_stack(e - s, pixels, dcols_per_image)
                 xp.matmul(dy_rows.reshape(gemms + (f,)), w_mat, out=dcols.reshape(gemms + (k,)))
-                col2im_nhwc(dcols, dx_live[s:e], (kh, kw), stride)
+                col2im_nhwc(dcols, dxpad[s:e], (kh, kw), stride)
         return dw
 
     dw_bias = sum(parallel.map(work, n, xp))                     # (F, K [+ 1])
@@ -307,18 +293,6 @@ def _backward_channels_first(dout, cache, input_grad):
 
 
 _NO_PADDING = ((0, 0), (0, 0))
-
-
-def _live_extent(dy):
-    """(OH', OW'): how many of dy's (N, OH, OW, F) output rows and columns are left once the
-    trailing ones whose gradient is zero in every image and channel are cut (at least one of
-    each stays). A NaN counts as gradient. Two small any() calls when nothing is cut."""
-    oh, ow = dy.shape[1:3]
-    while oh > 1 and not dy[:, oh - 1].any():
-        oh -= 1
-    while ow > 1 and not dy[:, :oh, ow - 1].any():
-        ow -= 1
-    return oh, ow
 
 
 def _per_image(*sizes):
