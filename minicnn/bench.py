@@ -17,7 +17,8 @@ Three tables, each row timed side by side with PyTorch (interleaved, so machine 
      (minicnn.data_parallel); the fwd ms and bwd ms columns are model.forward and
      model.backward on the whole batch, each op split over the cores (minicnn.parallel).
 Each case is checked against PyTorch first (same weights, same input), then warmed up, then timed
-`repeats` times; the median is reported. PyTorch runs with as many threads as minicnn's workers
+`repeats` times (the model rows' train and eval columns MODEL_REPEATS times as many); the median
+is reported. PyTorch runs with as many threads as minicnn's workers
 (minicnn.parallel: one per core, each with a single-threaded BLAS), and the count is printed; the
 SGEMM peak is NumPy's BLAS on its own threads. Without torch the tables still print, with a
 note instead of the ratios.
@@ -43,6 +44,11 @@ from minicnn.optim import SGD
 LADDER = [(3, 64, 32), (64, 64, 32), (128, 128, 16), (256, 256, 8)]   # (C in, F out, H = W)
 SGEMM_SIZE = 2048
 IMAGE_SHAPE = (3, 32, 32)
+# The model rows' training and inference columns (the goal's ratios) are timed this many times
+# `repeats`: on this noisy 2-vCPU VM the median of 5 moved keras-tutorial's training ratio from
+# 1.00x to 1.55x between runs of the same code, and a whole step is long enough to time 15 times
+# (~30 s more for the two presets).
+MODEL_REPEATS = 3
 
 
 # ---- the machine ----------------------------------------------------------------------------
@@ -289,7 +295,7 @@ def bench_model(name, torch, batch, repeats, gpu=None):
     if torch is not None:
         torch_train, torch_eval = bench_gpu.torch_step_fns(torch, module, tx, tlabels)
         fns.update(torch_train=torch_train, torch_eval=torch_eval)
-    t = median_times(fns, repeats)
+    t = median_times(fns, MODEL_REPEATS * repeats)
     parts = median_times({"fwd": forward, "fwd+bwd": backward}, repeats, 1, False)
     row.update(fwd_ms=parts["fwd"] * 1e3, bwd_ms=(parts["fwd+bwd"] - parts["fwd"]) * 1e3,
                train_ms=t["train"] * 1e3, train_img_s=batch / t["train"],
@@ -311,7 +317,8 @@ def print_report(result, print_fn=print):
     m = result["machine"]
     print_fn(f"minicnn.bench  numpy {m['numpy']}  torch {m['torch'] or 'not installed'}  "
              f"threads {m['threads']} (minicnn and torch)  batch {result['batch']}  "
-             f"median of {result['repeats']}  {m['cpu']}")
+             f"median of {result['repeats']} (models: {MODEL_REPEATS * result['repeats']})  "
+             f"{m['cpu']}")
     print_fn(f"SGEMM peak ({SGEMM_SIZE}^2 float32 matmul): {result['sgemm_gflops']:.1f} GFLOP/s")
     if m["torch"] is None:
         print_fn("note: PyTorch is not installed, so there are no ratios "
