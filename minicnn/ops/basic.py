@@ -139,6 +139,16 @@ def column_sums(rows):
     return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
 
 
+def column_products(a, b):
+    """(M, K), (M, K) -> (K,): sum over rows of a * b, without writing a * b out.
+
+    np.einsum's sum-of-products loop reads both once; a * b into a scratch array and then
+    column_sums reads and writes one pass more: on one core, (256, 2048) float32 rows, 149 us
+    against 293 us (BatchNorm's sums of squares and of dy * (x - mean)).
+    """
+    return array_module(a).einsum("ij,ij->j", a, b)
+
+
 def _channel_sums(rows, r):
     """Wide channel rows (M/r, r*C), or their column sums (r*C,) -> (C,): the sum over all M
     values of each channel."""
@@ -158,8 +168,9 @@ def batchnorm_forward(x, gamma, beta, eps):
     into its per-channel factors (one pass fewer than writing xhat: 6 interleaved comparisons,
     7-33% faster forward on 32- and 64-channel maps).
     Works on x as wide channel rows (see _channel_rows), so each op streams through memory
-    once; the sums are BLAS matrix-vector products, each worker summing the range it has just
-    written (still in its cache) where it can.
+    once; the sums are BLAS matrix-vector products and the sums of squares einsum's sums of
+    products (column_products), each worker summing the range it has just written (still in its
+    cache) where it can.
     """
     xp = array_module(x)
     rows, r = _channel_rows(x)                            # (M/r, r*C)
@@ -169,17 +180,16 @@ def batchnorm_forward(x, gamma, beta, eps):
     mean = sums / m                                       # (C,); m values per channel
     mean_r = xp.tile(mean, r)                             # (r*C,): a wide row's worth
     xc = xp.empty_like(rows)                              # x - mean
-    y = xp.empty_like(rows)
 
     def center(lo, hi):                                   # -> this range's sums of squares
         xp.subtract(rows[lo:hi], mean_r, out=xc[lo:hi])
-        xp.square(xc[lo:hi], out=y[lo:hi])                # y as scratch: no extra temporary
-        return column_sums(y[lo:hi])
+        return column_products(xc[lo:hi], xc[lo:hi])
 
     squares = _channel_sums(sum(parallel.map(center, len(rows), xp, rows.size)), r)   # (C,)
     var = parallel.all_sum(squares)[0] / m
     invstd = 1.0 / xp.sqrt(var + eps)
     scale_r, beta_r = xp.tile(gamma * invstd, r), xp.tile(beta, r)
+    y = xp.empty_like(rows)
 
     def normalize(lo, hi):
         xp.multiply(xc[lo:hi], scale_r, out=y[lo:hi])
@@ -221,11 +231,9 @@ def batchnorm_backward(dy, cache):
     xp = array_module(dy)
     xc, invstd, gamma, r, m = cache                       # m: values per channel, whole batch
     rows, _ = _channel_rows(dy)                           # (M/r, r*C), as xc
-    dx = xp.empty_like(xc)                                # scratch for dy * xc, then dx
 
     def product(lo, hi):                                  # -> this range's sums of dy, dy * xc
-        xp.multiply(rows[lo:hi], xc[lo:hi], out=dx[lo:hi])
-        return column_sums(rows[lo:hi]), column_sums(dx[lo:hi])
+        return column_sums(rows[lo:hi]), column_products(rows[lo:hi], xc[lo:hi])
 
     sums = parallel.map(product, len(rows), xp, rows.size)
     dbeta = _channel_sums(sum(s for s, _ in sums), r)
@@ -236,6 +244,7 @@ def batchnorm_backward(dy, cache):
     dbeta_all, dgamma_all = parallel.all_sum(dbeta, dgamma)
     dgamma_m, dbeta_m = xp.tile(dgamma_all * invstd / m, r), xp.tile(dbeta_all / m, r)
     scale = xp.tile(gamma * invstd, r)
+    dx = xp.empty_like(xc)
 
     def combine(lo, hi):
         d = dx[lo:hi]
