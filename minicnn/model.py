@@ -79,12 +79,18 @@ class Sequential(Container):
         if hasattr(x, "shape"):
             self.input_shape = tuple(x.shape[1:])
         self._uncropped = None
-        if getattr(x, "ndim", 0) == 4:
+        order = self.schedule()
+        if getattr(x, "ndim", 0) == 4 and order:
             h, w = self.needed_input(*x.shape[2:])
             if (h, w) != tuple(x.shape[2:]):
-                self._uncropped = tuple(x.shape[2:])
-                x = x[:, :, :h, :w]
-        for i in self.schedule():
+                self._uncropped, given = tuple(x.shape[2:]), x
+                try:
+                    x = self._layers[order[0]].forward(x[:, :, :h, :w], training)
+                except ValueError:                # bad input: say so about the array given
+                    self._layers[order[0]].forward(given, training)
+                    raise
+                order = order[1:]
+        for i in order:
             x = self._layers[i].forward(x, training)
         return x
 

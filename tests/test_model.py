@@ -389,3 +389,11 @@ def test_no_input_is_left_out_before_a_layer_that_sees_every_pixel():
                                 Dense(2 * 3 * 3, 4, dtype=np.float64, rng=rng)])
     assert model.needed_input(8, 8) == (7, 7)             # the pool comes first: cut before it
     _assert_same_step(model, rng.standard_normal((2, 1, 8, 8)), rng.standard_normal((2, 4)))
+
+
+def test_bad_input_to_a_cropping_model_is_reported_with_the_shape_given():
+    model = keras_tutorial(rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"expects 3 input channels, got shape \(2, 1, 32, 32\)"):
+        model.forward(np.zeros((2, 1, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="expects float32 input, got float64"):
+        model.forward(np.zeros((2, 3, 32, 32)))
