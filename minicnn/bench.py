@@ -46,8 +46,8 @@ SGEMM_SIZE = 2048
 IMAGE_SHAPE = (3, 32, 32)
 # The model rows' training and inference columns (the goal's ratios) are timed this many times
 # `repeats`: on this noisy 2-vCPU VM the median of 5 moved keras-tutorial's training ratio from
-# 1.00x to 1.55x between runs of the same code, and a whole step is long enough to time 15 times
-# (~30 s more for the two presets).
+# 1.00x to 1.55x between runs of the same code; timed 15 times, the whole bench still took 65 s
+# on that machine.
 MODEL_REPEATS = 3
 
 
