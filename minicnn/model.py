@@ -20,7 +20,6 @@ class Sequential(Container):
         super().__init__()
         self._layers = list(layers)
         self.input_shape = None
-        self._uncropped = None          # (H, W) of the last input, when forward cropped it
 
     def named_layers(self):
         return [(str(i), layer) for i, layer in enumerate(self._layers)]
@@ -78,16 +77,14 @@ class Sequential(Container):
         (needed_input: a view of x's top-left h' x w'; the same output, less work)."""
         if hasattr(x, "shape"):
             self.input_shape = tuple(x.shape[1:])
-        self._uncropped = None
         order = self.schedule()
         if getattr(x, "ndim", 0) == 4 and order:
             h, w = self.needed_input(*x.shape[2:])
             if (h, w) != tuple(x.shape[2:]):
-                self._uncropped, given = tuple(x.shape[2:]), x
                 try:
                     x = self._layers[order[0]].forward(x[:, :, :h, :w], training)
                 except ValueError:                # bad input: say so about the array given
-                    self._layers[order[0]].forward(given, training)
+                    self._layers[order[0]].forward(x, training)
                     raise
                 order = order[1:]
         for i in order:
@@ -104,9 +101,9 @@ class Sequential(Container):
             if i == order[0] and not input_grad and isinstance(layer, (Conv2D, Dense)):
                 return layer.backward(dy, input_grad=False)
             dy = layer.backward(dy)
-        if self._uncropped is not None:                   # the input forward never read: 0
-            n, c, h, w = dy.shape
-            dx = array_module(dy).zeros((n, c) + self._uncropped, dtype=dy.dtype)
+        if dy.ndim == 4 and dy.shape[2:] != self.input_shape[1:]:   # forward cropped the input
+            n, c, h, w = dy.shape                         # (needed_input): 0 for the rest
+            dx = array_module(dy).zeros((n, c) + self.input_shape[1:], dtype=dy.dtype)
             dx[:, :, :h, :w] = dy
             dy = dx
         return dy
