@@ -75,25 +75,27 @@ def train_step(model, x, labels, loss_fn):
     the batch, as SoftmaxCrossEntropy does."""
     copies = _copies(model, x, training=True)
     if len(copies) == 1:
-        logits = model.forward(x, training=True)
-        loss, dlogits = loss_fn(logits, labels)
-        model.backward(dlogits, input_grad=False)
-        return loss, logits
+        return _part_step(model, x, labels, loss_fn, 1.0)
     n, k = len(x), len(copies)
-
-    def step(copy, xs, ys):
-        logits = copy.forward(xs, training=True)
-        loss, dlogits = loss_fn(logits, ys)
-        copy.backward(dlogits * (len(xs) / n), input_grad=False)
-        return loss * len(xs), logits
-
-    parts = parallel.together([lambda c=c, xs=xs, ys=ys: step(c, xs, ys) for c, xs, ys
-                               in zip(copies, _split(x, k), _split(labels, k))])
+    xs, ys = _split(x, k), _split(labels, k)
+    parts = parallel.together([lambda c=c, a=a, b=b: _part_step(c, a, b, loss_fn, len(a) / n)
+                               for c, a, b in zip(copies, xs, ys)])
     grads = model.grads
     for replica in copies[1:]:
         for name, g in replica.grads.items():
             grads[name] += g
-    return sum(loss for loss, _ in parts) / n, np.concatenate([lg for _, lg in parts])
+    return (sum(loss * len(a) for (loss, _), a in zip(parts, xs)) / n,
+            np.concatenate([lg for _, lg in parts]))
+
+
+def _part_step(copy, x, labels, loss_fn, share):
+    """Forward, loss and backward of one model copy on its part of the batch, share = its
+    images / the batch's (the loss is a mean: the part's dlogits count that much).
+    -> (the part's loss, its logits)."""
+    logits = copy.forward(x, training=True)
+    loss, dlogits = loss_fn(logits, labels)
+    copy.backward(dlogits * share, input_grad=False)
+    return loss, logits
 
 
 def predict(model, x):
