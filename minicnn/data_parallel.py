@@ -27,11 +27,15 @@ import weakref
 
 import numpy as np
 
-from minicnn import parallel
+from minicnn import parallel, processes
 from minicnn.backend import array_module
 from minicnn.layers import Container, Dropout, layer_config, layer_from_config, walk
 
-_replicas = weakref.WeakKeyDictionary()         # model -> [replica 1, replica 2, ...]
+# The workers: processes where they can be forked (Linux), else threads (see
+# minicnn.processes for what each costs).
+PROCESSES = processes.AVAILABLE
+
+_replicas = weakref.WeakKeyDictionary()         # model -> [replica 1, replica 2, ...] (threads)
 
 
 def _split(x, k):
@@ -39,26 +43,45 @@ def _split(x, k):
     return [x[lo:hi] for lo, hi in parallel.split(len(x), k)]
 
 
-def _copies(model, x, training):
-    """[model, replica 1, ...]: one model copy for each worker the step runs on ([model]: the
-    plain step)."""
+def _workers(model, x, training):
+    """How many workers the step on x runs on (1: the plain step)."""
     k = parallel.threads()
     if k < 2 or array_module(x) is not np or len(x) < 2 * k or parallel.in_worker():
-        return [model]
+        return 1
     if training and any(isinstance(layer, Dropout) for layer in walk(model)):
-        return [model]
-    return [model] + _replicas_of(model, k - 1)
+        return 1
+    try:
+        layer_config(model)
+    except ValueError:
+        return 1
+    return k
+
+
+def _run_split(model, fn, parts, grads):
+    """[fn(model copy k, *arrays, *args) for each part k = (arrays, args)], all at once on
+    the workers; grads=True: model.grads += every other copy's after."""
+    if PROCESSES and processes.sendable(parts[-1][1]):
+        pool, results = processes.run(model, fn, parts)
+        if grads:
+            pool.add_grads(model)
+        return results
+    copies = [model] + _replicas_of(model, len(parts) - 1)
+    results = parallel.together([lambda c=c, p=p: fn(c, *p[0], *p[1])
+                                 for c, p in zip(copies, parts)])
+    if grads:
+        total = model.grads
+        for replica in copies[1:]:
+            for name, g in replica.grads.items():
+                total[name] += g
+    return results
 
 
 def _replicas_of(model, count):
-    """count replicas of model, their layers tied to the model's arrays; [] when the model
-    cannot be rebuilt from its config (a layer class of the user's own)."""
+    """count replicas of model for the worker threads, their layers tied to the model's
+    arrays."""
     replicas = _replicas.get(model)
     if replicas is None or len(replicas) != count:
-        try:
-            config = layer_config(model)
-        except ValueError:
-            return []
+        config = layer_config(model)
         replicas = [layer_from_config(config) for _ in range(count)]
         _replicas[model] = replicas
     for replica in replicas:             # (again each step: the model's arrays may be new ones)
@@ -73,19 +96,14 @@ def train_step(model, x, labels, loss_fn):
     get the whole batch's gradients (the first layer's input gradient is skipped, as
     model.backward(..., input_grad=False) does). -> (loss, logits). loss_fn must average over
     the batch, as SoftmaxCrossEntropy does."""
-    copies = _copies(model, x, training=True)
-    if len(copies) == 1:
+    k = _workers(model, x, training=True)
+    if k == 1:
         return _part_step(model, x, labels, loss_fn, 1.0)
-    n, k = len(x), len(copies)
-    xs, ys = _split(x, k), _split(labels, k)
-    parts = parallel.together([lambda c=c, a=a, b=b: _part_step(c, a, b, loss_fn, len(a) / n)
-                               for c, a, b in zip(copies, xs, ys)])
-    grads = model.grads
-    for replica in copies[1:]:
-        for name, g in replica.grads.items():
-            grads[name] += g
-    return (sum(loss * len(a) for (loss, _), a in zip(parts, xs)) / n,
-            np.concatenate([lg for _, lg in parts]))
+    n = len(x)
+    parts = [((a, b), (loss_fn, len(a) / n)) for a, b in zip(_split(x, k), _split(labels, k))]
+    results = _run_split(model, _part_step, parts, grads=True)
+    return (sum(loss * len(a) for (loss, _), ((a, _), _) in zip(results, parts)) / n,
+            np.concatenate([logits for _, logits in results]))
 
 
 def _part_step(copy, x, labels, loss_fn, share):
@@ -98,12 +116,15 @@ def _part_step(copy, x, labels, loss_fn, share):
     return loss, logits
 
 
+def _forward(copy, x):
+    return copy.forward(x)
+
+
 def predict(model, x):
     """model.forward(x) in inference mode, each worker's part of the batch through its own
-    replica at once."""
-    copies = _copies(model, x, training=False)
-    if len(copies) == 1:
+    model copy at once."""
+    k = _workers(model, x, training=False)
+    if k == 1:
         return model.forward(x)
-    parts = parallel.together([lambda c=c, xs=xs: c.forward(xs) for c, xs
-                               in zip(copies, _split(x, len(copies)))])
-    return np.concatenate(parts)
+    parts = [((part,), ()) for part in _split(x, k)]
+    return np.concatenate(_run_split(model, _forward, parts, grads=False))

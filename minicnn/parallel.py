@@ -122,14 +122,29 @@ def _as_worker(fn, errors, *args):
 
 # ---- groups: one whole task a worker, summing values across them ------------------------------
 class _Group:
-    """The workers of one together() call: a barrier, and two sets of slots that all_sum
-    alternates between (a member can start the next all_sum only after every member has
-    reached this one's barrier, so the other set is free by then: one wait a sum)."""
+    """The workers of one together() call: a barrier, and two sets of slots that sum()
+    alternates between (a member can start the next sum only after every member has reached
+    this one's barrier, so the other set is free by then: one wait a sum)."""
 
     def __init__(self, size):
         self.size = size
         self.barrier = threading.Barrier(size)
         self.slots = [[None] * size, [None] * size]
+
+    def sum(self, values):
+        """all_sum for the calling member (its rank and count of sums so far in _local)."""
+        slots = self.slots[_local.sums % 2]
+        _local.sums += 1
+        slots[_local.rank] = values
+        self.barrier.wait()
+        return add_in_rank_order([slots[r] for r in range(self.size)])
+
+
+def add_in_rank_order(members):
+    """[each value summed over the members' lists of values, member 0's first]: the same sums,
+    added in the same order, for every member."""
+    return [sum((values[i] for values in members[1:]), members[0][i])
+            for i in range(len(members[0]))]
 
 
 def together(fns):
@@ -164,14 +179,24 @@ def _outcome(fn, *args):
 
 
 def _as_member(fn, group, rank, errors):
-    _local.group, _local.rank, _local.sums = group, rank, 0
     try:
-        return _as_worker(fn, errors)
+        with member(group, rank), np.errstate(**errors):
+            return fn()
     except BaseException:
         group.barrier.abort()
         raise
+
+
+@contextlib.contextmanager
+def member(group, rank):
+    """Inside: the calling thread is member `rank` of group (any object whose sum(values)
+    adds values up across its members: a together() group, or minicnn.processes' worker
+    processes), and a worker (parallel.map runs in it)."""
+    _local.group, _local.rank, _local.sums, _local.worker = group, rank, 0, True
+    try:
+        yield
     finally:
-        _local.group, _local.rank = None, 0
+        _local.group, _local.rank, _local.worker = None, 0, False
 
 
 def rank():
@@ -180,17 +205,11 @@ def rank():
 
 
 def all_sum(*values):
-    """[each value summed over every member of the together() group this runs in] (NumPy arrays
-    or numbers; every member gets the same sums, added in rank order); outside a group, the
+    """[each value summed over every member of the group this runs in] (NumPy arrays or
+    numbers; every member gets the same sums, added in rank order); outside a group, the
     values as they are. Every member must make the same all_sum calls in the same order."""
     group = getattr(_local, "group", None)
-    if group is None:
-        return list(values)
-    slots = group.slots[_local.sums % 2]
-    _local.sums += 1
-    slots[_local.rank] = values
-    group.barrier.wait()
-    return [sum((member[i] for member in slots[1:]), slots[0][i]) for i in range(len(values))]
+    return list(values) if group is None else group.sum(list(values))
 
 
 # ---- BLAS thread count ----------------------------------------------------------------------

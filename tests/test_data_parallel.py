@@ -1,14 +1,19 @@
-"""minicnn.data_parallel: a step with the batch split over whole-model replicas gives what one
+"""minicnn.data_parallel: a step with the batch split over whole-model copies gives what one
 model on the whole batch gives (float64, so rounding cannot flip a ReLU or a max-pool winner),
-BatchNorm's statistics included; and the group machinery under it (parallel.together,
-parallel.all_sum) sums, falls back and fails cleanly."""
+BatchNorm's statistics included, with worker threads and with worker processes; and the
+machinery under it (parallel.together, parallel.all_sum, minicnn.processes' pools) sums, falls
+back, starts anew and fails cleanly."""
+import contextlib
+import multiprocessing
+import os
+import signal
 import threading
 from unittest import mock
 
 import numpy as np
 import pytest
 
-from minicnn import data_parallel, parallel
+from minicnn import data_parallel, parallel, processes
 from minicnn.layers import BatchNorm1D, Dense, Dropout, Flatten, Layer, ReLU
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.model import Sequential
@@ -23,6 +28,26 @@ def _models():
                                                  widths=(8, 8, 16))}
 
 
+@pytest.fixture(params=["processes", "threads"])
+def kind(request, monkeypatch):
+    """Each test that takes it runs with worker processes (where they can be forked) and with
+    worker threads."""
+    if request.param == "processes" and not processes.AVAILABLE:
+        pytest.skip("worker processes need fork (Linux)")
+    monkeypatch.setattr(data_parallel, "PROCESSES", request.param == "processes")
+    yield request.param
+    processes.close()
+
+
+@contextlib.contextmanager
+def split_calls():
+    """Counts the steps split over worker threads (.together) and processes (.run)."""
+    with mock.patch.object(parallel, "together", wraps=parallel.together) as together, \
+            mock.patch.object(processes, "run", wraps=processes.run) as run:
+        yield mock.Mock(together=together, run=run,
+                        count=lambda: together.call_count + run.call_count)
+
+
 def _plain_step(model, x, labels, loss_fn):
     logits = model.forward(x, training=True)
     loss, dlogits = loss_fn(logits, labels)
@@ -32,16 +57,18 @@ def _plain_step(model, x, labels, loss_fn):
 
 @pytest.mark.parametrize("name", ["keras-tutorial", "resnet-small"])
 @pytest.mark.parametrize("k, n", [(2, 12), (3, 11)])     # 3 workers: parts of 4, 4 and 3
-def test_split_step_equals_one_model_on_the_whole_batch(name, k, n):
+def test_split_step_equals_one_model_on_the_whole_batch(name, k, n, kind):
     rng = np.random.default_rng(0)
     x, labels = rng.standard_normal((n, 3, 32, 32)), rng.integers(0, 10, n)
     loss_fn = SoftmaxCrossEntropy(label_smoothing=0.1)
     one, split = _models()[name](), _models()[name]()
     with workers(1):
         want = _plain_step(one, x, labels, loss_fn)
-    with workers(k), mock.patch.object(parallel, "together", wraps=parallel.together) as spy:
+    with workers(k), split_calls() as calls:
         got = data_parallel.train_step(split, x, labels, loss_fn)
-        assert spy.call_count == 1 and len(spy.call_args[0][0]) == k
+        spy, parts = ((calls.run, calls.run.call_args[0][2]) if kind == "processes"
+                      else (calls.together, calls.together.call_args[0][0]))
+        assert calls.count() == spy.call_count == 1 and len(parts) == k
         predicted = data_parallel.predict(split, x)
     assert got[0] == pytest.approx(want[0], rel=1e-12)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
@@ -53,7 +80,7 @@ def test_split_step_equals_one_model_on_the_whole_batch(name, k, n):
     np.testing.assert_allclose(predicted, one.forward(x), rtol=1e-10, atol=1e-12)
 
 
-def test_replicas_follow_the_models_arrays_when_they_are_replaced():
+def test_copies_follow_the_models_arrays_when_they_are_replaced(kind):
     rng = np.random.default_rng(0)
     x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
     model = _models()["resnet-small"]()
@@ -67,12 +94,12 @@ def test_replicas_follow_the_models_arrays_when_they_are_replaced():
 
 
 def _runs_plain(model, x, labels=None):
-    with mock.patch.object(parallel, "together", wraps=parallel.together) as spy:
+    with split_calls() as calls:
         if labels is None:
             data_parallel.predict(model, x)
         else:
             data_parallel.train_step(model, x, labels, SoftmaxCrossEntropy())
-    return spy.call_count == 0
+    return calls.count() == 0
 
 
 class Doubled(Layer):                    # a layer of the user's own: no config to rebuild from
@@ -83,7 +110,7 @@ class Doubled(Layer):                    # a layer of the user's own: no config 
         return 2 * dy
 
 
-def test_falls_back_to_the_plain_step_where_a_split_cannot_work():
+def test_falls_back_to_the_plain_step_where_a_split_cannot_work(kind):
     rng = np.random.default_rng(0)
     x, labels = rng.standard_normal((8, 12)), rng.integers(0, 4, 8)
 
@@ -101,7 +128,7 @@ def test_falls_back_to_the_plain_step_where_a_split_cannot_work():
         assert _runs_plain(net(), x, labels)
 
 
-def test_batchnorm1d_over_a_split_batch_uses_the_whole_batchs_statistics():
+def test_batchnorm1d_over_a_split_batch_uses_the_whole_batchs_statistics(kind):
     rng = np.random.default_rng(3)
     x, labels = 5 + 3 * rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
     make = lambda: Sequential([BatchNorm1D(6, dtype=np.float64), Flatten(),   # noqa: E731
@@ -118,7 +145,7 @@ def test_batchnorm1d_over_a_split_batch_uses_the_whole_batchs_statistics():
         np.testing.assert_allclose(split.state[key], s, rtol=1e-12, err_msg=key)
 
 
-def test_an_error_in_one_worker_is_raised_and_no_worker_waits_for_it():
+def test_an_error_in_one_worker_is_raised_and_no_worker_waits_for_it(kind):
     rng = np.random.default_rng(0)
     x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
     labels[6] = 12                           # only the second worker's part has a bad label
@@ -154,17 +181,139 @@ def test_together_refuses_more_tasks_than_workers_and_calls_from_inside_a_worker
         assert len(set(names)) == 2
 
 
-def test_the_trainer_and_its_evaluation_run_the_split_step(tmp_path, monkeypatch):
+def test_the_trainer_and_its_evaluation_run_the_split_step(tmp_path, monkeypatch, kind):
     from _data_helpers import make_folder
     from minicnn import train
     monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
     folder = make_folder(tmp_path / "shapes", per_class=24)     # 3 classes: 54 train, 18 val
     for name in ("train_step", "predict"):
         monkeypatch.setattr(data_parallel, name, mock.Mock(wraps=getattr(data_parallel, name)))
-    with workers(2), mock.patch.object(parallel, "together", wraps=parallel.together) as spy:
+    with workers(2), split_calls() as calls:
         result = train.fit(data=str(folder), out=str(tmp_path / "run"), epochs=1, batch_size=16,
                            val_split=0.25)
     assert result["status"] == "finished"
     steps, evaluations = data_parallel.train_step.call_count, data_parallel.predict.call_count
     assert steps == 4 and evaluations > 0                        # ceil(54 / 16) steps
-    assert spy.call_count == steps + evaluations   # every one of them split over the workers
+    assert calls.count() == steps + evaluations    # every one of them split over the workers
+
+
+# ---- worker processes ------------------------------------------------------------------------
+needs_fork = pytest.mark.skipif(not processes.AVAILABLE, reason="worker processes need fork")
+
+
+def _workers_alive():
+    return [p for p in multiprocessing.active_children() if p.name.startswith("minicnn-worker")]
+
+
+def _step(model, x, labels):
+    return data_parallel.train_step(model, x, labels, SoftmaxCrossEntropy())
+
+
+@needs_fork
+def test_a_pool_serves_its_model_until_the_model_or_a_bigger_batch_needs_another(monkeypatch):
+    monkeypatch.setattr(data_parallel, "PROCESSES", True)
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
+    model = _models()["keras-tutorial"]()
+    try:
+        with workers(2):
+            _step(model, x, labels)
+            pool = processes._pool
+            _step(model, x, labels)
+            data_parallel.predict(model, x[:6])             # smaller: fits the same pool
+            assert processes._pool is pool and len(_workers_alive()) == 1
+            data_parallel.predict(model, x[:1].repeat(16, axis=0))   # bigger: a new pool,
+            bigger = processes._pool                                 # the old one ended
+            assert bigger is not pool and not pool.procs and len(_workers_alive()) == 1
+            _step(model, x, labels)                          # and it keeps its room
+            assert processes._pool is bigger
+            other = _models()["resnet-small"]()
+            want = _plain_step(_models()["resnet-small"](), x, labels, SoftmaxCrossEntropy())
+            got = _step(other, x, labels)
+            assert processes._pool is not bigger and len(_workers_alive()) == 1
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
+    finally:
+        processes.close()
+    assert not _workers_alive()
+
+
+@needs_fork
+def test_a_worker_that_died_between_steps_is_replaced(monkeypatch):
+    monkeypatch.setattr(data_parallel, "PROCESSES", True)
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
+    model, one = _models()["keras-tutorial"](), _models()["keras-tutorial"]()
+    try:
+        with workers(2):
+            _step(model, x, labels)
+            [proc] = processes._pool.procs
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
+            got = _step(model, x, labels)
+            assert processes._pool.alive()
+    finally:
+        processes.close()
+    np.testing.assert_allclose(got[1], _plain_step(one, x, labels, SoftmaxCrossEntropy())[1],
+                               rtol=1e-10, atol=1e-12)
+
+
+def _dies_in_worker(copy, x):            # a step function that kills worker 1 halfway
+    if parallel.rank() == 1:
+        os._exit(3)
+    return parallel.all_sum(x.sum())[0]
+
+
+def _interrupted_here(copy, x):          # ... and one that rank 0 leaves by Ctrl-C
+    if parallel.rank() == 0:
+        raise KeyboardInterrupt
+    return parallel.all_sum(x.sum())[0]
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("no pickling")
+
+
+def _raises_unpicklable(copy, x):
+    if parallel.rank() == 1:
+        raise _Unpicklable("the worker's own words")
+    return parallel.all_sum(x.sum())[0]
+
+
+@needs_fork
+@pytest.mark.parametrize("fn, error, message", [
+    (_dies_in_worker, processes.WorkerError, "stopped in the middle of a step"),
+    (_interrupted_here, KeyboardInterrupt, None),
+    (_raises_unpicklable, processes.WorkerError, "_Unpicklable: the worker's own words")])
+def test_a_step_that_fails_anywhere_ends_its_pool_and_leaves_no_worker_waiting(fn, error,
+                                                                                message):
+    model = _models()["keras-tutorial"]()
+    parts = [((np.ones(3),), ()), ((np.ones(3),), ())]
+    try:
+        with workers(2):
+            with pytest.raises(error, match=message):
+                processes.run(model, fn, parts)
+            assert processes._pool is None or not processes._pool.procs
+            assert not _workers_alive()
+            _, sums = processes.run(model, _sums, parts)    # the next one starts anew
+            assert sums == [6.0, 6.0]
+    finally:
+        processes.close()
+
+
+def _sums(copy, x):
+    return parallel.all_sum(x.sum())[0]
+
+
+@needs_fork
+def test_a_loss_function_that_cannot_be_sent_runs_on_worker_threads(monkeypatch):
+    monkeypatch.setattr(data_parallel, "PROCESSES", True)
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
+    loss = SoftmaxCrossEntropy()
+    model, one = _models()["keras-tutorial"](), _models()["keras-tutorial"]()
+    with workers(2), split_calls() as calls:
+        got = data_parallel.train_step(model, x, labels, lambda z, y: loss(z, y))
+    assert calls.together.call_count == 1 and calls.run.call_count == 0
+    np.testing.assert_allclose(got[1], _plain_step(one, x, labels, loss)[1], rtol=1e-10,
+                               atol=1e-12)
