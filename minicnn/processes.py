@@ -25,6 +25,7 @@ worker that has died) closes it and forks a new one. An error in any member of a
 the pool (no worker is left halfway through a step) and is raised here; the next step starts
 a new pool.
 """
+import ctypes
 import mmap
 import multiprocessing
 import pickle
@@ -113,8 +114,8 @@ class Pool:
         context = multiprocessing.get_context("fork")
         for rank in range(1, size):
             mine, theirs = context.Pipe()
-            proc = context.Process(target=_serve, args=(model, rank, theirs, self), daemon=True,
-                                   name=f"minicnn-worker-{rank}")
+            proc = context.Process(target=_serve, args=(model, rank, theirs, mine, self),
+                                   daemon=True, name=f"minicnn-worker-{rank}")
             with warnings.catch_warnings():    # Python 3.12+ warns of fork in a threaded
                 warnings.simplefilter("ignore", DeprecationWarning)   # process; the worker
                 proc.start()                   # uses no lock another thread could hold
@@ -281,11 +282,26 @@ class _Spoke:
         return _recv(self.conn)
 
 
-def _serve(model, rank, conn, pool):
+def _die_with_parent():
+    """Have the kernel kill this process when its parent dies (prctl PR_SET_PDEATHSIG), so that
+    a worker busy with a step does not outlive a killed rank 0 (a worker waiting for a message
+    would see the end of its pipe anyway). Best effort: without it, a worker finishes its part
+    first."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)     # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _serve(model, rank, conn, rank0_end, pool):
     """A worker process's life: its copy of model on the shared arrays, then one run of a step
-    function a message, until the pool closes (None) or rank 0's end of the pipe does."""
+    function a message, until the pool closes (None) or rank 0's end of the pipe does (rank 0
+    has exited: the kernel closes it, and this process holds no copy of it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for rank 0, which stops us
-    for other in pool.conns:                       # rank 0's ends of the earlier workers' pipes
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (with SIGTERM: not the trainer's handler)
+    _die_with_parent()
+    for other in pool.conns + [rank0_end]:         # copies of rank 0's ends, forked with us
         other.close()
     for view, (d, key) in zip(pool.shared, _shared_arrays(model)):
         d[key] = view
