@@ -6,22 +6,27 @@ this engine is tuned on, waking a sleeping thread takes ~130 us (more while the 
 busy), and each wait also idles the worker that finished first. Here each worker instead runs
 the whole step on its part of the batch:
 
-    part k of the batch -> replica k: forward, loss, backward        (k = 0, 1, ...; at once)
-    model.grads = sum over k of replica k's grads                    (after the step)
+    part k of the batch -> model copy k: forward, loss, backward      (k = 0, 1, ...; at once)
+    model.grads = sum over k of copy k's grads                        (after the step)
 
-A replica is a copy of the model built from its config whose layers share the model's
-parameter and state arrays (replica 0 is the model itself), with its own caches and gradients.
-The loss is a mean over the batch, so part k's dlogits are scaled by n_k / N. The only waits
-inside the step are BatchNorm's (three a layer, 21 a resnet-small step): its batch sums are
-added up over the workers (parallel.all_sum), so every replica normalises with the whole
-batch's mean and variance, as one model on the whole batch would (PyTorch calls this
-SyncBatchNorm), and the first worker updates the running estimates. Outputs and gradients
-equal the one-model step's up to float rounding (tests/test_data_parallel.py).
+Copy 0 is the model itself, run by the calling thread. The others are, on Linux, worker
+processes forked from this one (minicnn.processes: threads would share one interpreter lock;
+measured there, 10-20% slower a step), and elsewhere replicas built from the model's config
+whose layers share the model's parameter and state arrays, run by parallel.together's threads.
+Each copy keeps its own caches and gradients. The loss is a mean over the batch, so part k's
+dlogits are scaled by n_k / N. The only waits inside the step are BatchNorm's (three a layer,
+21 a resnet-small step): its batch sums are added up over the workers (parallel.all_sum), so
+every copy normalises with the whole batch's mean and variance, as one model on the whole batch
+would (PyTorch calls this SyncBatchNorm), and copy 0 updates the running estimates. Outputs and
+gradients equal the one-model step's up to float rounding (tests/test_data_parallel.py), and
+the same split gives the same bits every time (a resumed training run is bitwise the one that
+was not stopped).
 
 The step falls back to the plain one (each op split over the workers) on CuPy arrays, with one
 worker, with fewer than two images a worker, and, in training, for a model with Dropout (its
 masks come from the layer's one generator, which a training checkpoint keeps) or with a
-layer minicnn cannot rebuild from its config.
+layer minicnn cannot rebuild from its config. A loss function that cannot be pickled into a
+message (a lambda) keeps the split on threads.
 """
 import weakref
 

@@ -19,8 +19,11 @@ its threads back.
     parallel.set_threads(k)        change it (1: everything in the calling thread)
     parallel.blas_with_own_threads()   a block in which BLAS has its threads back
     parallel.together(fns)         [fn() for fn in fns], each on its own worker at once, as one
-                                   group: a whole training step a worker (minicnn.data_parallel)
+                                   group: a whole training step a worker (minicnn.data_parallel,
+                                   where worker processes cannot be forked: minicnn.processes)
     parallel.all_sum(*values)      inside such a group: each value summed over its members
+    parallel.member(group, rank)   a block in which this thread is a group's member: the worker
+                                   processes' groups (minicnn.processes) join all_sum this way
 
 CuPy arrays always run in the calling thread: on a GPU one stream does the work.
 """

@@ -1,12 +1,16 @@
 """Worker processes for the data-parallel step (minicnn.data_parallel), on Linux.
 
 Threads share one interpreter lock. NumPy lets go of it inside its loops, but the Python
-between them (slicing, views, the layers' bookkeeping: over a thousand calls a worker a step)
-runs one thread at a time, and a thread that finds the lock taken sleeps until it is handed
+between them (slicing, views, the layers' bookkeeping: in one worker's part of a step ~700
+calls of C functions and ~600 of Python ones for keras-tutorial, ~2,400 and ~2,600 for
+resnet-small) runs one thread at a time, and a thread that finds the lock taken sleeps until it is handed
 over (waking one takes ~130 us on the 2-vCPU VM this engine is tuned on). Processes have an
-interpreter each. Measured there, interleaved, a Keras-tutorial training step at batch 128:
-two threads 55.8 / 61.2 / 63.9 / 64.6 / 62.3 ms; two processes of 64 images each, at once,
-49.5 / 47.0 / 52.8 / 51.8 / 49.9 ms (resnet-small: 227 / 214 / 215 vs 202 / 203 / 169 ms).
+interpreter each. Measured there, runs alternated, ms a training step at batch 128 (median of
+30-40): keras-tutorial, threads 65.1 57.4 56.5 52.0 73.5 72.1 95.8 78.7 92.6 67.3, processes
+56.0 51.6 51.0 49.2 55.2 67.9 81.8 61.9 56.3 60.0 (the busier the machine, the more threads
+lose); resnet-small, threads 230 237 254, processes 219 219 238. One trainer epoch of 11,520
+CIFAR images and 1,280 validation ones, keras-tutorial: 6.12 and 7.83 s on threads, 5.55 and
+5.77 s on processes.
 
 So on Linux the workers are processes forked from this one, each a copy of the model as it was
 then; the model's arrays travel through one shared memory mapping instead of being copied into
