@@ -26,7 +26,7 @@ The step falls back to the plain one (each op split over the workers) on CuPy ar
 worker, with fewer than two images a worker, and, in training, for a model with Dropout (its
 masks come from the layer's one generator, which a training checkpoint keeps) or with a
 layer minicnn cannot rebuild from its config. A loss function that cannot be pickled into a
-message (a lambda) keeps the split on threads.
+message (a lambda) keeps the split on threads, and so does a process that cannot fork.
 """
 import weakref
 
@@ -65,8 +65,10 @@ def _workers(model, x, training):
 def _run_split(model, fn, parts, grads):
     """[fn(model copy k, *arrays, *args) for each part k = (arrays, args)], all at once on
     the workers; grads=True: model.grads += every other copy's after."""
-    if PROCESSES and processes.sendable(parts[-1][1]):
-        pool, results = processes.run(model, fn, parts)
+    ran = (processes.run(model, fn, parts)
+           if PROCESSES and processes.can_start() and processes.sendable(parts[-1][1]) else None)
+    if ran is not None:
+        pool, results = ran
         if grads:
             pool.add_grads(model)
         return results

@@ -120,10 +120,16 @@ class Pool:
             mine, theirs = context.Pipe()
             proc = context.Process(target=_serve, args=(model, rank, theirs, mine, self),
                                    daemon=True, name=f"minicnn-worker-{rank}")
-            with warnings.catch_warnings():    # Python 3.12+ warns of fork in a threaded
-                warnings.simplefilter("ignore", DeprecationWarning)   # process; the worker
-                proc.start()                   # uses no lock another thread could hold
-            theirs.close()
+            try:
+                with warnings.catch_warnings():    # Python 3.12+ warns of fork in a threaded
+                    warnings.simplefilter("ignore", DeprecationWarning)   # process; the
+                    proc.start()                   # worker uses no lock another thread holds
+            except OSError:                        # no fork here (a process limit, a sandbox)
+                mine.close()
+                self.close(wait=False)
+                raise
+            finally:
+                theirs.close()
             self.conns.append(mine)
             self.procs.append(proc)
 
@@ -189,6 +195,7 @@ def input_bytes(arrays):
 
 
 _pool = None
+_fork_works = True
 
 
 def pool_for(model, size, needed_bytes):
@@ -207,6 +214,11 @@ def pool_for(model, size, needed_bytes):
     return _pool
 
 
+def can_start():
+    """False once forking a worker has failed in this process (the steps then run on threads)."""
+    return _fork_works
+
+
 def close():
     """End the running pool's workers, if any (a later step starts new ones)."""
     global _pool
@@ -217,8 +229,14 @@ def close():
 
 def run(model, fn, parts):
     """Pool.run on the pool for model (started here when needed) -> (the pool, the results);
-    pool.add_grads(model) then sums the gradients fn left in the members."""
-    pool = pool_for(model, len(parts), max(input_bytes(arrays) for arrays, _ in parts[1:]))
+    pool.add_grads(model) then sums the gradients fn left in the members. None when no worker
+    could be forked (and can_start() is False from then on)."""
+    global _fork_works
+    try:
+        pool = pool_for(model, len(parts), max(input_bytes(arrays) for arrays, _ in parts[1:]))
+    except OSError:
+        _fork_works = False
+        return None
     try:
         return pool, pool.run(model, fn, parts)
     except BaseException:

@@ -317,3 +317,22 @@ def test_a_loss_function_that_cannot_be_sent_runs_on_worker_threads(monkeypatch)
     assert calls.together.call_count == 1 and calls.run.call_count == 0
     np.testing.assert_allclose(got[1], _plain_step(one, x, labels, loss)[1], rtol=1e-10,
                                atol=1e-12)
+
+
+@needs_fork
+def test_a_process_that_cannot_fork_splits_its_steps_over_threads(monkeypatch):
+    monkeypatch.setattr(data_parallel, "PROCESSES", True)
+    monkeypatch.setattr(processes, "_fork_works", True)
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
+    model, one = _models()["resnet-small"](), _models()["resnet-small"]()
+    processes.close()
+    with workers(2), split_calls() as calls, \
+            mock.patch("os.fork", side_effect=OSError(11, "Resource temporarily unavailable")):
+        got = _step(model, x, labels)
+        again = _step(model, x, labels)             # no second try at forking
+    assert calls.together.call_count == 2 and not processes.can_start()
+    assert processes._pool is None and not _workers_alive()
+    want = _plain_step(one, x, labels, SoftmaxCrossEntropy())
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
+    assert np.isfinite(again[0])
