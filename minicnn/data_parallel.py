@@ -12,8 +12,8 @@ the whole step on its part of the batch:
 Copy 0 is the model itself, run by the calling thread. The others are, on Linux, worker
 processes forked from this one (minicnn.processes: threads would share one interpreter lock;
 measured there, keras-tutorial steps took 6-64% longer on threads, median 14%, resnet-small
-ones 5-8%), and elsewhere replicas built from the model's config
-whose layers share the model's parameter and state arrays, run by parallel.together's threads.
+ones 5-8%), and elsewhere replicas built from the model's config whose layers share the
+model's parameter and state arrays, run by parallel.together's threads.
 Each copy keeps its own caches and gradients. The loss is a mean over the batch, so part k's
 dlogits are scaled by n_k / N. The only waits inside the step are BatchNorm's (three a layer,
 21 a resnet-small step): its batch sums are added up over the workers (parallel.all_sum), so
