@@ -49,31 +49,31 @@ def _split(x, k):
     return [x[lo:hi] for lo, hi in parallel.split(len(x), k)]
 
 
-def _workers(model, x, training):
-    """How many workers the step on x runs on (1: the plain step)."""
+def _split_config(model, x, training):
+    """model's config when the step on x splits over parallel.threads() workers (the copies
+    are made from it, or checked against it); None for the plain step."""
     k = parallel.threads()
     if k < 2 or array_module(x) is not np or len(x) < 2 * k or parallel.in_worker():
-        return 1
+        return None
     if training and any(isinstance(layer, Dropout) for layer in walk(model)):
-        return 1
+        return None
     try:
-        layer_config(model)
+        return layer_config(model)
     except ValueError:
-        return 1
-    return k
+        return None
 
 
-def _run_split(model, fn, parts, grads):
+def _run_split(model, config, fn, parts, grads):
     """[fn(model copy k, *arrays, *args) for each part k = (arrays, args)], all at once on
     the workers; grads=True: model.grads += every other copy's after."""
-    ran = (processes.run(model, fn, parts)
+    ran = (processes.run(model, fn, parts, config)
            if PROCESSES and processes.can_start() and processes.sendable(parts[-1][1]) else None)
     if ran is not None:
         pool, results = ran
         if grads:
             pool.add_grads(model)
         return results
-    copies = [model] + _replicas_of(model, len(parts) - 1)
+    copies = [model] + _replicas_of(model, len(parts) - 1, config)
     results = parallel.together([lambda c=c, p=p: fn(c, *p[0], *p[1])
                                  for c, p in zip(copies, parts)])
     if grads:
@@ -84,12 +84,11 @@ def _run_split(model, fn, parts, grads):
     return results
 
 
-def _replicas_of(model, count):
-    """count replicas of model for the worker threads, their layers tied to the model's
-    arrays."""
+def _replicas_of(model, count, config):
+    """count replicas of model (built from its config) for the worker threads, their layers
+    tied to the model's arrays."""
     replicas = _replicas.get(model)
     if replicas is None or len(replicas) != count:
-        config = layer_config(model)
         replicas = [layer_from_config(config) for _ in range(count)]
         _replicas[model] = replicas
     for replica in replicas:             # (again each step: the model's arrays may be new ones)
@@ -104,12 +103,12 @@ def train_step(model, x, labels, loss_fn):
     get the whole batch's gradients (the first layer's input gradient is skipped, as
     model.backward(..., input_grad=False) does). -> (loss, logits). loss_fn must average over
     the batch, as SoftmaxCrossEntropy does."""
-    k = _workers(model, x, training=True)
-    if k == 1:
+    config = _split_config(model, x, training=True)
+    if config is None:
         return _part_step(model, x, labels, loss_fn, 1.0)
-    n = len(x)
+    n, k = len(x), parallel.threads()
     parts = [((a, b), (loss_fn, len(a) / n)) for a, b in zip(_split(x, k), _split(labels, k))]
-    results = _run_split(model, _part_step, parts, grads=True)
+    results = _run_split(model, config, _part_step, parts, grads=True)
     return (sum(loss * len(a) for (loss, _), ((a, _), _) in zip(results, parts)) / n,
             np.concatenate([logits for _, logits in results]))
 
@@ -131,8 +130,8 @@ def _forward(copy, x):
 def predict(model, x):
     """model.forward(x) in inference mode, each worker's part of the batch through its own
     model copy at once."""
-    k = _workers(model, x, training=False)
-    if k == 1:
+    config = _split_config(model, x, training=False)
+    if config is None:
         return model.forward(x)
-    parts = [((part,), ()) for part in _split(x, k)]
-    return np.concatenate(_run_split(model, _forward, parts, grads=False))
+    parts = [((part,), ()) for part in _split(x, parallel.threads())]
+    return np.concatenate(_run_split(model, config, _forward, parts, grads=False))

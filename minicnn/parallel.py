@@ -140,7 +140,7 @@ class _Group:
         _local.sums += 1
         slots[_local.rank] = values
         self.barrier.wait()
-        return add_in_rank_order([slots[r] for r in range(self.size)])
+        return add_in_rank_order(slots)
 
 
 def add_in_rank_order(members):

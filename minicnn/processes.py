@@ -66,10 +66,11 @@ def _shared_arrays(model):
     return _arrays(model, "params") + _arrays(model, "state")
 
 
-def describe(model):
-    """What a pool is made for: the model's config and its arrays' shapes and dtypes.
-    ValueError for a layer minicnn cannot describe (a user's own class)."""
-    return (repr(layer_config(model)),
+def describe(model, config=None):
+    """What a pool is made for: the model's config (layer_config(model) unless given) and its
+    arrays' shapes and dtypes. ValueError for a layer minicnn cannot describe (a user's own
+    class)."""
+    return (repr(layer_config(model) if config is None else config),
             tuple((d[k].shape, d[k].dtype.str) for d, k in _shared_arrays(model)),
             tuple((d[k].shape, d[k].dtype.str) for d, k in _arrays(model, "grads")))
 
@@ -81,6 +82,11 @@ def sendable(*values):
     except Exception:                   # pickle raises several types: PicklingError, TypeError..
         return False
     return True
+
+
+def _span(specs):
+    """The bytes that arrays of the given (shape, dtype str) take, laid out by _views."""
+    return sum(_aligned(np.dtype(dtype).itemsize * int(np.prod(shape))) for shape, dtype in specs)
 
 
 def _views(buf, specs, offset):
@@ -96,16 +102,13 @@ def _views(buf, specs, offset):
 class Pool:
     """size - 1 worker processes (rank 0 is the calling process), each holding a copy of
     model, and the shared memory between them: params and state, and for each worker its
-    gradients and input_bytes of input."""
+    gradients and input_bytes of input. key: describe(model)."""
 
-    def __init__(self, model, size, input_bytes):
-        self.key, self.size, self.input_bytes = describe(model), size, _aligned(input_bytes)
-        shared_specs, grad_specs = self.key[1], self.key[2]
-        grad_bytes = sum(_aligned(np.dtype(d).itemsize * int(np.prod(s))) for s, d in grad_specs)
-        shared_bytes = sum(_aligned(np.dtype(d).itemsize * int(np.prod(s)))
-                           for s, d in shared_specs)
-        self.buf = mmap.mmap(-1, max(1, shared_bytes + (size - 1) * (grad_bytes
-                                                                      + self.input_bytes)))
+    def __init__(self, model, size, input_bytes, key):
+        self.key, self.size, self.input_bytes = key, size, _aligned(input_bytes)
+        _, shared_specs, grad_specs = key
+        self.buf = mmap.mmap(-1, max(1, _span(shared_specs)
+                                     + (size - 1) * (_span(grad_specs) + self.input_bytes)))
         self.shared, offset = _views(self.buf, shared_specs, 0)
         self.grads, self.inputs = [], []                       # index r - 1: worker r's
         for _ in range(size - 1):
@@ -198,19 +201,19 @@ _pool = None
 _fork_works = True
 
 
-def pool_for(model, size, needed_bytes):
-    """The running pool for model with size members, input room for needed_bytes a worker;
-    a new one (the old one closed) if there is none such. BLAS runs on one thread in this
-    process and, inherited, in the workers."""
+def pool_for(model, size, needed_bytes, config=None):
+    """The running pool for model (config: its layer_config, when the caller has it) with size
+    members, input room for needed_bytes a worker; a new one (the old one closed) if there is
+    none such. BLAS runs on one thread in this process and, inherited, in the workers."""
     global _pool
-    key = describe(model)
+    key = describe(model, config)
     if _pool is not None and (_pool.key != key or _pool.size != size or not _pool.alive()
                               or _pool.input_bytes < needed_bytes):
         needed_bytes = max(needed_bytes, _pool.input_bytes if _pool.key == key else 0)
         close()
     if _pool is None:
         parallel._single_threaded_blas()
-        _pool = Pool(model, size, needed_bytes)
+        _pool = Pool(model, size, needed_bytes, key)
     return _pool
 
 
@@ -227,13 +230,14 @@ def close():
         pool.close()
 
 
-def run(model, fn, parts):
-    """Pool.run on the pool for model (started here when needed) -> (the pool, the results);
-    pool.add_grads(model) then sums the gradients fn left in the members. None when no worker
-    could be forked (and can_start() is False from then on)."""
+def run(model, fn, parts, config=None):
+    """Pool.run on the pool for model (started here when needed; config: as pool_for's)
+    -> (the pool, the results); pool.add_grads(model) then sums the gradients fn left in the
+    members. None when no worker could be forked (and can_start() is False from then on)."""
     global _fork_works
     try:
-        pool = pool_for(model, len(parts), max(input_bytes(arrays) for arrays, _ in parts[1:]))
+        pool = pool_for(model, len(parts), max(input_bytes(arrays) for arrays, _ in parts[1:]),
+                        config)
     except OSError:
         _fork_works = False
         return None
