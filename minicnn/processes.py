@@ -71,8 +71,8 @@ def describe(model, config=None):
     arrays' shapes and dtypes. ValueError for a layer minicnn cannot describe (a user's own
     class)."""
     return (repr(layer_config(model) if config is None else config),
-            tuple((d[k].shape, d[k].dtype.str) for d, k in _shared_arrays(model)),
-            tuple((d[k].shape, d[k].dtype.str) for d, k in _arrays(model, "grads")))
+            tuple(_specs(d[k] for d, k in _shared_arrays(model))),
+            tuple(_specs(d[k] for d, k in _arrays(model, "grads"))))
 
 
 def sendable(*values):
@@ -87,6 +87,11 @@ def sendable(*values):
 def _span(specs):
     """The bytes that arrays of the given (shape, dtype str) take, laid out by _views."""
     return sum(_aligned(np.dtype(dtype).itemsize * int(np.prod(shape))) for shape, dtype in specs)
+
+
+def _specs(arrays):
+    """[(shape, dtype str)] of arrays: what _views lays out and _span measures."""
+    return [(a.shape, a.dtype.str) for a in arrays]
 
 
 def _views(buf, specs, offset):
@@ -158,13 +163,10 @@ class Pool:
             raise
 
     def _put(self, rank, arrays):
-        """Copy arrays into worker rank's input memory -> their (shape, dtype, offset)."""
-        specs, offset = [], self.inputs[rank - 1]
-        for a in arrays:
-            view = np.ndarray(a.shape, a.dtype, buffer=self.buf, offset=offset)
+        """Copy arrays into worker rank's input memory (laid out by _views) -> their specs."""
+        specs = _specs(arrays)
+        for view, a in zip(_views(self.buf, specs, self.inputs[rank - 1])[0], arrays):
             np.copyto(view, a)
-            specs.append((a.shape, a.dtype.str, offset))
-            offset += _aligned(a.nbytes)
         return specs
 
     def add_grads(self, model):
@@ -194,7 +196,7 @@ class Pool:
 
 def input_bytes(arrays):
     """The input memory a worker needs for arrays (as Pool._put lays them out)."""
-    return sum(_aligned(a.nbytes) for a in arrays)
+    return _span(_specs(arrays))
 
 
 _pool = None
@@ -343,8 +345,7 @@ def _serve(model, rank, conn, rank0_end, pool):
                 return
             fn, specs, args = message
             try:
-                arrays = [np.ndarray(shape, np.dtype(dtype), buffer=pool.buf, offset=offset)
-                          for shape, dtype, offset in specs]
+                arrays, _ = _views(pool.buf, specs, pool.inputs[rank - 1])
                 reply = ("done", fn(model, *arrays, *args))
             except BaseException as e:             # sent to rank 0, which raises it
                 reply = ("error", e if sendable(e) else WorkerError(f"{type(e).__name__}: {e}"))
