@@ -203,7 +203,7 @@ def member(group, rank):
 
 
 def rank():
-    """This worker's index inside together() (0 outside it)."""
+    """This worker's index inside together() or a member() block (0 outside them)."""
     return getattr(_local, "rank", 0)
 
 
