@@ -10,7 +10,9 @@ Three tables, each row timed side by side with PyTorch (interleaved, so machine 
   2. Layers: the conv shapes of every preset in minicnn.zoo.MODELS plus the CIFAR ladder
      (3->64 @32, 64->64 @32, 128->128 @16, 256->256 @8), and the pools, BatchNorm and ReLU the
      presets use: forward ms, backward ms, GFLOP/s (forward + backward, 2*N*F*C*KH*KW*OH*OW per
-     GEMM-pass, three passes), % of the SGEMM peak, and PyTorch's time / ours (> 1: we're faster).
+     GEMM-pass, three passes), % of the SGEMM peak, % of the BLAS on the layer's own GEMM shapes
+     (conv_gemms: the time of its three bare GEMMs / the layer's), and PyTorch's time / ours
+     (> 1: we're faster).
   3. Models: every preset; one training step (forward, loss, backward, SGD momentum step) and
      inference, in images/s, ours and PyTorch's, and the ratio. Ours as the trainer and
      `evaluate` run them: the batch split over the cores, a whole model copy a worker
@@ -165,6 +167,35 @@ def _torch_residual_class(torch):
 
 
 # ---- layer rows -----------------------------------------------------------------------------
+# The %gemm column's reference GEMMs take at most this many bytes of im2col rows: a few
+# images' rows, the time scaled up to the batch (the ladder's 64->64 @32x32 at batch 128 would
+# otherwise need two 302 MB matrices). A GEMM's rate barely changes with M at these sizes.
+GEMM_REFERENCE_BYTES = 64 * 2**20
+
+
+def conv_gemms(layer, n, out_shape, rng):
+    """(fn, scale): fn runs the three GEMMs of a conv layer's training step, with the layer's
+    K = C*KH*KW and F, on the rows (M = images*OH*OW) of as many of its n images as fit in
+    GEMM_REFERENCE_BYTES: forward (M, K) @ (K, F), dW (F, M) @ (M, K) and dcols (M, F) @ (F, K),
+    one NumPy matmul each, BLAS on its own threads (as for the SGEMM peak). scale = n / images:
+    fn's time times scale is the layer's GEMM work done by the BLAS alone, without im2col,
+    col2im or anything else around it."""
+    kh, kw = layer.kernel_size
+    k, (f, oh, ow) = layer.in_channels * kh * kw, out_shape
+    images = max(1, min(n, GEMM_REFERENCE_BYTES // (oh * ow * k * 4)))
+    m = images * oh * ow
+    cols, dy = (rng.standard_normal(shape, dtype=np.float32) for shape in ((m, k), (m, f)))
+    w = rng.standard_normal((k, f), dtype=np.float32)                      # W^T
+    out, dw, dcols = (np.empty(shape, dtype=np.float32) for shape in ((m, f), (f, k), (m, k)))
+
+    def run():
+        with parallel.blas_with_own_threads():
+            np.matmul(cols, w, out=out)
+            np.matmul(dy.T, cols, out=dw)
+            np.matmul(dy, w.T, out=dcols)
+    return run, n / images
+
+
 def conv_flops(n, c, f, kh, kw, oh, ow):
     """FLOPs of one GEMM pass of a convolution (forward; backward is two such passes)."""
     return 2 * n * f * c * kh * kw * oh * ow
@@ -232,6 +263,8 @@ def bench_layer(label, layer, in_shape, flops, torch, repeats, gpu=None):
     if dy.ndim == 4:
         dy = channels_last(dy)        # as the gradient arrives inside a net
     fns = {"fwd": lambda: layer.forward(x, training=True), "bwd": lambda: layer.backward(dy)}
+    if isinstance(layer, Conv2D):
+        fns["gemms"], gemm_scale = conv_gemms(layer, in_shape[0], y.shape[1:], rng)
     row = {"layer": label, "input": list(in_shape), "flops": flops, "check": "-"}
     if torch is not None:
         module = torch_twin(layer, torch).train()
@@ -254,6 +287,8 @@ def bench_layer(label, layer, in_shape, flops, torch, repeats, gpu=None):
     row.update(fwd_ms=t["fwd"] * 1e3, bwd_ms=t["bwd"] * 1e3)
     total = t["fwd"] + t["bwd"]
     row["gflops"] = flops / total / 1e9 if flops else None
+    row["gemm_ms"] = t["gemms"] * gemm_scale * 1e3 if "gemms" in t else None
+    row["pct_gemm"] = 100 * t["gemms"] * gemm_scale / total if "gemms" in t else None
     if torch is not None:
         row.update(torch_fwd_ms=t["torch_fwd"] * 1e3, torch_bwd_ms=t["torch_bwd"] * 1e3,
                    ratio=(t["torch_fwd"] + t["torch_bwd"]) / total)
@@ -324,13 +359,14 @@ def print_report(result, print_fn=print):
         print_fn("note: PyTorch is not installed, so there are no ratios "
                  "(pip install torch to compare).")
     if result["layers"]:
-        head = (f"{'layer':<42}{'fwd ms':>8}{'bwd ms':>8}{'GFLOP/s':>9}{'%peak':>7}"
+        head = (f"{'layer':<42}{'fwd ms':>8}{'bwd ms':>8}{'GFLOP/s':>9}{'%peak':>7}{'%gemm':>7}"
                 f"{'torch ms':>10}{'x torch':>8}  check")
         lines = []
         for r in result["layers"]:
             torch_ms = (r["torch_fwd_ms"] + r["torch_bwd_ms"]) if "ratio" in r else None
             lines.append(f"{r['layer']:<42}{r['fwd_ms']:>8.2f}{r['bwd_ms']:>8.2f}"
                          f"{_fmt(r['gflops'], '9.1f'):>9}{_fmt(r['pct_peak'], '6.0f'):>7}"
+                         f"{_fmt(r['pct_gemm'], '6.0f'):>7}"
                          f"{_fmt(torch_ms, '10.2f'):>10}{_fmt(r.get('ratio'), '8.2f'):>8}"
                          f"  {r['check']}")
         bench_gpu.print_table(head, lines, print_fn)
@@ -345,6 +381,9 @@ def print_report(result, print_fn=print):
         bench_gpu.print_table(head, lines, print_fn)
     print_fn("x torch: PyTorch's time / minicnn's (above 1: minicnn is faster). GFLOP/s counts "
              "forward + both backward GEMM passes.")
+    if result["layers"]:
+        print_fn("%gemm: the layer's three GEMMs alone (NumPy's BLAS on its own threads, the "
+                 "same shapes) / the layer's time: how near the BLAS's rate on those shapes.")
     if result.get("gpu"):
         bench_gpu.print_tables(result, print_fn)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minicnn import bench, zoo
+from minicnn.layers import Conv2D
 
 
 def test_report_without_torch_has_rows_and_a_note(capsys):
@@ -13,13 +14,15 @@ def test_report_without_torch_has_rows_and_a_note(capsys):
     convs = [r for r in result["layers"] if r["layer"].startswith("Conv2D")]
     assert len(convs) == 3 + len(bench.LADDER)          # the preset's three convs + the ladder
     assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["gflops"] > 0 for r in convs)
+    assert all(r["gemm_ms"] > 0 and r["pct_gemm"] > 0 for r in convs)
+    assert all(r["pct_gemm"] is None for r in result["layers"] if r not in convs)
     assert all("ratio" not in r and r["check"] == "-" for r in result["layers"])
     [model] = result["models"]
     assert model["model"] == "keras-tutorial" and model["params"] == 122570
     assert model["train_img_s"] > 0 and "train_ratio" not in model
     bench.print_report(result)
     out = capsys.readouterr().out
-    assert "PyTorch is not installed" in out and "keras-tutorial" in out
+    assert "PyTorch is not installed" in out and "keras-tutorial" in out and "%gemm" in out
 
 
 def test_json_output_parses(capsys):
@@ -40,6 +43,34 @@ def test_percent_of_peak_uses_the_better_of_the_two_sgemm_measurements(monkeypat
     convs = [r for r in result["layers"] if r["gflops"]]
     assert convs and all(r["pct_peak"] == pytest.approx(r["gflops"] / 2) for r in convs)
     assert all(r["pct_peak"] is None for r in result["layers"] if not r["gflops"])
+
+
+def test_percent_of_gemm_is_the_bare_gemms_time_scaled_to_the_batch_over_the_layers(monkeypatch):
+    """%gemm: the layer's three GEMMs alone, on as many images' rows as GEMM_REFERENCE_BYTES
+    holds (here one), their time scaled to the batch, against the layer's forward + backward."""
+    times = {"fwd": 0.010, "bwd": 0.030, "gemms": 0.005}
+    monkeypatch.setattr(bench, "median_times", lambda fns, repeats: {n: times[n] for n in fns})
+    monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 1)
+    conv = Conv2D(4, 8, 3, rng=np.random.default_rng(0))
+    row = bench.bench_layer("conv", conv, (6, 4, 9, 9), 1, None, 1)
+    assert row["gemm_ms"] == pytest.approx(6 * 5.0)                 # 6 images, 5 ms each
+    assert row["pct_gemm"] == pytest.approx(100 * 0.030 / 0.040)
+
+
+def test_conv_gemms_run_the_layers_three_gemm_shapes(monkeypatch):
+    calls = []
+    real = np.matmul
+    monkeypatch.setattr(bench.np, "matmul", lambda a, b, out: calls.append(
+        (a.shape, b.shape, out.shape)) or real(a, b, out=out))
+    conv = Conv2D(4, 8, 3, rng=np.random.default_rng(0))      # K = 36, F = 8; 7x7 out of 9x9
+    fn, scale = bench.conv_gemms(conv, 5, (8, 7, 7), np.random.default_rng(1))
+    fn()
+    m = 5 * 49                                                 # all 5 images fit the budget
+    assert scale == 1.0
+    assert calls == [((m, 36), (36, 8), (m, 8)), ((8, m), (m, 36), (8, 36)),
+                     ((m, 8), (8, 36), (m, 36))]
+    monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 2 * 49 * 36 * 4)   # two images' rows
+    assert bench.conv_gemms(conv, 5, (8, 7, 7), np.random.default_rng(1))[1] == 2.5
 
 
 def test_sgemm_peak_is_the_best_run(monkeypatch):
