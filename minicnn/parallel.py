@@ -183,8 +183,8 @@ def _outcome(fn, *args):
 
 def _as_member(fn, group, rank, errors):
     try:
-        with member(group, rank), np.errstate(**errors):
-            return fn()
+        with member(group, rank):
+            return _as_worker(fn, errors)
     except BaseException:
         group.barrier.abort()
         raise
