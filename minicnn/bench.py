@@ -18,6 +18,9 @@ Three tables, each row timed side by side with PyTorch (interleaved, so machine 
      `evaluate` run them: the batch split over the cores, a whole model copy a worker
      (minicnn.data_parallel); the fwd ms and bwd ms columns are model.forward and
      model.backward on the whole batch, each op split over the cores (minicnn.parallel).
+     Beside each, "gemms": the images/s of the step's conv and dense GEMMs alone (model_gemms,
+     the shapes the layers really get), and "bound": PyTorch's time / theirs, the ratio an
+     engine whose layers cost nothing but those GEMMs would reach on this BLAS.
 Each case is checked against PyTorch first (same weights, same input), then warmed up, then timed
 `repeats` times (the model rows' train and eval columns MODEL_REPEATS times as many); the median
 is reported. PyTorch runs with as many threads as minicnn's workers
@@ -37,8 +40,8 @@ import numpy as np
 from minicnn import bench_gpu, data_parallel, parallel, zoo
 from minicnn.cli import positive_int
 from minicnn.errors import BackendError
-from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                            MaxPool2D, ReLU, Residual, Softmax)
+from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Container, Conv2D, Dense,
+                            Dropout, Flatten, MaxPool2D, ReLU, Residual, Softmax)
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.model import Sequential
 from minicnn.optim import SGD
@@ -167,33 +170,51 @@ def _torch_residual_class(torch):
 
 
 # ---- layer rows -----------------------------------------------------------------------------
-# The %gemm column's reference GEMMs take at most this many bytes of im2col rows: a few
-# images' rows, the time scaled up to the batch (the ladder's 64->64 @32x32 at batch 128 would
-# otherwise need two 302 MB matrices). A GEMM's rate barely changes with M at these sizes.
+# The bare GEMMs (the %gemm column, the model rows' gemms columns) run on at most this many bytes
+# of im2col rows at a time, a batch's rows in chunks of it: one buffer shared by every GEMM,
+# not a 302 MB matrix for the ladder's 64->64 @32x32 at batch 128 (a GEMM's rate barely
+# changes with M at these sizes).
 GEMM_REFERENCE_BYTES = 64 * 2**20
 
 
-def conv_gemms(layer, n, out_shape, rng):
-    """(fn, scale): fn runs the three GEMMs of a conv layer's training step, with the layer's
-    K = C*KH*KW and F, on the rows (M = images*OH*OW) of as many of its n images as fit in
-    GEMM_REFERENCE_BYTES: forward (M, K) @ (K, F), dW (F, M) @ (M, K) and dcols (M, F) @ (F, K),
-    one NumPy matmul each, BLAS on its own threads (as for the SGEMM peak). scale = n / images:
-    fn's time times scale is the layer's GEMM work done by the BLAS alone, without im2col,
-    col2im or anything else around it."""
-    kh, kw = layer.kernel_size
-    k, (f, oh, ow) = layer.in_channels * kh * kw, out_shape
-    images = max(1, min(n, GEMM_REFERENCE_BYTES // (oh * ow * k * 4)))
-    m = images * oh * ow
-    cols, dy = (rng.standard_normal(shape, dtype=np.float32) for shape in ((m, k), (m, f)))
-    w = rng.standard_normal((k, f), dtype=np.float32)                      # W^T
-    out, dw, dcols = (np.empty(shape, dtype=np.float32) for shape in ((m, f), (f, k), (m, k)))
+def bare_gemms(shapes, rng):
+    """fn: the GEMMs of conv and dense layers alone, NumPy's BLAS on its own threads (as for the
+    SGEMM peak), with nothing around them (no im2col, col2im, activation, ...).
+
+    shapes: [(M, K, F, passes)], M rows (images * OH * OW for a conv, images for a dense layer),
+    K = C*KH*KW (or the inputs), F outputs; passes: some of "fwd" (M, K) @ (K, F), "dw"
+    (F, M) @ (M, K) and "dx" (M, F) @ (F, K). Each runs over the M rows in chunks of at most
+    GEMM_REFERENCE_BYTES of (rows, K), all in views of one set of random buffers."""
+    rows = {(k, f): max(1, GEMM_REFERENCE_BYTES // (4 * max(k, f))) for _, k, f, _ in shapes}
+    chunks = [(min(m, rows[k, f]), k, f) for m, k, f, _ in shapes]
+    size = {"cols": max(r * k for r, k, _ in chunks), "dy": max(r * f for r, _, f in chunks),
+            "w": max(k * f for _, k, f in chunks)}
+    cols, dy, w = (rng.standard_normal(size[name], dtype=np.float32) for name in ("cols", "dy", "w"))
+    out, dcols, dw = (np.empty(size[name], dtype=np.float32) for name in ("dy", "cols", "w"))
 
     def run():
         with parallel.blas_with_own_threads():
-            np.matmul(cols, w, out=out)
-            np.matmul(dy.T, cols, out=dw)
-            np.matmul(dy, w.T, out=dcols)
-    return run, n / images
+            for m, k, f, passes in shapes:
+                w_kf, dw_fk = w[:k * f].reshape(k, f), dw[:k * f].reshape(f, k)
+                for start in range(0, m, rows[k, f]):
+                    r = min(rows[k, f], m - start)
+                    a, g = cols[:r * k].reshape(r, k), dy[:r * f].reshape(r, f)
+                    if "fwd" in passes:
+                        np.matmul(a, w_kf, out=out[:r * f].reshape(r, f))
+                    if "dw" in passes:
+                        np.matmul(g.T, a, out=dw_fk)
+                    if "dx" in passes:
+                        np.matmul(g, w_kf.T, out=dcols[:r * k].reshape(r, k))
+    return run
+
+
+def conv_gemms(layer, n, out_shape, rng):
+    """fn: the three GEMMs of a conv layer's training step on n images, with the layer's
+    K = C*KH*KW and F and M = n*OH*OW rows: forward (M, K) @ (K, F), dW (F, M) @ (M, K) and
+    dcols (M, F) @ (F, K) (bare_gemms)."""
+    kh, kw = layer.kernel_size
+    f, oh, ow = out_shape
+    return bare_gemms([(n * oh * ow, layer.in_channels * kh * kw, f, ("fwd", "dw", "dx"))], rng)
 
 
 def conv_flops(n, c, f, kh, kw, oh, ow):
@@ -264,7 +285,7 @@ def bench_layer(label, layer, in_shape, flops, torch, repeats, gpu=None):
         dy = channels_last(dy)        # as the gradient arrives inside a net
     fns = {"fwd": lambda: layer.forward(x, training=True), "bwd": lambda: layer.backward(dy)}
     if isinstance(layer, Conv2D):
-        fns["gemms"], gemm_scale = conv_gemms(layer, in_shape[0], y.shape[1:], rng)
+        fns["gemms"] = conv_gemms(layer, in_shape[0], y.shape[1:], rng)
     row = {"layer": label, "input": list(in_shape), "flops": flops, "check": "-"}
     if torch is not None:
         module = torch_twin(layer, torch).train()
@@ -287,8 +308,8 @@ def bench_layer(label, layer, in_shape, flops, torch, repeats, gpu=None):
     row.update(fwd_ms=t["fwd"] * 1e3, bwd_ms=t["bwd"] * 1e3)
     total = t["fwd"] + t["bwd"]
     row["gflops"] = flops / total / 1e9 if flops else None
-    row["gemm_ms"] = t["gemms"] * gemm_scale * 1e3 if "gemms" in t else None
-    row["pct_gemm"] = 100 * t["gemms"] * gemm_scale / total if "gemms" in t else None
+    row["gemm_ms"] = t["gemms"] * 1e3 if "gemms" in t else None
+    row["pct_gemm"] = 100 * t["gemms"] / total if "gemms" in t else None
     if torch is not None:
         row.update(torch_fwd_ms=t["torch_fwd"] * 1e3, torch_bwd_ms=t["torch_bwd"] * 1e3,
                    ratio=(t["torch_fwd"] + t["torch_bwd"]) / total)
@@ -301,6 +322,48 @@ _check = bench_gpu.check
 
 
 # ---- model rows -----------------------------------------------------------------------------
+def model_gemms(model, x, rng):
+    """(train_fn, eval_fn): the bare GEMMs (bare_gemms) of a training step and of inference on
+    the batch x, with the shapes the model's Conv2D and Dense layers really get (recorded from
+    a forward of one image, so after Sequential's needed_input crop). Training: forward, dW and
+    dx, but no dx for the model's first layer (the trainer skips it); inference: forward only.
+    Their time is the fastest step an engine whose layers are these GEMMs can take on this BLAS."""
+    layers = [layer for layer in _all_layers(model) if isinstance(layer, (Conv2D, Dense))]
+    seen = []                                            # (layer, output shape) in call order
+
+    def spy(layer):
+        def forward(inp, training=False):
+            y = type(layer).forward(layer, inp, training)
+            seen.append((layer, y.shape))
+            return y
+        return forward
+    for layer in layers:
+        layer.forward = spy(layer)                       # an instance attribute, deleted below
+    try:
+        model.forward(x[:1])
+    finally:
+        for layer in layers:
+            del layer.forward
+    first = model[model.schedule()[0]] if isinstance(model, Sequential) and len(model) else None
+    train, infer = [], []
+    for layer, out_shape in seen:
+        if isinstance(layer, Conv2D):
+            kh, kw = layer.kernel_size
+            shape = (len(x) * out_shape[2] * out_shape[3], layer.in_channels * kh * kw,
+                     layer.out_channels)
+        else:
+            shape = (len(x), layer.in_features, layer.out_features)
+        train.append(shape + (("fwd", "dw") if layer is first else ("fwd", "dw", "dx"),))
+        infer.append(shape + (("fwd",),))
+    return bare_gemms(train, rng), bare_gemms(infer, rng)
+
+
+def _all_layers(layer):
+    """layer and every layer inside it (Sequential, Residual), depth first."""
+    subs = layer.layers() if isinstance(layer, Container) else []
+    return [layer] + [inner for sub in subs for inner in _all_layers(sub)]
+
+
 def bench_model(name, torch, batch, repeats, gpu=None):
     rng = np.random.default_rng(0)
     model = zoo.build_model(name, rng=rng)
@@ -326,7 +389,9 @@ def bench_model(name, torch, batch, repeats, gpu=None):
         data_parallel.train_step(model, x, labels, loss_fn)
         opt.step()
 
-    fns = {"train": train_step, "eval": lambda: data_parallel.predict(model, x)}
+    gemms_train, gemms_eval = model_gemms(model, x, rng)
+    fns = {"train": train_step, "eval": lambda: data_parallel.predict(model, x),
+           "gemms_train": gemms_train, "gemms_eval": gemms_eval}
     if torch is not None:
         torch_train, torch_eval = bench_gpu.torch_step_fns(torch, module, tx, tlabels)
         fns.update(torch_train=torch_train, torch_eval=torch_eval)
@@ -334,11 +399,14 @@ def bench_model(name, torch, batch, repeats, gpu=None):
     parts = median_times({"fwd": forward, "fwd+bwd": backward}, repeats, 1, False)
     row.update(fwd_ms=parts["fwd"] * 1e3, bwd_ms=(parts["fwd+bwd"] - parts["fwd"]) * 1e3,
                train_ms=t["train"] * 1e3, train_img_s=batch / t["train"],
-               eval_img_s=batch / t["eval"])
+               eval_img_s=batch / t["eval"], gemm_train_img_s=batch / t["gemms_train"],
+               gemm_eval_img_s=batch / t["gemms_eval"])
     if torch is not None:
         row.update(torch_train_img_s=batch / t["torch_train"],
                    torch_eval_img_s=batch / t["torch_eval"],
-                   train_ratio=t["torch_train"] / t["train"], eval_ratio=t["torch_eval"] / t["eval"])
+                   train_ratio=t["torch_train"] / t["train"], eval_ratio=t["torch_eval"] / t["eval"],
+                   train_bound=t["torch_train"] / t["gemms_train"],
+                   eval_bound=t["torch_eval"] / t["gemms_eval"])
     if gpu is not None:
         bench_gpu.model_columns(row, model, x, labels, gpu, repeats, torch_twin)
     return row
@@ -371,16 +439,24 @@ def print_report(result, print_fn=print):
                          f"  {r['check']}")
         bench_gpu.print_table(head, lines, print_fn)
     if result["models"]:
-        head = (f"{'model':<16}{'fwd ms':>8}{'bwd ms':>8}{'train img/s':>13}{'torch':>8}"
-                f"{'x torch':>8}{'eval img/s':>12}{'torch':>8}{'x torch':>8}  check")
-        lines = [f"{r['model']:<16}{r['fwd_ms']:>8.1f}{r['bwd_ms']:>8.1f}"
-                 f"{r['train_img_s']:>13.0f}{_fmt(r.get('torch_train_img_s'), '8.0f'):>8}"
-                 f"{_fmt(r.get('train_ratio'), '8.2f'):>8}{r['eval_img_s']:>12.0f}"
-                 f"{_fmt(r.get('torch_eval_img_s'), '8.0f'):>8}"
-                 f"{_fmt(r.get('eval_ratio'), '8.2f'):>8}  {r['check']}" for r in result["models"]]
+        head = (f"{'model':<15}{'fwd ms':>7}{'bwd ms':>7}{'train img/s':>12}{'gemms':>7}"
+                f"{'torch':>6}{'x torch':>8}{'bound':>6}{'eval img/s':>11}{'gemms':>7}{'torch':>6}"
+                f"{'x torch':>8}{'bound':>6}  check")
+        lines = [f"{r['model']:<15}{r['fwd_ms']:>7.1f}{r['bwd_ms']:>7.1f}"
+                 f"{r['train_img_s']:>12.0f}{r['gemm_train_img_s']:>7.0f}"
+                 f"{_fmt(r.get('torch_train_img_s'), '6.0f'):>6}"
+                 f"{_fmt(r.get('train_ratio'), '8.2f'):>8}{_fmt(r.get('train_bound'), '6.2f'):>6}"
+                 f"{r['eval_img_s']:>11.0f}{r['gemm_eval_img_s']:>7.0f}"
+                 f"{_fmt(r.get('torch_eval_img_s'), '6.0f'):>6}"
+                 f"{_fmt(r.get('eval_ratio'), '8.2f'):>8}{_fmt(r.get('eval_bound'), '6.2f'):>6}"
+                 f"  {r['check']}" for r in result["models"]]
         bench_gpu.print_table(head, lines, print_fn)
     print_fn("x torch: PyTorch's time / minicnn's (above 1: minicnn is faster). GFLOP/s counts "
              "forward + both backward GEMM passes.")
+    if result["models"]:
+        print_fn("gemms: images/s if a step took only its conv and dense GEMMs (NumPy's BLAS on "
+                 "its own threads, the model's shapes);\nbound: PyTorch's time / those GEMMs' "
+                 "(x torch for an engine whose layers cost nothing but their GEMMs).")
     if result["layers"]:
         print_fn("%gemm: the layer's three GEMMs alone (NumPy's BLAS on its own threads, the "
                  "same shapes) / the layer's time: how near the BLAS's rate on those shapes.")

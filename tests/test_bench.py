@@ -20,9 +20,11 @@ def test_report_without_torch_has_rows_and_a_note(capsys):
     [model] = result["models"]
     assert model["model"] == "keras-tutorial" and model["params"] == 122570
     assert model["train_img_s"] > 0 and "train_ratio" not in model
+    assert model["gemm_train_img_s"] > 0 and model["gemm_eval_img_s"] > 0
     bench.print_report(result)
     out = capsys.readouterr().out
     assert "PyTorch is not installed" in out and "keras-tutorial" in out and "%gemm" in out
+    assert "bound" in out and "gemms" in out
 
 
 def test_json_output_parses(capsys):
@@ -45,32 +47,78 @@ def test_percent_of_peak_uses_the_better_of_the_two_sgemm_measurements(monkeypat
     assert all(r["pct_peak"] is None for r in result["layers"] if not r["gflops"])
 
 
-def test_percent_of_gemm_is_the_bare_gemms_time_scaled_to_the_batch_over_the_layers(monkeypatch):
-    """%gemm: the layer's three GEMMs alone, on as many images' rows as GEMM_REFERENCE_BYTES
-    holds (here one), their time scaled to the batch, against the layer's forward + backward."""
+def test_percent_of_gemm_is_the_bare_gemms_time_over_the_layers(monkeypatch):
+    """%gemm: the layer's three GEMMs alone, on the whole batch's rows, against the layer's
+    forward + backward."""
     times = {"fwd": 0.010, "bwd": 0.030, "gemms": 0.005}
     monkeypatch.setattr(bench, "median_times", lambda fns, repeats: {n: times[n] for n in fns})
-    monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 1)
     conv = Conv2D(4, 8, 3, rng=np.random.default_rng(0))
     row = bench.bench_layer("conv", conv, (6, 4, 9, 9), 1, None, 1)
-    assert row["gemm_ms"] == pytest.approx(6 * 5.0)                 # 6 images, 5 ms each
-    assert row["pct_gemm"] == pytest.approx(100 * 0.030 / 0.040)
+    assert row["gemm_ms"] == pytest.approx(5.0)
+    assert row["pct_gemm"] == pytest.approx(100 * 0.005 / 0.040)
 
 
-def test_conv_gemms_run_the_layers_three_gemm_shapes(monkeypatch):
+def _spy_matmul(monkeypatch):
     calls = []
     real = np.matmul
     monkeypatch.setattr(bench.np, "matmul", lambda a, b, out: calls.append(
         (a.shape, b.shape, out.shape)) or real(a, b, out=out))
+    return calls
+
+
+def test_conv_gemms_run_the_layers_three_gemm_shapes(monkeypatch):
+    calls = _spy_matmul(monkeypatch)
     conv = Conv2D(4, 8, 3, rng=np.random.default_rng(0))      # K = 36, F = 8; 7x7 out of 9x9
-    fn, scale = bench.conv_gemms(conv, 5, (8, 7, 7), np.random.default_rng(1))
-    fn()
+    bench.conv_gemms(conv, 5, (8, 7, 7), np.random.default_rng(1))()
     m = 5 * 49                                                 # all 5 images fit the budget
-    assert scale == 1.0
     assert calls == [((m, 36), (36, 8), (m, 8)), ((8, m), (m, 36), (8, 36)),
                      ((m, 8), (8, 36), (m, 36))]
-    monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 2 * 49 * 36 * 4)   # two images' rows
-    assert bench.conv_gemms(conv, 5, (8, 7, 7), np.random.default_rng(1))[1] == 2.5
+
+
+def test_bare_gemms_run_a_batch_bigger_than_the_budget_in_chunks(monkeypatch):
+    """Every one of the M rows goes through each pass, GEMM_REFERENCE_BYTES of rows at a time."""
+    calls = _spy_matmul(monkeypatch)
+    monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 100 * 36 * 4)    # 100 rows of K = 36
+    bench.bare_gemms([(245, 36, 8, ("fwd", "dx")), (7, 20, 3, ("dw",))],
+                     np.random.default_rng(0))()
+    assert calls == [((100, 36), (36, 8), (100, 8)), ((100, 8), (8, 36), (100, 36))] * 2 + [
+        ((45, 36), (36, 8), (45, 8)), ((45, 8), (8, 36), (45, 36)),
+        ((3, 7), (7, 20), (3, 20))]
+
+
+def test_model_gemms_are_the_shapes_the_layers_really_get(monkeypatch):
+    """keras-tutorial's forward reads only 30x30 of a 32x32 image (needed_input), so its convs
+    give 28x28, 12x12 and 4x4; training skips the first conv's dx; inference runs forwards only;
+    the layers' own forward is back in place afterwards."""
+    model = zoo.build_model("keras-tutorial", rng=np.random.default_rng(0))
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    train, infer = bench.model_gemms(model, x, np.random.default_rng(2))
+    calls = _spy_matmul(monkeypatch)
+    infer()
+    assert calls == [((3 * 28 * 28, 27), (27, 32), (3 * 28 * 28, 32)),
+                     ((3 * 12 * 12, 288), (288, 64), (3 * 12 * 12, 64)),
+                     ((3 * 4 * 4, 576), (576, 64), (3 * 4 * 4, 64)),
+                     ((3, 1024), (1024, 64), (3, 64)), ((3, 64), (64, 10), (3, 10))]
+    calls.clear()
+    train()
+    assert [c[2] for c in calls[:2]] == [(3 * 28 * 28, 32), (32, 27)]      # no dx
+    assert [c[2] for c in calls[2:5]] == [(3 * 144, 64), (64, 288), (3 * 144, 288)]
+    assert len(calls) == 2 + 3 * 4
+    assert all("forward" not in vars(layer) for layer in bench._all_layers(model))
+
+
+def test_model_rows_have_the_gemm_rate_and_the_bound(monkeypatch):
+    times = {"train": 0.040, "eval": 0.010, "gemms_train": 0.020, "gemms_eval": 0.004,
+             "torch_train": 0.060, "torch_eval": 0.012, "fwd": 0.008, "fwd+bwd": 0.030}
+    monkeypatch.setattr(bench, "median_times", lambda fns, *a: {n: times[n] for n in fns})
+    row = bench.bench_model("resnet-small", None, 4, 1)
+    assert row["gemm_train_img_s"] == pytest.approx(4 / 0.020)
+    assert row["gemm_eval_img_s"] == pytest.approx(4 / 0.004)
+    assert "train_bound" not in row
+    torch = pytest.importorskip("torch")
+    row = bench.bench_model("resnet-small", torch, 4, 1)
+    assert row["train_ratio"] == pytest.approx(1.5) and row["train_bound"] == pytest.approx(3.0)
+    assert row["eval_ratio"] == pytest.approx(1.2) and row["eval_bound"] == pytest.approx(3.0)
 
 
 def test_sgemm_peak_is_the_best_run(monkeypatch):
