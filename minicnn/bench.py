@@ -171,47 +171,58 @@ def _torch_residual_class(torch):
 
 # ---- layer rows -----------------------------------------------------------------------------
 # The bare GEMMs (the %gemm column, the model rows' gemms columns) run on at most this many bytes
-# of im2col rows at a time, a batch's rows in chunks of it: one buffer shared by every GEMM,
-# not a 302 MB matrix for the ladder's 64->64 @32x32 at batch 128 (a GEMM's rate barely
-# changes with M at these sizes).
+# of im2col rows at a time (all the workers' together), a batch's rows in chunks of it, each
+# worker in views of its own set of buffers: not a 302 MB matrix for the ladder's 64->64 @32x32
+# at batch 128 (a GEMM's rate barely changes with M at these sizes).
 GEMM_REFERENCE_BYTES = 64 * 2**20
 
 
-def bare_gemms(shapes, rng):
-    """fn: the GEMMs of conv and dense layers alone, NumPy's BLAS on its own threads (as for the
-    SGEMM peak), with nothing around them (no im2col, col2im, activation, ...).
+def bare_gemms(shapes, rng, parts=None):
+    """fn: the GEMMs of conv and dense layers alone, with nothing around them (no im2col,
+    col2im, activation, ...), run as the engine runs its own: the rows split over `parts`
+    (default: minicnn.parallel's workers, one a core) that run at once, each with a
+    single-threaded BLAS (BLAS on its own threads when there is one worker). Measured here,
+    the keras-tutorial's training GEMMs: 28.2 ms at batch 128 on a 2-thread BLAS, 22.3 ms on
+    one thread at 64 images (resnet-small: 127 and 105 ms).
 
     shapes: [(M, K, F, passes)], M rows (images * OH * OW for a conv, images for a dense layer),
     K = C*KH*KW (or the inputs), F outputs; passes: some of "fwd" (M, K) @ (K, F), "dw"
-    (F, M) @ (M, K) and "dx" (M, F) @ (F, K). Each runs over the M rows in chunks of at most
-    GEMM_REFERENCE_BYTES of (rows, K), all in views of one set of random buffers."""
-    rows = {(k, f): max(1, GEMM_REFERENCE_BYTES // (4 * max(k, f))) for _, k, f, _ in shapes}
-    chunks = [(min(m, rows[k, f]), k, f) for m, k, f, _ in shapes]
+    (F, M) @ (M, K) and "dx" (M, F) @ (F, K). A worker's share of the M rows goes through in
+    chunks of at most GEMM_REFERENCE_BYTES / parts of (rows, K)."""
+    parts = parallel.threads() if parts is None else parts
+    rows = {(k, f): max(1, GEMM_REFERENCE_BYTES // parts // (4 * max(k, f)))
+            for _, k, f, _ in shapes}
+    chunks = [(min(-(-m // parts), rows[k, f]), k, f) for m, k, f, _ in shapes]
     size = {"cols": max(r * k for r, k, _ in chunks), "dy": max(r * f for r, _, f in chunks),
             "w": max(k * f for _, k, f in chunks)}
-    cols, dy, w = (rng.standard_normal(size[name], dtype=np.float32) for name in ("cols", "dy", "w"))
-    out, dcols, dw = (np.empty(size[name], dtype=np.float32) for name in ("dy", "cols", "w"))
+    buffers = [{name: rng.standard_normal(size[name], dtype=np.float32)
+                for name in ("cols", "dy", "w")}
+               | {name: np.empty(size[like], dtype=np.float32)
+                  for name, like in (("out", "dy"), ("dcols", "cols"), ("dw", "w"))}
+               for _ in range(parts)]
 
-    def run():
-        with parallel.blas_with_own_threads():
+    def work(lo, hi):                                    # parts lo:hi, one worker
+        for part in range(lo, hi):
+            b = buffers[part]
             for m, k, f, passes in shapes:
-                w_kf, dw_fk = w[:k * f].reshape(k, f), dw[:k * f].reshape(f, k)
-                for start in range(0, m, rows[k, f]):
-                    r = min(rows[k, f], m - start)
-                    a, g = cols[:r * k].reshape(r, k), dy[:r * f].reshape(r, f)
+                w, dw = b["w"][:k * f].reshape(k, f), b["dw"][:k * f].reshape(f, k)
+                first, last = m * part // parts, m * (part + 1) // parts
+                for start in range(first, last, rows[k, f]):
+                    r = min(rows[k, f], last - start)
+                    cols, dy = b["cols"][:r * k].reshape(r, k), b["dy"][:r * f].reshape(r, f)
                     if "fwd" in passes:
-                        np.matmul(a, w_kf, out=out[:r * f].reshape(r, f))
+                        np.matmul(cols, w, out=b["out"][:r * f].reshape(r, f))
                     if "dw" in passes:
-                        np.matmul(g.T, a, out=dw_fk)
+                        np.matmul(dy.T, cols, out=dw)
                     if "dx" in passes:
-                        np.matmul(g, w_kf.T, out=dcols[:r * k].reshape(r, k))
-    return run
+                        np.matmul(dy, w.T, out=b["dcols"][:r * k].reshape(r, k))
+    return lambda: parallel.map(work, parts)
 
 
 def conv_gemms(layer, n, out_shape, rng):
     """fn: the three GEMMs of a conv layer's training step on n images, with the layer's
     K = C*KH*KW and F and M = n*OH*OW rows: forward (M, K) @ (K, F), dW (F, M) @ (M, K) and
-    dcols (M, F) @ (F, K) (bare_gemms)."""
+    dcols (M, F) @ (F, K), alone (bare_gemms)."""
     kh, kw = layer.kernel_size
     f, oh, ow = out_shape
     return bare_gemms([(n * oh * ow, layer.in_channels * kh * kw, f, ("fwd", "dw", "dx"))], rng)
@@ -454,12 +465,12 @@ def print_report(result, print_fn=print):
     print_fn("x torch: PyTorch's time / minicnn's (above 1: minicnn is faster). GFLOP/s counts "
              "forward + both backward GEMM passes.")
     if result["models"]:
-        print_fn("gemms: images/s if a step took only its conv and dense GEMMs (NumPy's BLAS on "
-                 "its own threads, the model's shapes);\nbound: PyTorch's time / those GEMMs' "
-                 "(x torch for an engine whose layers cost nothing but their GEMMs).")
+        print_fn("gemms: images/s if a step took only its conv and dense GEMMs (the model's "
+                 "shapes, split over the workers as the layers run them);\nbound: PyTorch's "
+                 "time / those GEMMs' (x torch for an engine whose layers cost only their GEMMs).")
     if result["layers"]:
-        print_fn("%gemm: the layer's three GEMMs alone (NumPy's BLAS on its own threads, the "
-                 "same shapes) / the layer's time: how near the BLAS's rate on those shapes.")
+        print_fn("%gemm: the layer's three GEMMs alone (the same shapes, split over the workers "
+                 "as the layer runs them) / the layer's time.")
     if result.get("gpu"):
         bench_gpu.print_tables(result, print_fn)
 

@@ -59,6 +59,8 @@ def test_percent_of_gemm_is_the_bare_gemms_time_over_the_layers(monkeypatch):
 
 
 def _spy_matmul(monkeypatch):
+    """The matmul calls, in order: one worker (parallel.map runs the parts one after another)."""
+    monkeypatch.setattr(bench.parallel, "_threads", 1)
     calls = []
     real = np.matmul
     monkeypatch.setattr(bench.np, "matmul", lambda a, b, out: calls.append(
@@ -76,7 +78,8 @@ def test_conv_gemms_run_the_layers_three_gemm_shapes(monkeypatch):
 
 
 def test_bare_gemms_run_a_batch_bigger_than_the_budget_in_chunks(monkeypatch):
-    """Every one of the M rows goes through each pass, GEMM_REFERENCE_BYTES of rows at a time."""
+    """Every one of the M rows goes through each pass, each part's rows in chunks of at most
+    GEMM_REFERENCE_BYTES / parts."""
     calls = _spy_matmul(monkeypatch)
     monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 100 * 36 * 4)    # 100 rows of K = 36
     bench.bare_gemms([(245, 36, 8, ("fwd", "dx")), (7, 20, 3, ("dw",))],
@@ -84,6 +87,9 @@ def test_bare_gemms_run_a_batch_bigger_than_the_budget_in_chunks(monkeypatch):
     assert calls == [((100, 36), (36, 8), (100, 8)), ((100, 8), (8, 36), (100, 36))] * 2 + [
         ((45, 36), (36, 8), (45, 8)), ((45, 8), (8, 36), (45, 36)),
         ((3, 7), (7, 20), (3, 20))]
+    calls.clear()                                  # two parts: rows 0:122 and 122:245, 50 at once
+    bench.bare_gemms([(245, 36, 8, ("fwd",))], np.random.default_rng(0), parts=2)()
+    assert [c[0][0] for c in calls] == [50, 50, 22, 50, 50, 23]
 
 
 def test_model_gemms_are_the_shapes_the_layers_really_get(monkeypatch):
@@ -92,8 +98,9 @@ def test_model_gemms_are_the_shapes_the_layers_really_get(monkeypatch):
     the layers' own forward is back in place afterwards."""
     model = zoo.build_model("keras-tutorial", rng=np.random.default_rng(0))
     x = np.random.default_rng(1).standard_normal((3, 3, 32, 32), dtype=np.float32)
-    train, infer = bench.model_gemms(model, x, np.random.default_rng(2))
     calls = _spy_matmul(monkeypatch)
+    train, infer = bench.model_gemms(model, x, np.random.default_rng(2))
+    calls.clear()                                  # the forward that recorded the shapes
     infer()
     assert calls == [((3 * 28 * 28, 27), (27, 32), (3 * 28 * 28, 32)),
                      ((3 * 12 * 12, 288), (288, 64), (3 * 12 * 12, 64)),
