@@ -44,6 +44,7 @@ from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Container, Conv
                             Dropout, Flatten, MaxPool2D, ReLU, Residual, Softmax)
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.model import Sequential
+from minicnn.ops import conv as conv_ops
 from minicnn.optim import SGD
 
 LADDER = [(3, 64, 32), (64, 64, 32), (128, 128, 16), (256, 256, 8)]   # (C in, F out, H = W)
@@ -179,44 +180,60 @@ GEMM_REFERENCE_BYTES = 64 * 2**20
 
 def bare_gemms(shapes, rng, parts=None):
     """fn: the GEMMs of conv and dense layers alone, with nothing around them (no im2col,
-    col2im, activation, ...), run as the engine runs its own: the rows split over `parts`
+    col2im, activation, ...), called as the engine calls its own: the images split over `parts`
     (default: minicnn.parallel's workers, one a core) that run at once, each with a
-    single-threaded BLAS (BLAS on its own threads when there is one worker). Measured here,
-    the keras-tutorial's training GEMMs: 28.2 ms at batch 128 on a 2-thread BLAS, 22.3 ms on
-    one thread at 64 images (resnet-small: 127 and 105 ms).
+    single-threaded BLAS (BLAS on its own threads when there is one worker), and one GEMM per
+    image where K and F are both at most minicnn.ops.conv.PER_IMAGE_GEMM_MAX_SIZE (an RGB first
+    layer's). Measured here, the keras-tutorial's training GEMMs: 28.2 ms at batch 128 on a
+    2-thread BLAS, 22.3 ms on one thread at 64 images (resnet-small: 127 and 105 ms); a 3->32
+    first layer's forward and dW on one thread, 64 images @28x28: 7.1 ms as one GEMM a chunk,
+    4.0 ms one an image.
 
-    shapes: [(M, K, F, passes)], M rows (images * OH * OW for a conv, images for a dense layer),
-    K = C*KH*KW (or the inputs), F outputs; passes: some of "fwd" (M, K) @ (K, F), "dw"
-    (F, M) @ (M, K) and "dx" (M, F) @ (F, K). A worker's share of the M rows goes through in
-    chunks of at most GEMM_REFERENCE_BYTES / parts of (rows, K)."""
+    shapes: [(N, P, K, F, passes)]: N images of P rows each (OH*OW for a conv, 1 for a dense
+    layer), K = C*KH*KW (or the inputs), F outputs; passes: some of "fwd" (M, K) @ (K, F),
+    "dw" (F, M) @ (M, K) and "dx" (M, F) @ (F, K) over the M = N*P rows. A worker's images go
+    through in chunks of at most GEMM_REFERENCE_BYTES / parts of (rows, K). The engine splits
+    some GEMMs further (a valid conv's dx tap by tap, a padded one's as a conv, whose GEMM is
+    (M, F*KH*KW) @ (F*KH*KW, C)), so its layers can run their GEMMs a little faster or slower
+    than these."""
     parts = parallel.threads() if parts is None else parts
-    rows = {(k, f): max(1, GEMM_REFERENCE_BYTES // parts // (4 * max(k, f)))
-            for _, k, f, _ in shapes}
-    chunks = [(min(-(-m // parts), rows[k, f]), k, f) for m, k, f, _ in shapes]
-    size = {"cols": max(r * k for r, k, _ in chunks), "dy": max(r * f for r, _, f in chunks),
-            "w": max(k * f for _, k, f in chunks)}
+    images = {(p, k, f): max(1, GEMM_REFERENCE_BYTES // parts // (4 * p * max(k, f)))
+              for _, p, k, f, _ in shapes}                     # a chunk's
+    chunks = [(min(-(-n // parts), images[p, k, f]), p, k, f) for n, p, k, f, _ in shapes]
+    size = {"cols": max(i * p * k for i, p, k, _ in chunks),
+            "dy": max(i * p * f for i, p, _, f in chunks),
+            "w": max(k * f for _, _, k, f in chunks),
+            "dw": max((i if _per_image(p, k, f) else 1) * k * f for i, p, k, f in chunks)}
     buffers = [{name: rng.standard_normal(size[name], dtype=np.float32)
                 for name in ("cols", "dy", "w")}
                | {name: np.empty(size[like], dtype=np.float32)
-                  for name, like in (("out", "dy"), ("dcols", "cols"), ("dw", "w"))}
+                  for name, like in (("out", "dy"), ("dcols", "cols"), ("dw", "dw"))}
                for _ in range(parts)]
 
     def work(lo, hi):                                    # parts lo:hi, one worker
         for part in range(lo, hi):
             b = buffers[part]
-            for m, k, f, passes in shapes:
-                w, dw = b["w"][:k * f].reshape(k, f), b["dw"][:k * f].reshape(f, k)
-                first, last = m * part // parts, m * (part + 1) // parts
-                for start in range(first, last, rows[k, f]):
-                    r = min(rows[k, f], last - start)
-                    cols, dy = b["cols"][:r * k].reshape(r, k), b["dy"][:r * f].reshape(r, f)
+            for n, p, k, f, passes in shapes:
+                stack = (-1, p) if _per_image(p, k, f) else (1, -1)   # (GEMMs, rows each)
+                w = b["w"][:k * f].reshape(k, f)
+                first, last = n * part // parts, n * (part + 1) // parts
+                for start in range(first, last, images[p, k, f]):
+                    r = min(images[p, k, f], last - start) * p
+                    cols = b["cols"][:r * k].reshape(stack + (k,))
+                    dy = b["dy"][:r * f].reshape(stack + (f,))
                     if "fwd" in passes:
-                        np.matmul(cols, w, out=b["out"][:r * f].reshape(r, f))
+                        np.matmul(cols, w, out=b["out"][:r * f].reshape(stack + (f,)))
                     if "dw" in passes:
-                        np.matmul(dy.T, cols, out=dw)
+                        np.matmul(dy.transpose(0, 2, 1), cols,
+                                  out=b["dw"][:len(cols) * f * k].reshape(-1, f, k))
                     if "dx" in passes:
-                        np.matmul(dy, w.T, out=b["dcols"][:r * k].reshape(r, k))
+                        np.matmul(dy, w.T, out=b["dcols"][:r * k].reshape(stack + (k,)))
     return lambda: parallel.map(work, parts)
+
+
+def _per_image(rows_per_image, k, f):
+    """Whether the engine runs a GEMM of these sizes one image at a time (minicnn.ops.conv)."""
+    return rows_per_image > 1 and max(k, f) <= conv_ops.PER_IMAGE_GEMM_MAX_SIZE
 
 
 def conv_gemms(layer, n, out_shape, rng):
@@ -225,7 +242,7 @@ def conv_gemms(layer, n, out_shape, rng):
     dcols (M, F) @ (F, K), alone (bare_gemms)."""
     kh, kw = layer.kernel_size
     f, oh, ow = out_shape
-    return bare_gemms([(n * oh * ow, layer.in_channels * kh * kw, f, ("fwd", "dw", "dx"))], rng)
+    return bare_gemms([(n, oh * ow, layer.in_channels * kh * kw, f, ("fwd", "dw", "dx"))], rng)
 
 
 def conv_flops(n, c, f, kh, kw, oh, ow):
@@ -360,10 +377,10 @@ def model_gemms(model, x, rng):
     for layer, out_shape in seen:
         if isinstance(layer, Conv2D):
             kh, kw = layer.kernel_size
-            shape = (len(x) * out_shape[2] * out_shape[3], layer.in_channels * kh * kw,
+            shape = (len(x), out_shape[2] * out_shape[3], layer.in_channels * kh * kw,
                      layer.out_channels)
         else:
-            shape = (len(x), layer.in_features, layer.out_features)
+            shape = (len(x), 1, layer.in_features, layer.out_features)
         train.append(shape + (("fwd", "dw") if layer is first else ("fwd", "dw", "dx"),))
         infer.append(shape + (("fwd",),))
     return bare_gemms(train, rng), bare_gemms(infer, rng)

@@ -69,27 +69,38 @@ def _spy_matmul(monkeypatch):
 
 
 def test_conv_gemms_run_the_layers_three_gemm_shapes(monkeypatch):
+    """One GEMM per image where K and F are at most PER_IMAGE_GEMM_MAX_SIZE, as the engine."""
     calls = _spy_matmul(monkeypatch)
-    conv = Conv2D(4, 8, 3, rng=np.random.default_rng(0))      # K = 36, F = 8; 7x7 out of 9x9
-    bench.conv_gemms(conv, 5, (8, 7, 7), np.random.default_rng(1))()
-    m = 5 * 49                                                 # all 5 images fit the budget
-    assert calls == [((m, 36), (36, 8), (m, 8)), ((8, m), (m, 36), (8, 36)),
-                     ((m, 8), (8, 36), (m, 36))]
+    small = Conv2D(4, 8, 3, rng=np.random.default_rng(0))     # K = 36, F = 8; 7x7 out of 9x9
+    bench.conv_gemms(small, 5, (8, 7, 7), np.random.default_rng(1))()
+    assert calls == [((5, 49, 36), (36, 8), (5, 49, 8)), ((5, 8, 49), (5, 49, 36), (5, 8, 36)),
+                     ((5, 49, 8), (8, 36), (5, 49, 36))]
+    calls.clear()
+    big = Conv2D(8, 16, 3, rng=np.random.default_rng(0))      # K = 72: one GEMM for all rows
+    bench.conv_gemms(big, 5, (16, 7, 7), np.random.default_rng(1))()
+    m = 5 * 49
+    assert calls == [((1, m, 72), (72, 16), (1, m, 16)), ((1, 16, m), (1, m, 72), (1, 16, 72)),
+                     ((1, m, 16), (16, 72), (1, m, 72))]
 
 
 def test_bare_gemms_run_a_batch_bigger_than_the_budget_in_chunks(monkeypatch):
-    """Every one of the M rows goes through each pass, each part's rows in chunks of at most
+    """Every one of the M rows goes through each pass, each part's images in chunks of at most
     GEMM_REFERENCE_BYTES / parts."""
     calls = _spy_matmul(monkeypatch)
-    monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 100 * 36 * 4)    # 100 rows of K = 36
-    bench.bare_gemms([(245, 36, 8, ("fwd", "dx")), (7, 20, 3, ("dw",))],
+    monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 100 * 72 * 4)    # 100 rows of K = 72
+    bench.bare_gemms([(245, 1, 72, 8, ("fwd", "dx")), (7, 1, 80, 3, ("dw",))],
                      np.random.default_rng(0))()
-    assert calls == [((100, 36), (36, 8), (100, 8)), ((100, 8), (8, 36), (100, 36))] * 2 + [
-        ((45, 36), (36, 8), (45, 8)), ((45, 8), (8, 36), (45, 36)),
-        ((3, 7), (7, 20), (3, 20))]
-    calls.clear()                                  # two parts: rows 0:122 and 122:245, 50 at once
-    bench.bare_gemms([(245, 36, 8, ("fwd",))], np.random.default_rng(0), parts=2)()
-    assert [c[0][0] for c in calls] == [50, 50, 22, 50, 50, 23]
+    assert calls == [((1, 100, 72), (72, 8), (1, 100, 8)), ((1, 100, 8), (8, 72), (1, 100, 72))
+                     ] * 2 + [((1, 45, 72), (72, 8), (1, 45, 8)),
+                              ((1, 45, 8), (8, 72), (1, 45, 72)),
+                              ((1, 3, 7), (1, 7, 80), (1, 3, 80))]
+    calls.clear()                               # two parts: rows 0:122 and 122:245, 50 at once
+    bench.bare_gemms([(245, 1, 72, 8, ("fwd",))], np.random.default_rng(0), parts=2)()
+    assert [c[0][1] for c in calls] == [50, 50, 22, 50, 50, 23]
+    calls.clear()                               # 10 images, 3 at once (per image: K, F <= 64)
+    monkeypatch.setattr(bench, "GEMM_REFERENCE_BYTES", 3 * 49 * 36 * 4)
+    bench.bare_gemms([(10, 49, 36, 8, ("fwd",))], np.random.default_rng(0))()
+    assert [c[2] for c in calls] == [(3, 49, 8)] * 3 + [(1, 49, 8)]
 
 
 def test_model_gemms_are_the_shapes_the_layers_really_get(monkeypatch):
@@ -102,14 +113,14 @@ def test_model_gemms_are_the_shapes_the_layers_really_get(monkeypatch):
     train, infer = bench.model_gemms(model, x, np.random.default_rng(2))
     calls.clear()                                  # the forward that recorded the shapes
     infer()
-    assert calls == [((3 * 28 * 28, 27), (27, 32), (3 * 28 * 28, 32)),
-                     ((3 * 12 * 12, 288), (288, 64), (3 * 12 * 12, 64)),
-                     ((3 * 4 * 4, 576), (576, 64), (3 * 4 * 4, 64)),
-                     ((3, 1024), (1024, 64), (3, 64)), ((3, 64), (64, 10), (3, 10))]
+    assert calls == [((3, 28 * 28, 27), (27, 32), (3, 28 * 28, 32)),      # one an image
+                     ((1, 3 * 12 * 12, 288), (288, 64), (1, 3 * 12 * 12, 64)),
+                     ((1, 3 * 4 * 4, 576), (576, 64), (1, 3 * 4 * 4, 64)),
+                     ((1, 3, 1024), (1024, 64), (1, 3, 64)), ((1, 3, 64), (64, 10), (1, 3, 10))]
     calls.clear()
     train()
-    assert [c[2] for c in calls[:2]] == [(3 * 28 * 28, 32), (32, 27)]      # no dx
-    assert [c[2] for c in calls[2:5]] == [(3 * 144, 64), (64, 288), (3 * 144, 288)]
+    assert [c[2] for c in calls[:2]] == [(3, 28 * 28, 32), (3, 32, 27)]     # no dx
+    assert [c[2] for c in calls[2:5]] == [(1, 3 * 144, 64), (1, 64, 288), (1, 3 * 144, 288)]
     assert len(calls) == 2 + 3 * 4
     assert all("forward" not in vars(layer) for layer in bench._all_layers(model))
 
