@@ -40,8 +40,8 @@ import numpy as np
 from minicnn import bench_gpu, data_parallel, parallel, zoo
 from minicnn.cli import positive_int
 from minicnn.errors import BackendError
-from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Container, Conv2D, Dense,
-                            Dropout, Flatten, MaxPool2D, ReLU, Residual, Softmax)
+from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                            MaxPool2D, ReLU, Residual, Softmax, walk)
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.model import Sequential
 from minicnn.ops import conv as conv_ops
@@ -255,13 +255,13 @@ def layer_cases(models, batch):
     presets (walking them with a zero batch), then the CIFAR ladder convs."""
     cases, seen = [], set()
 
-    def walk(layer, x):
+    def visit(layer, x):
         if isinstance(layer, Sequential):
             for sub in layer:
-                x = walk(sub, x)
+                x = visit(sub, x)
             return x
         if isinstance(layer, Residual):
-            walk(layer.body, x)
+            visit(layer.body, x)
             return layer.forward(x)
         y = layer.forward(x)
         key = (layer.__class__.__name__, repr(layer), x.shape[1:])
@@ -273,7 +273,7 @@ def layer_cases(models, batch):
 
     for name in models:
         model = zoo.build_model(name, rng=np.random.default_rng(0))
-        walk(model, np.zeros((1,) + IMAGE_SHAPE, dtype=np.float32))
+        visit(model, np.zeros((1,) + IMAGE_SHAPE, dtype=np.float32))
     for c, f, hw in LADDER:
         conv = Conv2D(c, f, 3, padding=1, rng=np.random.default_rng(0))
         if ("Conv2D", repr(conv), (c, hw, hw)) not in seen:
@@ -355,8 +355,9 @@ def model_gemms(model, x, rng):
     the batch x, with the shapes the model's Conv2D and Dense layers really get (recorded from
     a forward of one image, so after Sequential's needed_input crop). Training: forward, dW and
     dx, but no dx for the model's first layer (the trainer skips it); inference: forward only.
-    Their time is the fastest step an engine whose layers are these GEMMs can take on this BLAS."""
-    layers = [layer for layer in _all_layers(model) if isinstance(layer, (Conv2D, Dense))]
+    Their time is that of a step that did nothing but these GEMMs: a reference for the engine's
+    steps, not a hard floor (see bare_gemms)."""
+    layers = [layer for layer in walk(model) if isinstance(layer, (Conv2D, Dense))]
     seen = []                                            # (layer, output shape) in call order
 
     def spy(layer):
@@ -384,12 +385,6 @@ def model_gemms(model, x, rng):
         train.append(shape + (("fwd", "dw") if layer is first else ("fwd", "dw", "dx"),))
         infer.append(shape + (("fwd",),))
     return bare_gemms(train, rng), bare_gemms(infer, rng)
-
-
-def _all_layers(layer):
-    """layer and every layer inside it (Sequential, Residual), depth first."""
-    subs = layer.layers() if isinstance(layer, Container) else []
-    return [layer] + [inner for sub in subs for inner in _all_layers(sub)]
 
 
 def bench_model(name, torch, batch, repeats, gpu=None):

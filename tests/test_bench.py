@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minicnn import bench, zoo
-from minicnn.layers import Conv2D
+from minicnn.layers import Conv2D, walk
 
 
 def test_report_without_torch_has_rows_and_a_note(capsys):
@@ -122,7 +122,7 @@ def test_model_gemms_are_the_shapes_the_layers_really_get(monkeypatch):
     assert [c[2] for c in calls[:2]] == [(3, 28 * 28, 32), (3, 32, 27)]     # no dx
     assert [c[2] for c in calls[2:5]] == [(1, 3 * 144, 64), (1, 64, 288), (1, 3 * 144, 288)]
     assert len(calls) == 2 + 3 * 4
-    assert all("forward" not in vars(layer) for layer in bench._all_layers(model))
+    assert all("forward" not in vars(layer) for layer in walk(model))
 
 
 def test_model_rows_have_the_gemm_rate_and_the_bound(monkeypatch):
