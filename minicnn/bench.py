@@ -232,17 +232,26 @@ def bare_gemms(shapes, rng, parts=None):
 
 
 def _per_image(rows_per_image, k, f):
-    """Whether the engine runs a GEMM of these sizes one image at a time (minicnn.ops.conv)."""
-    return rows_per_image > 1 and max(k, f) <= conv_ops.PER_IMAGE_GEMM_MAX_SIZE
+    """Whether the engine runs a GEMM of these sizes one image at a time (its own rule,
+    minicnn.ops.conv._per_image; a dense layer's rows are images already)."""
+    return rows_per_image > 1 and conv_ops._per_image(k, f)
+
+
+def _gemm_shape(layer, n, out_shape):
+    """(N, P, K, F) of a Conv2D's or Dense layer's GEMMs (bare_gemms) on n images whose output
+    per image has out_shape: P = OH*OW rows an image and K = C*KH*KW for a conv, 1 and the
+    inputs for a dense layer."""
+    if isinstance(layer, Conv2D):
+        kh, kw = layer.kernel_size
+        return n, out_shape[1] * out_shape[2], layer.in_channels * kh * kw, layer.out_channels
+    return n, 1, layer.in_features, layer.out_features
 
 
 def conv_gemms(layer, n, out_shape, rng):
     """fn: the three GEMMs of a conv layer's training step on n images, with the layer's
     K = C*KH*KW and F and M = n*OH*OW rows: forward (M, K) @ (K, F), dW (F, M) @ (M, K) and
     dcols (M, F) @ (F, K), alone (bare_gemms)."""
-    kh, kw = layer.kernel_size
-    f, oh, ow = out_shape
-    return bare_gemms([(n, oh * ow, layer.in_channels * kh * kw, f, ("fwd", "dw", "dx"))], rng)
+    return bare_gemms([_gemm_shape(layer, n, out_shape) + (("fwd", "dw", "dx"),)], rng)
 
 
 def conv_flops(n, c, f, kh, kw, oh, ow):
@@ -376,12 +385,7 @@ def model_gemms(model, x, rng):
     first = model[model.schedule()[0]] if isinstance(model, Sequential) and len(model) else None
     train, infer = [], []
     for layer, out_shape in seen:
-        if isinstance(layer, Conv2D):
-            kh, kw = layer.kernel_size
-            shape = (len(x), out_shape[2] * out_shape[3], layer.in_channels * kh * kw,
-                     layer.out_channels)
-        else:
-            shape = (len(x), 1, layer.in_features, layer.out_features)
+        shape = _gemm_shape(layer, len(x), out_shape[1:])
         train.append(shape + (("fwd", "dw") if layer is first else ("fwd", "dw", "dx"),))
         infer.append(shape + (("fwd",),))
     return bare_gemms(train, rng), bare_gemms(infer, rng)
