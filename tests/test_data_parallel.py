@@ -238,6 +238,34 @@ def test_a_pool_serves_its_model_until_the_model_or_a_bigger_batch_needs_another
 
 
 @needs_fork
+def test_a_running_pool_keeps_blas_on_one_thread_after_set_threads_gave_it_back(monkeypatch):
+    """set_threads(1) then set_threads(2) keeps the pool, and its next step takes BLAS back to
+    one thread in this process (else its threads spin on the worker's core)."""
+    if parallel._blas is None:
+        pytest.skip("no OpenBLAS found in numpy.libs to query")
+    monkeypatch.setattr(data_parallel, "PROCESSES", True)
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((4, 3, 32, 32)), rng.integers(0, 10, 4)
+    model = _models()["keras-tutorial"]()
+    own = None
+    try:
+        with workers(2):
+            _step(model, x, labels)
+            pool = processes._pool
+            parallel.set_threads(1)
+            own = parallel._blas[0]()                 # BLAS's own count; at least 2 below, so
+            parallel._blas[1](max(own, 2))            # that the check can fail on any machine
+            parallel.set_threads(2)
+            _step(model, x, labels)
+            assert processes._pool is pool and parallel._blas[0]() == 1
+    finally:
+        processes.close()
+        if own is not None:
+            parallel._restore_blas_threads()          # minicnn lets go of BLAS, at its own count
+            parallel._blas[1](own)
+
+
+@needs_fork
 def test_a_worker_that_died_between_steps_is_replaced(monkeypatch):
     monkeypatch.setattr(data_parallel, "PROCESSES", True)
     rng = np.random.default_rng(0)
