@@ -3,12 +3,12 @@
 Threads share one interpreter lock. NumPy lets go of it inside its loops, but the Python
 between them (slicing, views, the layers' bookkeeping: in one worker's part of a step ~700
 calls of C functions and ~600 of Python ones for keras-tutorial, ~2,400 and ~2,600 for
-resnet-small) runs one thread at a time, and a thread that finds the lock taken sleeps until it is handed
-over (waking one takes ~130 us on the 2-vCPU VM this engine is tuned on). Processes have an
-interpreter each. Measured there, runs alternated, ms a training step at batch 128 (median of
-30-40): keras-tutorial, threads 65.1 57.4 56.5 52.0 73.5 72.1 95.8 78.7 92.6 67.3, processes
-56.0 51.6 51.0 49.2 55.2 67.9 81.8 61.9 56.3 60.0 (the busier the machine, the more threads
-lose); resnet-small, threads 230 237 254, processes 219 219 238. One trainer epoch of 11,520
+resnet-small) runs one thread at a time, and a thread that finds the lock taken sleeps until it
+is handed over (waking one takes ~130 us on the 2-vCPU VM this engine is tuned on). Processes
+have an interpreter each. Measured there, runs alternated, ms a training step at batch 128
+(median of 30-40): keras-tutorial, threads 65.1 57.4 56.5 52.0 73.5 72.1 95.8 78.7 92.6 67.3,
+processes 56.0 51.6 51.0 49.2 55.2 67.9 81.8 61.9 56.3 60.0 (the busier the machine, the more
+threads lose); resnet-small, threads 230 237 254, processes 219 219 238. One trainer epoch of 11,520
 CIFAR images and 1,280 validation ones, keras-tutorial: 6.12 and 7.83 s on threads, 5.55 and
 5.77 s on processes.
 
@@ -20,7 +20,7 @@ messages:
     params, state -> shared memory               (its params and state are views of it)
     part r of the batch -> shared memory, "run" message -> forward, loss, backward of part r,
     part 0: forward, loss, backward                 its gradients written straight into
-    (BatchNorm: all_sum messages both ways)         shared memory (its grads are views too)
+    (BatchNorm: all_sum in shared memory)           shared memory (its grads are views too)
     grads += worker r's          <- "done" message with the loss and logits
 
 A pool serves one model description (its config and its arrays' shapes) with one number of
@@ -33,6 +33,7 @@ import ctypes
 import mmap
 import multiprocessing
 import pickle
+import platform
 import signal
 import sys
 import time
@@ -112,9 +113,11 @@ class Pool:
     def __init__(self, model, size, input_bytes, key):
         self.key, self.size, self.input_bytes = key, size, _aligned(input_bytes)
         _, shared_specs, grad_specs = key
-        self.buf = mmap.mmap(-1, max(1, _span(shared_specs)
-                                     + (size - 1) * (_span(grad_specs) + self.input_bytes)))
+        self.buf = mmap.mmap(-1, _span(shared_specs) + _SharedSums.nbytes(size)
+                             + (size - 1) * (_span(grad_specs) + self.input_bytes))
         self.shared, offset = _views(self.buf, shared_specs, 0)
+        self.sums_at = offset
+        offset += _SharedSums.nbytes(size)
         self.grads, self.inputs = [], []                       # index r - 1: worker r's
         for _ in range(size - 1):
             grads, offset = _views(self.buf, grad_specs, offset)
@@ -122,7 +125,7 @@ class Pool:
             self.inputs.append(offset)
             offset += self.input_bytes
         self.conns, self.procs = [], []
-        self.hub = _Hub(self.conns)
+        self.hub = _Hub(self.conns, _SharedSums(self.buf, self.sums_at, size, 0))
         context = multiprocessing.get_context("fork")
         for rank in range(1, size):
             mine, theirs = context.Pipe()
@@ -277,6 +280,7 @@ def _receive(conn, kind):
 # other member is usually about to send (both run the same step on equal parts), and waking a
 # sleeping process costs ~0.3 ms (median; 0.8 ms p90) on the 2-vCPU VM.
 SPIN_SECONDS = 0.005
+SLEEP_SECONDS = 1e-4                   # then, in shared memory, looks again this often
 
 
 def _recv(conn):
@@ -288,28 +292,113 @@ def _recv(conn):
 
 
 class _Hub:
-    """parallel.all_sum in rank 0: every worker's values, summed with this process's in rank
-    order, and the sums sent back to each."""
+    """parallel.all_sum in rank 0: through shared memory (_SharedSums), else every worker's
+    values, summed with this process's in rank order, and the sums sent back to each."""
 
-    def __init__(self, conns):
-        self.conns = conns
+    def __init__(self, conns, shared):
+        self.conns, self.shared = conns, shared
 
     def sum(self, values):
+        arrays = self.shared.fitting(values)
+        if arrays is not None:
+            return self.shared.sum(values, arrays, self._check)
         sums = parallel.add_in_rank_order([values] + [_receive(c, "sum") for c in self.conns])
         for conn in self.conns:
             conn.send(sums)
         return sums
 
+    def _check(self):
+        """While rank 0 waits in shared memory: a message from a worker now is its error (or its
+        end), raised."""
+        for conn in self.conns:
+            if conn.poll():
+                _receive(conn, "sum")
+                raise WorkerError("A minicnn worker process sent its sums as a message where "
+                                  "they were due in shared memory.")
+
 
 class _Spoke:
-    """parallel.all_sum in a worker: its values to rank 0, the sums back."""
+    """parallel.all_sum in a worker: through shared memory (_SharedSums), else its values to
+    rank 0 and the sums back."""
 
-    def __init__(self, conn):
-        self.conn = conn
+    def __init__(self, conn, shared):
+        self.conn, self.shared = conn, shared
 
     def sum(self, values):
+        arrays = self.shared.fitting(values)
+        if arrays is not None:
+            return self.shared.sum(values, arrays, lambda: None)   # rank 0 ends us if it fails
         self.conn.send(("sum", values))
         return _recv(self.conn)
+
+
+class _SharedSums:
+    """all_sum's meeting point in the pool's shared memory, one per process.
+
+    Each member writes its values into its slot and then its count of sums into its counter;
+    it waits until every counter has reached that count and adds the slots up itself, in rank
+    order, as every other member does. Two sets of slots alternate: a member writes sum s + 2
+    into the set of sum s only after every member has reached sum s + 1, so all have read
+    sum s by then. As pipe messages (pickled arrays, a round trip through rank 0) a sum took
+    146-170 us with both members polling and ~0.4 ms inside a resnet-small step: 8-17 ms of
+    its 21 sums in which both members waited; here 23-29 us, and 1.6-2.0 ms a step.
+
+    Only on x86, whose stores reach other cores in program order, so that a counter is never
+    seen before the values written ahead of it; elsewhere, and for values that do not fit a
+    slot (or are not numbers), the sums go through the pipes.
+    """
+    SLOT_BYTES = 1 << 16
+    ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+    @classmethod
+    def nbytes(cls, size):
+        return size * _ALIGN + 2 * size * cls.SLOT_BYTES
+
+    def __init__(self, buf, offset, size, rank):
+        self.rank, self.count = rank, 0
+        # one counter a cache line (int64 at the start of each), so that no two members write
+        # the same line
+        self.counters = np.ndarray((size,), np.int64, buf, offset, strides=(_ALIGN,))
+        self.slots = np.ndarray((2, size, self.SLOT_BYTES), np.uint8, buf, offset + size * _ALIGN)
+
+    def fitting(self, values):
+        """values as arrays when they go through here (numbers that fit a slot), else None."""
+        if not self.ORDERED_STORES:
+            return None
+        arrays = [np.asarray(v) for v in values]
+        if (all(a.dtype.kind in "biuf" for a in arrays)
+                and sum(a.nbytes for a in arrays) <= self.SLOT_BYTES):
+            return arrays
+        return None
+
+    def sum(self, values, arrays, check):
+        """values (as arrays: fitting(values)) summed over every member, as parallel.all_sum;
+        check() is called while waiting long."""
+        s, self.count = self.count, self.count + 1
+        slots = self.slots[s % 2]
+        mine, at = slots[self.rank], 0
+        for a in arrays:
+            mine[at:at + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            at += a.nbytes
+        self.counters[self.rank] = s + 1
+        end = time.perf_counter() + SPIN_SECONDS
+        while self.counters.min() <= s:
+            if time.perf_counter() > end:
+                check()
+                time.sleep(SLEEP_SECONDS)
+        members = [values if k == self.rank else self._read(slots[k], values, arrays)
+                   for k in range(len(slots))]
+        return parallel.add_in_rank_order(members)
+
+    @staticmethod
+    def _read(slot, values, arrays):
+        """Another member's values from its slot, shaped and typed as this member's own."""
+        out, at = [], 0
+        for v, a in zip(values, arrays):
+            x = np.frombuffer(slot, a.dtype, a.size, at).reshape(a.shape).copy()
+            out.append(x if isinstance(v, np.ndarray) else type(v)(x[()]))
+            at += a.nbytes
+        return out
 
 
 def _die_with_parent():
@@ -337,7 +426,8 @@ def _serve(model, rank, conn, rank0_end, pool):
         d[key] = view
     for view, (d, key) in zip(pool.grads[rank - 1], _arrays(model, "grads")):
         d[key] = view
-    with parallel.member(_Spoke(conn), rank):
+    with parallel.member(_Spoke(conn, _SharedSums(pool.buf, pool.sums_at, pool.size, rank)),
+                         rank):
         while True:
             try:
                 message = conn.recv()

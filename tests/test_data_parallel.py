@@ -333,6 +333,40 @@ def _sums(copy, x):
     return parallel.all_sum(x.sum())[0]
 
 
+def _many_sums(copy, x):                 # sums of every kind, in shared memory and through pipes
+    r = parallel.rank()
+    big = np.full(processes._SharedSums.SLOT_BYTES // 8 + 1, r + 1.0)     # one slot too big
+    return [parallel.all_sum(x[:2].astype(np.float32) * (i + r), i + r, 0.5 * r, np.int8(r))
+            for i in range(5)] + [parallel.all_sum(big, r)] + [parallel.all_sum(x.sum() * r)]
+
+
+@needs_fork
+@pytest.mark.parametrize("shared", [True, False])
+def test_all_sum_in_worker_processes_adds_every_members_values_in_rank_order(shared,
+                                                                            monkeypatch):
+    """Through shared memory (x86) and through the pipes (elsewhere, or values too big for a
+    slot), in one step: the same sums, types and dtypes in every member, sums after sums."""
+    monkeypatch.setattr(processes._SharedSums, "ORDERED_STORES", shared)
+    model = _models()["keras-tutorial"]()
+    parts = [((np.arange(1.0, 4.0),), ())] * 3
+    try:
+        with workers(3):
+            processes.close()                       # a new pool, forked with the setting
+            _, results = processes.run(model, _many_sums, parts)
+    finally:
+        processes.close()
+    for got in results:
+        assert len(got) == 7
+        for i, (array, count, half, tiny) in enumerate(got[:5]):
+            assert array.dtype == np.float32 and type(count) is int and type(half) is float
+            np.testing.assert_array_equal(array, np.array([1, 2], np.float32) * (3 * i + 3))
+            assert count == 3 * i + 3 and half == 1.5 and tiny == 3 and tiny.dtype == np.int8
+        big, count = got[5]
+        assert big.shape == (processes._SharedSums.SLOT_BYTES // 8 + 1,) and count == 3
+        np.testing.assert_array_equal(big, 6.0)
+        assert got[6] == [18.0]
+
+
 @needs_fork
 def test_a_loss_function_that_cannot_be_sent_runs_on_worker_threads(monkeypatch):
     monkeypatch.setattr(data_parallel, "PROCESSES", True)
