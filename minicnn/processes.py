@@ -307,11 +307,12 @@ class _Hub:
             conn.send(sums)
         return sums
 
-    def _check(self):
-        """While rank 0 waits in shared memory: a message from a worker now is its error (or its
-        end), raised."""
+    def _check(self, met):
+        """While rank 0 waits in shared memory and the sum is not met(): a message from a worker
+        is its error (or its end), raised. (Once the sum is met, a worker may have finished its
+        part and sent "done": that message is left for Pool.run.)"""
         for conn in self.conns:
-            if conn.poll():
+            if conn.poll() and not met():      # met() read after the message arrived
                 _receive(conn, "sum")
                 raise WorkerError("A minicnn worker process sent its sums as a message where "
                                   "they were due in shared memory.")
@@ -327,9 +328,13 @@ class _Spoke:
     def sum(self, values):
         arrays = self.shared.fitting(values)
         if arrays is not None:
-            return self.shared.sum(values, arrays, lambda: None)   # rank 0 ends us if it fails
+            return self.shared.sum(values, arrays, _no_check)
         self.conn.send(("sum", values))
         return _recv(self.conn)
+
+
+def _no_check(met):
+    """A worker waiting in shared memory checks nothing: if rank 0 fails, it ends the workers."""
 
 
 class _SharedSums:
@@ -373,7 +378,7 @@ class _SharedSums:
 
     def sum(self, values, arrays, check):
         """values (as arrays: fitting(values)) summed over every member, as parallel.all_sum;
-        check() is called while waiting long."""
+        check(met) is called while waiting long, met() telling whether every member is here."""
         s, self.count = self.count, self.count + 1
         slots = self.slots[s % 2]
         mine, at = slots[self.rank], 0
@@ -384,7 +389,7 @@ class _SharedSums:
         end = time.perf_counter() + SPIN_SECONDS
         while self.counters.min() <= s:
             if time.perf_counter() > end:
-                check()
+                check(lambda: self.counters.min() > s)
                 time.sleep(SLEEP_SECONDS)
         members = [values if k == self.rank else self._read(slots[k], values, arrays)
                    for k in range(len(slots))]

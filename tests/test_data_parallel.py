@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from unittest import mock
 
 import numpy as np
@@ -365,6 +366,35 @@ def test_all_sum_in_worker_processes_adds_every_members_values_in_rank_order(sha
         assert big.shape == (processes._SharedSums.SLOT_BYTES // 8 + 1,) and count == 3
         np.testing.assert_array_equal(big, 6.0)
         assert got[6] == [18.0]
+
+
+def _last_sum_late(copy, x):             # worker 2 comes to the step's only sum 20 ms late
+    if parallel.rank() == 2:
+        time.sleep(0.02)
+    return parallel.all_sum(x.sum())[0]
+
+
+@needs_fork
+def test_a_worker_done_while_rank_0_looks_at_its_pipes_is_not_an_error(monkeypatch):
+    """Rank 0, waiting long at the last sum, looks at the workers' pipes for an error; by then
+    the sum may be complete and a worker done: its "done" message is no error."""
+    monkeypatch.setattr(processes, "SPIN_SECONDS", 0.0)          # rank 0 looks at once ...
+    check = processes._Hub._check
+
+    def slow_check(self, met):                                   # ... and slowly: the workers
+        time.sleep(0.05)                                         # finish meanwhile
+        return check(self, met)
+
+    monkeypatch.setattr(processes._Hub, "_check", slow_check)
+    model = _models()["keras-tutorial"]()
+    parts = [((np.ones(3),), ())] * 3
+    try:
+        with workers(3):
+            processes.close()
+            _, sums = processes.run(model, _last_sum_late, parts)
+    finally:
+        processes.close()
+    assert sums == [9.0, 9.0, 9.0]
 
 
 @needs_fork
