@@ -29,6 +29,7 @@ worker that has died) closes it and forks a new one. An error in any member of a
 the pool (no worker is left halfway through a step) and is raised here; the next step starts
 a new pool.
 """
+import atexit
 import ctypes
 import mmap
 import multiprocessing
@@ -42,6 +43,7 @@ import warnings
 import numpy as np
 
 from minicnn import parallel
+from minicnn.errors import MinicnnError
 from minicnn.layers import Container, layer_config, walk
 
 # fork: a worker starts as a copy of this process, the model and all (spawn would rebuild it,
@@ -191,7 +193,7 @@ class Pool:
             if wait:
                 proc.join(timeout=5)
             if proc.is_alive():
-                proc.terminate()
+                proc.kill()                    # SIGKILL: a worker ignores SIGTERM (_serve)
             proc.join()
         self.conns.clear()
         self.procs.clear()
@@ -221,7 +223,21 @@ def pool_for(model, size, needed_bytes, config=None):
         close()
     if _pool is None:
         _pool = Pool(model, size, needed_bytes, key)
+        _close_at_exit()
     return _pool
+
+
+_closes_at_exit = False
+
+
+def _close_at_exit():
+    """Have close() run when this process exits, ahead of multiprocessing's exit handler (the
+    first worker's start registered that one, and atexit runs the last registered first): it
+    would send the workers SIGTERM, which they ignore, and wait for them forever."""
+    global _closes_at_exit
+    if not _closes_at_exit:
+        atexit.register(close)
+        _closes_at_exit = True
 
 
 def can_start():
@@ -256,8 +272,10 @@ def run(model, fn, parts, config=None):
 
 
 # ---- the messages --------------------------------------------------------------------------
-class WorkerError(RuntimeError):
-    """A worker process stopped in the middle of a step, or sent what no step sends."""
+class WorkerError(MinicnnError, RuntimeError):
+    """A worker process stopped in the middle of a step, or sent what no step sends (one
+    sentence: the command-line tools print it as their error). The pool is closed; the next
+    step forks a new one."""
 
 
 def _receive(conn, kind):
@@ -267,7 +285,7 @@ def _receive(conn, kind):
         message = _recv(conn)
     except (EOFError, OSError):
         raise WorkerError("A minicnn worker process stopped in the middle of a step (killed, "
-                          "or out of memory?); the next step starts new ones.") from None
+                          "or out of memory?).") from None
     if message[0] == "error":
         raise message[1]
     if message[0] != kind:
@@ -422,8 +440,12 @@ def _serve(model, rank, conn, rank0_end, pool):
     """A worker process's life: its copy of model on the shared arrays, then one run of a step
     function a message, until the pool closes (None) or rank 0's end of the pipe does (rank 0
     has exited: the kernel closes it, and this process holds no copy of it)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for rank 0, which stops us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (with SIGTERM: not the trainer's handler)
+    # Ctrl-C and SIGTERM are rank 0's to handle: sent to the whole process group (a terminal's
+    # Ctrl-C, `timeout`, `kill -TERM -PGID`, a batch system stopping a job), they would kill a
+    # worker in the middle of the step that the trainer finishes and checkpoints before it
+    # exits. Rank 0 stops us (Pool.close, SIGKILL), and we die with it (_die_with_parent).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     for other in pool.conns + [rank0_end]:         # copies of rank 0's ends, forked with us
         other.close()

@@ -37,6 +37,7 @@ from minicnn.layers import Dropout, walk
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.metrics import classification_report, format_report
 from minicnn.plots import plot_confusion, plot_curves, plot_predictions
+from minicnn.processes import WorkerError
 from minicnn.serialization import atomic_write, is_temporary_of
 from minicnn.zoo import MODELS, build_model
 
@@ -97,7 +98,7 @@ RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv", "settings.js
 
 
 class TrainingStopped(MinicnnError):
-    """The loss became NaN or inf."""
+    """The loss became NaN or inf, or a worker process was lost in the middle of a step."""
 
 
 # ---- settings --------------------------------------------------------------------------------
@@ -361,7 +362,10 @@ def fit(**overrides):
     epochs_done = info["epoch"]
     with (_StopSignal() as stop, kernels.use(s["kernels"]),
           np.errstate(over="ignore", invalid="ignore", divide="ignore")):
-        status = _train(loop, stop)
+        try:
+            status = _train(loop, stop)
+        except WorkerError as e:
+            raise TrainingStopped(_worker_lost(loop, e)) from None
     if status == "interrupted":
         return {"status": status, "history": info["history"], "out": str(out),
                 "signal": stop.signum}
@@ -391,34 +395,38 @@ def _train(loop, stop):
         started = time.perf_counter()
         bar = tqdm(total=loop["steps_per_epoch"], initial=info["step"], desc=f"epoch {epoch}",
                    unit="batch", leave=False, dynamic_ncols=True, disable=None)
-        for i, (xb, yb) in enumerate(batches.start_at(info["step"]), start=info["step"]):
-            xb = datasets.normalize(xb, d["mean"], d["std"], xp)
-            xb = datasets.augment(xb, loop["rng_augment"], **aug)
-            yb_dev = xp.asarray(yb)
-            # forward, loss, backward: model.grads (the batch split over the cores)
-            loss, logits = data_parallel.train_step(model, xb, yb_dev, loss_fn)
-            if not math.isfinite(loss):
-                bar.close()
-                raise TrainingStopped(_diverged(loop, xb, yb_dev, loss_fn, loss, epoch, i + 1))
-            loop["optimizer"].step()
-            if loop["schedule_unit"] == "batch":
-                loop["schedule"].step()
-            p["loss_sum"] += loss * len(yb)
-            p["correct"] += int((to_numpy(logits.argmax(axis=1)) == yb).sum())
-            p["seen"] += len(yb)
-            info["step"] = i + 1
-            elapsed = time.perf_counter() - started
-            bar.update(1)
-            bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
-                            acc=f"{p['correct'] / p['seen']:.4f}",
-                            img_s=f"{p['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
-            every = s["checkpoint_every"]
-            if stop.signum is not None or (every and info["step"] % every == 0
-                                           and info["step"] < loop["steps_per_epoch"]):
-                _save(loop, "last.npz")
-                if stop.signum is not None:
+        try:
+            for i, (xb, yb) in enumerate(batches.start_at(info["step"]), start=info["step"]):
+                xb = datasets.normalize(xb, d["mean"], d["std"], xp)
+                xb = datasets.augment(xb, loop["rng_augment"], **aug)
+                yb_dev = xp.asarray(yb)
+                # forward, loss, backward: model.grads (the batch split over the cores)
+                loss, logits = data_parallel.train_step(model, xb, yb_dev, loss_fn)
+                if not math.isfinite(loss):
                     bar.close()
-                    return _interrupted(loop, stop)
+                    raise TrainingStopped(_diverged(loop, xb, yb_dev, loss_fn, loss, epoch, i + 1))
+                loop["optimizer"].step()
+                if loop["schedule_unit"] == "batch":
+                    loop["schedule"].step()
+                p["loss_sum"] += loss * len(yb)
+                p["correct"] += int((to_numpy(logits.argmax(axis=1)) == yb).sum())
+                p["seen"] += len(yb)
+                info["step"] = i + 1
+                elapsed = time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
+                                acc=f"{p['correct'] / p['seen']:.4f}",
+                                img_s=f"{p['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
+                every = s["checkpoint_every"]
+                if stop.signum is not None or (every and info["step"] % every == 0
+                                               and info["step"] < loop["steps_per_epoch"]):
+                    _save(loop, "last.npz")
+                    if stop.signum is not None:
+                        bar.close()
+                        return _interrupted(loop, stop)
+        except BaseException:          # a lost worker, a second Ctrl-C: the bar goes before
+            bar.close()                # the error is printed
+            raise
         bar.close()
         status = _end_of_epoch(loop, time.perf_counter() - started)
         if stop.signum is not None:
@@ -440,13 +448,31 @@ def _diverged(loop, xb, yb, loss_fn, loss, epoch, step):
     model, info, _ = load_checkpoint(last)
     model.to(s["backend"])
     finite = math.isfinite(loss_fn(model.forward(xb, training=True), yb)[0])
-    when = (f"after epoch {info['epoch']}" if info["step"] == 0
-            else f"at epoch {info['epoch'] + 1}, step {info['step']}")
+    when = _saved_when(info)
     if finite:
         return (f"{head}. The last checkpoint, {last} (saved {when}), still gives a finite loss "
                 f"on this batch: continue from it with --resume --force and {lower}.")
     return (f"{head}. The last checkpoint, {last} (saved {when}), diverges on this batch too: "
             f"start again with --force and {lower}.")
+
+
+def _worker_lost(loop, error):
+    """The sentence for a worker process that died in the middle of a step (killed, out of
+    memory): that step made no update, and --resume continues from the last checkpoint, which
+    a step never touches."""
+    last, out = loop["out"] / "last.npz", loop["out"]
+    head = f"{error} Training stopped in epoch {loop['info']['epoch'] + 1}"
+    if not last.exists():
+        return f"{head}, before any checkpoint was written: start again."
+    _, info, _ = load_checkpoint(last)
+    return (f"{head}; the last checkpoint, {last} (saved {_saved_when(info)}), is intact: "
+            f"continue from it with python -m minicnn.train --resume --out {out}")
+
+
+def _saved_when(info):
+    """When a checkpoint with this info was saved, in words."""
+    return (f"after epoch {info['epoch']}" if info["step"] == 0
+            else f"at epoch {info['epoch'] + 1}, step {info['step']}")
 
 
 def _end_of_epoch(loop, seconds):

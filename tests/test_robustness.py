@@ -95,23 +95,61 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(folder, tmp_path
         np.testing.assert_array_equal(arrays[name], value, err_msg=name)
 
 
+# The trainer, its worker process slowed down so that a signal finds it in the middle of a step
+_SLOW_WORKER = """
+import sys, time
+from minicnn import parallel, train
+from minicnn.losses import SoftmaxCrossEntropy
+
+class SlowInWorker(SoftmaxCrossEntropy):
+    def __call__(self, logits, labels):
+        if parallel.rank() == 1:
+            time.sleep(0.3)
+        return super().__call__(logits, labels)
+
+train.SoftmaxCrossEntropy = SlowInWorker
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("to", ["trainer", "group"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signals_save_a_checkpoint_and_say_how_to_resume(folder, tmp_path, sig):
+def test_signals_save_a_checkpoint_and_say_how_to_resume(folder, tmp_path, sig, to):
+    """The signal sent to the trainer alone (kill PID), or to its whole process group, worker
+    processes included (a terminal's Ctrl-C, `timeout`, kill -TERM -PGID, a batch system)."""
     out = tmp_path / "run"
-    args = TRAIN + _run_args(folder, out)[:-2] + ["--epochs", "200"]
-    proc = subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = [sys.executable, "-c", _SLOW_WORKER] + _run_args(folder, out)[:-2] + ["--epochs", "200"]
+    env = dict(_env(tmp_path), MINICNN_THREADS="2")      # a worker process beside the trainer
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not (out / "history.json").exists():           # wait until epoch 1 has ended
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.1)
-    proc.send_signal(sig)
+    time.sleep(0.5)                                       # into epoch 2's steps, 0.3 s each
+    if to == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig
     message = err.decode()
+    assert proc.returncode == 128 + sig, message
     assert f"{signal.Signals(sig).name} received: saved" in message
     assert "python -m minicnn.train --resume" in message and "Traceback" not in message
     model, info, _ = load_checkpoint(out / "last.npz")
     assert info["epoch"] >= 1 and isinstance(model, minicnn.Sequential)
+    deadline = time.monotonic() + 10
+    while _group_alive(proc.pid):                         # the workers end with the trainer
+        assert time.monotonic() < deadline, "a worker process outlived the trainer"
+        time.sleep(0.05)
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 _WRITER = """

@@ -13,8 +13,10 @@ from PIL import Image
 
 import minicnn
 from _data_helpers import SHAPES as CLASSES, make_folder, shape_image as _image
-from minicnn import evaluate, predict, train
+from minicnn import data_parallel, evaluate, parallel, predict, processes, train
 from minicnn.checkpoint import load_checkpoint
+from minicnn.losses import SoftmaxCrossEntropy
+from test_parallel import workers
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
@@ -223,6 +225,48 @@ def test_sigterm_saves_and_resume_continues_exactly(folder, tmp_path, monkeypatc
     ha, hb = (json.loads((d / "history.json").read_text()) for d in (whole, split))
     ha.pop("seconds"), hb.pop("seconds")
     assert ha == hb
+
+
+class _LossThatKillsWorker1(SoftmaxCrossEntropy):
+    """SoftmaxCrossEntropy that ends worker process 1 (os._exit, as the OOM killer would) at
+    its third step, in the middle of it; rank 0 and threads compute the loss as usual."""
+    worker_steps = 0
+
+    def __call__(self, logits, labels):
+        if parallel.rank() == 1 and os.getpid() != _TEST_PID:
+            type(self).worker_steps += 1            # (the worker's copy of the class)
+            if type(self).worker_steps == 3:
+                os._exit(1)
+        return super().__call__(logits, labels)
+
+
+_TEST_PID = os.getpid()
+
+
+@pytest.mark.skipif(not processes.AVAILABLE, reason="worker processes need fork")
+def test_a_worker_lost_mid_step_stops_training_in_one_sentence_and_resume_goes_on(
+        folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr(data_parallel, "PROCESSES", True)
+    monkeypatch.setattr(train, "SoftmaxCrossEntropy", _LossThatKillsWorker1)
+    args = _train_args(folder, out, "--checkpoint-every", "1")
+    try:
+        with workers(2):
+            assert train.main(args) == 2
+    finally:
+        processes.close()
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err == (f"error: A minicnn worker process stopped in the middle of a step (killed, or "
+                   f"out of memory?). Training stopped in epoch 1; the last checkpoint, "
+                   f"{out / 'last.npz'} (saved at epoch 1, step 2), is intact: continue from it "
+                   f"with python -m minicnn.train --resume --out {out}")
+    _, info, _ = load_checkpoint(out / "last.npz")
+    assert (info["epoch"], info["step"]) == (0, 2)
+    monkeypatch.undo()
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
+    assert train.main(args + ["--resume"]) == 0
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2]
 
 
 @pytest.mark.parametrize("args,message", [
