@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -270,15 +271,18 @@ def _dropout_layers(model):
 
 
 class _StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and exits.
+    (Only in the main thread, the one Python runs signal handlers in: fit() called from
+    another thread leaves the signals to the program's own handlers.)"""
 
     def __init__(self):
         self.signum = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):

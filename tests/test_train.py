@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,16 @@ def test_sigterm_saves_and_resume_continues_exactly(folder, tmp_path, monkeypatc
     ha, hb = (json.loads((d / "history.json").read_text()) for d in (whole, split))
     ha.pop("seconds"), hb.pop("seconds")
     assert ha == hb
+
+
+def test_fit_runs_in_a_thread_other_than_the_main_one(folder, tmp_path):
+    """(Python sets signal handlers in the main thread only: fit leaves them alone there.)"""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(train.fit(
+        data=str(folder), out=str(tmp_path / "run"), epochs=1, batch_size=16, val_split=0.25)))
+    thread.start()
+    thread.join()
+    assert result["status"] == "finished" and (tmp_path / "run" / "last.npz").is_file()
 
 
 class _LossThatKillsWorker1(SoftmaxCrossEntropy):
