@@ -29,10 +29,11 @@ worker that has died) closes it and forks a new one. An error in any member of a
 the pool (no worker is left halfway through a step) and is raised here; the next step starts
 a new pool.
 """
-import atexit
 import ctypes
 import mmap
 import multiprocessing
+import multiprocessing.util
+import os
 import pickle
 import platform
 import signal
@@ -114,6 +115,7 @@ class Pool:
 
     def __init__(self, model, size, input_bytes, key):
         self.key, self.size, self.input_bytes = key, size, _aligned(input_bytes)
+        self.owner = os.getpid()           # a process forked from this one inherits the pool
         _, shared_specs, grad_specs = key
         self.buf = mmap.mmap(-1, _span(shared_specs) + _SharedSums.nbytes(size)
                              + (size - 1) * (_span(grad_specs) + self.input_bytes))
@@ -217,6 +219,8 @@ def pool_for(model, size, needed_bytes, config=None):
     # back, and kept on rank 0 they spin on the workers' cores (measured: 2.2x slower steps).
     parallel._single_threaded_blas()
     key = describe(model, config)
+    if _pool is not None and _pool.owner != os.getpid():
+        _pool = None            # this process was forked from the pool's: those are not ours
     if _pool is not None and (_pool.key != key or _pool.size != size or not _pool.alive()
                               or _pool.input_bytes < needed_bytes):
         needed_bytes = max(needed_bytes, _pool.input_bytes if _pool.key == key else 0)
@@ -227,22 +231,25 @@ def pool_for(model, size, needed_bytes, config=None):
     return _pool
 
 
-_closes_at_exit = False
+_closes_at_exit = None          # the process that has close() registered to run at its exit
 
 
 def _close_at_exit():
-    """Have close() run when this process exits, ahead of multiprocessing's exit handler (the
-    first worker's start registered that one, and atexit runs the last registered first): it
-    would send the workers SIGTERM, which they ignore, and wait for them forever."""
+    """Have close() run when this process exits (also as a multiprocessing child, which skips
+    atexit), ahead of multiprocessing's own exit handler: that one would send the workers
+    SIGTERM, which they ignore, and wait for them forever. (A Finalize of priority >= 0 runs
+    first in that handler.)"""
     global _closes_at_exit
-    if not _closes_at_exit:
-        atexit.register(close)
-        _closes_at_exit = True
+    if _closes_at_exit != os.getpid():
+        multiprocessing.util.Finalize(None, close, exitpriority=100)
+        _closes_at_exit = os.getpid()
 
 
 def can_start():
-    """False once forking a worker has failed in this process (the steps then run on threads)."""
-    return _fork_works
+    """False in a daemonic process (a multiprocessing.Pool's worker, which may not have children
+    of its own) and once forking a worker has failed in this process: the steps then run on
+    threads."""
+    return _fork_works and not multiprocessing.current_process().daemon
 
 
 def close():
@@ -250,7 +257,8 @@ def close():
     global _pool
     if _pool is not None:
         pool, _pool = _pool, None
-        pool.close()
+        if pool.owner == os.getpid():      # (not a pool inherited by a fork: its workers are
+            pool.close()                   # the parent's)
 
 
 def run(model, fn, parts, config=None):
@@ -443,7 +451,8 @@ def _serve(model, rank, conn, rank0_end, pool):
     # Ctrl-C and SIGTERM are rank 0's to handle: sent to the whole process group (a terminal's
     # Ctrl-C, `timeout`, `kill -TERM -PGID`, a batch system stopping a job), they would kill a
     # worker in the middle of the step that the trainer finishes and checkpoints before it
-    # exits. Rank 0 stops us (Pool.close, SIGKILL), and we die with it (_die_with_parent).
+    # exits. Rank 0 stops us (Pool.close, at its exit too: _close_at_exit), and we die with it
+    # (_die_with_parent).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()

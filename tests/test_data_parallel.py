@@ -428,3 +428,63 @@ def test_a_process_that_cannot_fork_splits_its_steps_over_threads(monkeypatch):
     want = _plain_step(one, x, labels, SoftmaxCrossEntropy())
     np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
     assert np.isfinite(again[0])
+
+
+def _batch():
+    """8 random images and labels, the same on every call (in any process)."""
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
+
+
+def _split_step_in_child(queue):
+    """(Run in a child process) a split keras-tutorial step on 2 workers -> queue: ("ok", its
+    logits, whether it ran on a worker pool of this process's own), or ("error", the error)."""
+    try:
+        data_parallel.PROCESSES = True
+        x, labels = _batch()
+        with workers(2):
+            _, logits = _step(_models()["keras-tutorial"](), x, labels)
+        pool = processes._pool
+        queue.put(("ok", logits, pool is not None and pool.owner == os.getpid()))
+    except BaseException as e:
+        queue.put(("error", repr(e)))
+
+
+def _in_child(daemon):
+    """_split_step_in_child's report from a forked child, which must then exit, and cleanly."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_split_step_in_child, args=(queue,), daemon=daemon)
+    child.start()
+    report = queue.get(timeout=120)
+    child.join(timeout=60)                 # its workers end with it (not: it waits for them)
+    assert child.exitcode == 0, "the child process hung at its exit, or failed"
+    assert report[0] == "ok", report[1]
+    x, labels = _batch()
+    want = _plain_step(_models()["keras-tutorial"](), x, labels, SoftmaxCrossEntropy())[1]
+    np.testing.assert_allclose(report[1], want, rtol=1e-10, atol=1e-12)
+    return report[2]
+
+
+@needs_fork
+def test_a_daemonic_process_which_may_not_fork_splits_its_steps_over_threads():
+    """(A multiprocessing.Pool's workers are daemonic: train.fit in one, a sweep's.)"""
+    assert _in_child(daemon=True) is False
+
+
+@needs_fork
+def test_a_process_forked_from_one_with_a_pool_starts_its_own_and_leaves_its_parents(
+        monkeypatch):
+    monkeypatch.setattr(data_parallel, "PROCESSES", True)
+    x, labels = _batch()
+    model = _models()["keras-tutorial"]()
+    try:
+        with workers(2):
+            _step(model, x, labels)
+            pool = processes._pool
+            assert _in_child(daemon=False) is True
+            assert processes._pool is pool and pool.alive()
+            _step(model, x, labels)
+            assert processes._pool is pool
+    finally:
+        processes.close()
