@@ -219,9 +219,9 @@ def pool_for(model, size, needed_bytes, config=None):
     # back, and kept on rank 0 they spin on the workers' cores (measured: 2.2x slower steps).
     parallel._single_threaded_blas()
     key = describe(model, config)
-    if _pool is not None and _pool.owner != os.getpid():
-        _pool = None            # this process was forked from the pool's: those are not ours
-    if _pool is not None and (_pool.key != key or _pool.size != size or not _pool.alive()
+    # (a pool this process inherited by a fork is not its own: close() lets go of it)
+    if _pool is not None and (_pool.owner != os.getpid() or _pool.key != key
+                              or _pool.size != size or not _pool.alive()
                               or _pool.input_bytes < needed_bytes):
         needed_bytes = max(needed_bytes, _pool.input_bytes if _pool.key == key else 0)
         close()

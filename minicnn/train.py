@@ -407,7 +407,6 @@ def _train(loop, stop):
                 # forward, loss, backward: model.grads (the batch split over the cores)
                 loss, logits = data_parallel.train_step(model, xb, yb_dev, loss_fn)
                 if not math.isfinite(loss):
-                    bar.close()
                     raise TrainingStopped(_diverged(loop, xb, yb_dev, loss_fn, loss, epoch, i + 1))
                 loop["optimizer"].step()
                 if loop["schedule_unit"] == "batch":
@@ -428,10 +427,8 @@ def _train(loop, stop):
                     if stop.signum is not None:
                         bar.close()
                         return _interrupted(loop, stop)
-        except BaseException:          # a lost worker, a second Ctrl-C: the bar goes before
-            bar.close()                # the error is printed
-            raise
-        bar.close()
+        finally:                       # also before an error (a diverged loss, a lost worker,
+            bar.close()                # a second Ctrl-C) is printed
         status = _end_of_epoch(loop, time.perf_counter() - started)
         if stop.signum is not None:
             return _interrupted(loop, stop)
