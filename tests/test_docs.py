@@ -1,9 +1,14 @@
-"""The README's Python examples and examples/backprop_by_hand.py run as printed: a change to
-the engine that breaks them fails here, not in a student's first session."""
+"""The README's Python examples and examples/backprop_by_hand.py run as printed, and the
+commands it shows are ones the tools accept: a change that breaks them fails here, not in a
+reader's first session."""
+import importlib
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -54,3 +59,24 @@ def test_backprop_by_hand_example_runs_and_checks_itself(tmp_path):
     table = result.stdout[result.stdout.index("gradcheck Conv2D"):].splitlines()[3:]
     assert [(line.split()[0], line.split()[-1]) for line in table] == [
         ("input", "ok"), ("weight", "ok"), ("bias", "ok")]
+
+
+def _documented_commands(tool):
+    """Every `python -m minicnn.<tool> ...` command the README shows: code-block lines (up to a
+    comment) and inline code spans, as argument lists."""
+    pattern = rf"python -m minicnn\.{tool}(?![\w.])"
+    lines = [line.split("#")[0] for line in README.splitlines() if re.match(pattern, line)]
+    spans = [span for span in re.findall(r"`([^`]*)`", README) if re.match(pattern, span)]
+    return [shlex.split(command)[3:] for command in lines + spans]
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate", "predict"])
+def test_readme_commands_are_ones_the_tools_accept(tool):
+    module = importlib.import_module(f"minicnn.{tool}")
+    commands = _documented_commands(tool)
+    assert commands, f"the README shows no python -m minicnn.{tool} command"
+    for args in commands:
+        try:
+            module.build_parser().parse_args(args)
+        except SystemExit as e:                     # status 2: an unknown flag or value
+            assert e.code == 0 and "--help" in args, f"README: python -m minicnn.{tool} {args}"
