@@ -33,8 +33,8 @@ def test_readme_python_blocks_run_and_print_what_the_readme_shows(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     # the first model: its summary's total, as the README's comment says
-    claimed = re.search(r"model\.summary\(\(3, 32, 32\)\)\s+# Keras-like table: ([\d,]+) parameters",
-                        README)
+    claimed = re.search(r"model\.summary\(\(3, 32, 32\)\)\s+# Keras-like table: ([\d,]+) "
+                        r"parameters", README)
     assert claimed and f"Total params: {claimed.group(1)}" in out
     assert (tmp_path / "tutorial.npz").exists()
     # the gradcheck table the README prints: header and each row's tensor, shape, max |grad|
@@ -44,7 +44,7 @@ def test_readme_python_blocks_run_and_print_what_the_readme_shows(tmp_path):
     shown_lines = shown.group(1).strip("\n").splitlines()
     out_lines = out[out.index("gradcheck "):].strip("\n").splitlines()[:len(shown_lines)]
     assert out_lines[:3] == shown_lines[:3]
-    row = re.compile(r"\s*(\S+)\s+(\(.*?\))\s+(\S+)\s.*\s(\S+)$")   # tensor, shape, max|grad|, verdict
+    row = re.compile(r"\s*(\S+)\s+(\(.*?\))\s+(\S+)\s.*\s(\S+)$")   # tensor, shape, |grad|, verdict
     for want, got in zip(shown_lines[3:], out_lines[3:]):
         assert row.match(want) and row.match(got), (want, got)
         assert row.match(want).groups() == row.match(got).groups(), (want, got)
