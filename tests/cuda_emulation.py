@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fake_cupy
-from minicnn import kernels
+from minicnn.cuda import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn import backend, optim
+from minicnn import backend
+from minicnn.nn import optim
 from minicnn.backend import array_module, get_backend, to_device, to_numpy
 from minicnn.errors import BackendError
-from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+from minicnn.nn import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax)
-from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.nn.losses import SoftmaxCrossEntropy
 
 
 def assert_same(got, expected, xp):

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from minicnn import bench, zoo
-from minicnn.layers import Conv2D, walk
+from minicnn.bench import models as bench
+from minicnn.nn import zoo
+from minicnn.nn import Conv2D, walk
 
 
 def test_report_without_torch_has_rows_and_a_note(capsys):
@@ -60,7 +61,7 @@ def test_percent_of_gemm_is_the_bare_gemms_time_over_the_layers(monkeypatch):
 
 def _spy_matmul(monkeypatch):
     """The matmul calls, in order: one worker (parallel.map runs the parts one after another)."""
-    monkeypatch.setattr(bench.parallel, "_threads", 1)
+    monkeypatch.setattr(bench.workers, "_threads", 1)
     calls = []
     real = np.matmul
     monkeypatch.setattr(bench.np, "matmul", lambda a, b, out: calls.append(
@@ -172,7 +173,7 @@ def test_conv_workspace_budget_chunks_without_changing_results(monkeypatch):
     runs chunk by chunk (and rebuilds chunks in backward) with the same results and a correct
     gradient in float64."""
     import minicnn
-    from minicnn.layers import Conv2D
+    from minicnn.nn import Conv2D
     from minicnn.ops import conv
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 3, 6, 7))
@@ -220,10 +221,11 @@ def test_gpu_columns(gpu_xp, capsys, monkeypatch):
     too, and the table prints: on a GPU, and on fake_cupy everywhere (its SGEMM-measured peak
     replaced by a stated one, to save the time)."""
     import fake_cupy
-    from minicnn import bench_kernels, kernels
+    from minicnn.bench import kernels as bench_kernels
+    from minicnn import implementation, ops
     monkeypatch.setitem(bench_kernels.FP32_PEAK_TFLOPS, "fake_cupy", 0.1)
     if gpu_xp is fake_cupy.module:       # it runs no CUDA C: "raw" hands out minicnn.ops here
-        monkeypatch.setattr(kernels, "RAW", dict(kernels.GENERIC))
+        monkeypatch.setattr(implementation, "_RAW", ops)
     result = bench.run(models=["keras-tutorial"], batch=4, repeats=1, use_torch=False,
                        backends=("numpy", "cupy"))
     assert result["gpu"]["peak_tflops"] > 0
@@ -254,7 +256,7 @@ def test_quick_keeps_a_batch_given_with_it(capsys):
 def test_set_tf32_uses_fp32_precision_where_torch_has_it_and_allow_tf32_before():
     from types import SimpleNamespace
 
-    from minicnn.bench_kernels import set_tf32
+    from minicnn.bench.kernels import set_tf32
     old = SimpleNamespace(backends=SimpleNamespace(     # a PyTorch before 2.9: the flags only
         cudnn=SimpleNamespace(allow_tf32=True, benchmark=False),
         cuda=SimpleNamespace(matmul=SimpleNamespace(allow_tf32=True))))

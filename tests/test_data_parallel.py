@@ -1,7 +1,7 @@
-"""minicnn.data_parallel: a step with the batch split over whole-model copies gives what one
+"""minicnn.parallel.data_parallel: a step with the batch split over whole-model copies gives what one
 model on the whole batch gives (float64, so rounding cannot flip a ReLU or a max-pool winner),
 BatchNorm's statistics included, with worker threads and with worker processes; and the
-machinery under it (parallel.together, parallel.all_sum, minicnn.processes' pools) sums, falls
+machinery under it (workers.together, workers.all_sum, minicnn.parallel.processes' pools) sums, falls
 back, starts anew and fails cleanly."""
 import contextlib
 import multiprocessing
@@ -14,12 +14,14 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from minicnn import data_parallel, parallel, processes
-from minicnn.layers import BatchNorm1D, Dense, Dropout, Flatten, Layer, ReLU
-from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.model import Sequential
-from minicnn.zoo import keras_tutorial, resnet_small
-from test_parallel import workers
+from minicnn.parallel import data_parallel
+from minicnn.parallel import workers
+from minicnn.parallel import processes
+from minicnn.nn import BatchNorm1D, Dense, Dropout, Flatten, Layer, ReLU
+from minicnn.nn.losses import SoftmaxCrossEntropy
+from minicnn.nn.containers import Sequential
+from minicnn.nn.zoo import keras_tutorial, resnet_small
+from test_parallel import thread_workers
 
 
 def _models():
@@ -43,7 +45,7 @@ def kind(request, monkeypatch):
 @contextlib.contextmanager
 def split_calls():
     """Counts the steps split over worker threads (.together) and processes (.run)."""
-    with mock.patch.object(parallel, "together", wraps=parallel.together) as together, \
+    with mock.patch.object(workers, "together", wraps=workers.together) as together, \
             mock.patch.object(processes, "run", wraps=processes.run) as run:
         yield mock.Mock(together=together, run=run,
                         count=lambda: together.call_count + run.call_count)
@@ -63,9 +65,9 @@ def test_split_step_equals_one_model_on_the_whole_batch(name, k, n, kind):
     x, labels = rng.standard_normal((n, 3, 32, 32)), rng.integers(0, 10, n)
     loss_fn = SoftmaxCrossEntropy(label_smoothing=0.1)
     one, split = _models()[name](), _models()[name]()
-    with workers(1):
+    with thread_workers(1):
         want = _plain_step(one, x, labels, loss_fn)
-    with workers(k), split_calls() as calls:
+    with thread_workers(k), split_calls() as calls:
         got = data_parallel.train_step(split, x, labels, loss_fn)
         spy, parts = ((calls.run, calls.run.call_args[0][2]) if kind == "processes"
                       else (calls.together, calls.together.call_args[0][0]))
@@ -85,7 +87,7 @@ def test_copies_follow_the_models_arrays_when_they_are_replaced(kind):
     rng = np.random.default_rng(0)
     x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
     model = _models()["resnet-small"]()
-    with workers(2):
+    with thread_workers(2):
         data_parallel.train_step(model, x, labels, SoftmaxCrossEntropy())
         for layer in [model[0], model[2]]:          # new arrays, as model.to() makes
             layer.params = {key: p * 0.5 for key, p in layer.params.items()}
@@ -119,13 +121,13 @@ def test_falls_back_to_the_plain_step_where_a_split_cannot_work(kind):
         return Sequential([Dense(12, 6, dtype=np.float64), *extra, ReLU(),
                            Dense(6, 4, dtype=np.float64)])
 
-    with workers(2):
+    with thread_workers(2):
         assert not _runs_plain(net(), x, labels)
         assert _runs_plain(net(Dropout(0.5, rng=np.random.default_rng(0))), x, labels)
         assert not _runs_plain(net(Dropout(0.5)), x)          # inference: Dropout is identity
         assert _runs_plain(net(Doubled()), x, labels)
         assert _runs_plain(net(), x[:3], labels[:3])           # under two images a worker
-    with workers(1):
+    with thread_workers(1):
         assert _runs_plain(net(), x, labels)
 
 
@@ -135,9 +137,9 @@ def test_batchnorm1d_over_a_split_batch_uses_the_whole_batchs_statistics(kind):
     make = lambda: Sequential([BatchNorm1D(6, dtype=np.float64), Flatten(),   # noqa: E731
                                Dense(6, 3, dtype=np.float64, rng=np.random.default_rng(0))])
     one, split = make(), make()
-    with workers(1):
+    with thread_workers(1):
         want = _plain_step(one, x, labels, SoftmaxCrossEntropy())
-    with workers(3):
+    with thread_workers(3):
         got = data_parallel.train_step(split, x, labels, SoftmaxCrossEntropy())
     np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
     for key, g in one.grads.items():
@@ -151,7 +153,7 @@ def test_an_error_in_one_worker_is_raised_and_no_worker_waits_for_it(kind):
     x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
     labels[6] = 12                           # only the second worker's part has a bad label
     model = _models()["resnet-small"]()      # its BatchNorm backward would wait for that part
-    with workers(2):
+    with thread_workers(2):
         with pytest.raises(ValueError, match="labels must lie in"):
             data_parallel.train_step(model, x, labels, SoftmaxCrossEntropy())
         labels[6] = 3                        # and the next step runs as usual
@@ -160,36 +162,36 @@ def test_an_error_in_one_worker_is_raised_and_no_worker_waits_for_it(kind):
 
 
 def test_all_sum_adds_up_every_members_values_in_rank_order():
-    with workers(3):
-        got = parallel.together([lambda r=r: (parallel.rank(),
-                                              parallel.all_sum(np.full(2, r + 1.0), 10 * r),
-                                              parallel.all_sum(r))
+    with thread_workers(3):
+        got = workers.together([lambda r=r: (workers.rank(),
+                                              workers.all_sum(np.full(2, r + 1.0), 10 * r),
+                                              workers.all_sum(r))
                                  for r in range(3)])
     for r, (rank, (array, number), (again,)) in enumerate(got):
         assert rank == r and number == 30 and again == 3
         np.testing.assert_array_equal(array, [6.0, 6.0])
-    assert parallel.all_sum(np.ones(2), 4)[1] == 4            # outside a group: as they are
-    assert parallel.rank() == 0
+    assert workers.all_sum(np.ones(2), 4)[1] == 4            # outside a group: as they are
+    assert workers.rank() == 0
 
 
 def test_together_refuses_more_tasks_than_workers_and_calls_from_inside_a_worker():
-    with workers(2):
+    with thread_workers(2):
         with pytest.raises(ValueError, match="1 to 2 tasks"):
-            parallel.together([lambda: 0] * 3)
+            workers.together([lambda: 0] * 3)
         with pytest.raises(RuntimeError, match="inside a worker"):
-            parallel.together([lambda: parallel.together([lambda: 0]), lambda: 1])
-        names = parallel.together([lambda: threading.current_thread().name] * 2)
+            workers.together([lambda: workers.together([lambda: 0]), lambda: 1])
+        names = workers.together([lambda: threading.current_thread().name] * 2)
         assert len(set(names)) == 2
 
 
 def test_the_trainer_and_its_evaluation_run_the_split_step(tmp_path, monkeypatch, kind):
     from _data_helpers import make_folder
-    from minicnn import train
+    from minicnn.training import trainer as train
     monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
     folder = make_folder(tmp_path / "shapes", per_class=24)     # 3 classes: 54 train, 18 val
     for name in ("train_step", "predict"):
         monkeypatch.setattr(data_parallel, name, mock.Mock(wraps=getattr(data_parallel, name)))
-    with workers(2), split_calls() as calls:
+    with thread_workers(2), split_calls() as calls:
         result = train.fit(data=str(folder), out=str(tmp_path / "run"), epochs=1, batch_size=16,
                            val_split=0.25)
     assert result["status"] == "finished"
@@ -217,7 +219,7 @@ def test_a_pool_serves_its_model_until_the_model_or_a_bigger_batch_needs_another
     x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
     model = _models()["keras-tutorial"]()
     try:
-        with workers(2):
+        with thread_workers(2):
             _step(model, x, labels)
             pool = processes._pool
             _step(model, x, labels)
@@ -242,7 +244,7 @@ def test_a_pool_serves_its_model_until_the_model_or_a_bigger_batch_needs_another
 def test_a_running_pool_keeps_blas_on_one_thread_after_set_threads_gave_it_back(monkeypatch):
     """set_threads(1) then set_threads(2) keeps the pool, and its next step takes BLAS back to
     one thread in this process (else its threads spin on the worker's core)."""
-    if parallel._blas is None:
+    if workers._blas is None:
         pytest.skip("no OpenBLAS found in numpy.libs to query")
     monkeypatch.setattr(data_parallel, "PROCESSES", True)
     rng = np.random.default_rng(0)
@@ -250,20 +252,20 @@ def test_a_running_pool_keeps_blas_on_one_thread_after_set_threads_gave_it_back(
     model = _models()["keras-tutorial"]()
     own = None
     try:
-        with workers(2):
+        with thread_workers(2):
             _step(model, x, labels)
             pool = processes._pool
-            parallel.set_threads(1)
-            own = parallel._blas[0]()                 # BLAS's own count; at least 2 below, so
-            parallel._blas[1](max(own, 2))            # that the check can fail on any machine
-            parallel.set_threads(2)
+            workers.set_threads(1)
+            own = workers._blas[0]()                 # BLAS's own count; at least 2 below, so
+            workers._blas[1](max(own, 2))            # that the check can fail on any machine
+            workers.set_threads(2)
             _step(model, x, labels)
-            assert processes._pool is pool and parallel._blas[0]() == 1
+            assert processes._pool is pool and workers._blas[0]() == 1
     finally:
         processes.close()
         if own is not None:
-            parallel._restore_blas_threads()          # minicnn lets go of BLAS, at its own count
-            parallel._blas[1](own)
+            workers._restore_blas_threads()          # minicnn lets go of BLAS, at its own count
+            workers._blas[1](own)
 
 
 @needs_fork
@@ -273,7 +275,7 @@ def test_a_worker_that_died_between_steps_is_replaced(monkeypatch):
     x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
     model, one = _models()["keras-tutorial"](), _models()["keras-tutorial"]()
     try:
-        with workers(2):
+        with thread_workers(2):
             _step(model, x, labels)
             [proc] = processes._pool.procs
             os.kill(proc.pid, signal.SIGKILL)
@@ -287,15 +289,15 @@ def test_a_worker_that_died_between_steps_is_replaced(monkeypatch):
 
 
 def _dies_in_worker(copy, x):            # a step function that kills worker 1 halfway
-    if parallel.rank() == 1:
+    if workers.rank() == 1:
         os._exit(3)
-    return parallel.all_sum(x.sum())[0]
+    return workers.all_sum(x.sum())[0]
 
 
 def _interrupted_here(copy, x):          # ... and one that rank 0 leaves by Ctrl-C
-    if parallel.rank() == 0:
+    if workers.rank() == 0:
         raise KeyboardInterrupt
-    return parallel.all_sum(x.sum())[0]
+    return workers.all_sum(x.sum())[0]
 
 
 class _Unpicklable(Exception):
@@ -304,9 +306,9 @@ class _Unpicklable(Exception):
 
 
 def _raises_unpicklable(copy, x):
-    if parallel.rank() == 1:
+    if workers.rank() == 1:
         raise _Unpicklable("the worker's own words")
-    return parallel.all_sum(x.sum())[0]
+    return workers.all_sum(x.sum())[0]
 
 
 @needs_fork
@@ -319,7 +321,7 @@ def test_a_step_that_fails_anywhere_ends_its_pool_and_leaves_no_worker_waiting(f
     model = _models()["keras-tutorial"]()
     parts = [((np.ones(3),), ()), ((np.ones(3),), ())]
     try:
-        with workers(2):
+        with thread_workers(2):
             with pytest.raises(error, match=message):
                 processes.run(model, fn, parts)
             assert processes._pool is None or not processes._pool.procs
@@ -331,14 +333,14 @@ def test_a_step_that_fails_anywhere_ends_its_pool_and_leaves_no_worker_waiting(f
 
 
 def _sums(copy, x):
-    return parallel.all_sum(x.sum())[0]
+    return workers.all_sum(x.sum())[0]
 
 
 def _many_sums(copy, x):                 # sums of every kind, in shared memory and through pipes
-    r = parallel.rank()
+    r = workers.rank()
     big = np.full(processes._SharedSums.SLOT_BYTES // 8 + 1, r + 1.0)     # one slot too big
-    return [parallel.all_sum(x[:2].astype(np.float32) * (i + r), i + r, 0.5 * r, np.int8(r))
-            for i in range(5)] + [parallel.all_sum(big, r)] + [parallel.all_sum(x.sum() * r)]
+    return [workers.all_sum(x[:2].astype(np.float32) * (i + r), i + r, 0.5 * r, np.int8(r))
+            for i in range(5)] + [workers.all_sum(big, r)] + [workers.all_sum(x.sum() * r)]
 
 
 @needs_fork
@@ -351,7 +353,7 @@ def test_all_sum_in_worker_processes_adds_every_members_values_in_rank_order(sha
     model = _models()["keras-tutorial"]()
     parts = [((np.arange(1.0, 4.0),), ())] * 3
     try:
-        with workers(3):
+        with thread_workers(3):
             processes.close()                       # a new pool, forked with the setting
             _, results = processes.run(model, _many_sums, parts)
     finally:
@@ -369,9 +371,9 @@ def test_all_sum_in_worker_processes_adds_every_members_values_in_rank_order(sha
 
 
 def _last_sum_late(copy, x):             # worker 2 comes to the step's only sum 20 ms late
-    if parallel.rank() == 2:
+    if workers.rank() == 2:
         time.sleep(0.02)
-    return parallel.all_sum(x.sum())[0]
+    return workers.all_sum(x.sum())[0]
 
 
 @needs_fork
@@ -389,7 +391,7 @@ def test_a_worker_done_while_rank_0_looks_at_its_pipes_is_not_an_error(monkeypat
     model = _models()["keras-tutorial"]()
     parts = [((np.ones(3),), ())] * 3
     try:
-        with workers(3):
+        with thread_workers(3):
             processes.close()
             _, sums = processes.run(model, _last_sum_late, parts)
     finally:
@@ -404,7 +406,7 @@ def test_a_loss_function_that_cannot_be_sent_runs_on_worker_threads(monkeypatch)
     x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
     loss = SoftmaxCrossEntropy()
     model, one = _models()["keras-tutorial"](), _models()["keras-tutorial"]()
-    with workers(2), split_calls() as calls:
+    with thread_workers(2), split_calls() as calls:
         got = data_parallel.train_step(model, x, labels, lambda z, y: loss(z, y))
     assert calls.together.call_count == 1 and calls.run.call_count == 0
     np.testing.assert_allclose(got[1], _plain_step(one, x, labels, loss)[1], rtol=1e-10,
@@ -419,7 +421,7 @@ def test_a_process_that_cannot_fork_splits_its_steps_over_threads(monkeypatch):
     x, labels = rng.standard_normal((8, 3, 32, 32)), rng.integers(0, 10, 8)
     model, one = _models()["resnet-small"](), _models()["resnet-small"]()
     processes.close()
-    with workers(2), split_calls() as calls, \
+    with thread_workers(2), split_calls() as calls, \
             mock.patch("os.fork", side_effect=OSError(11, "Resource temporarily unavailable")):
         got = _step(model, x, labels)
         again = _step(model, x, labels)             # no second try at forking
@@ -442,7 +444,7 @@ def _split_step_in_child(queue):
     try:
         data_parallel.PROCESSES = True
         x, labels = _batch()
-        with workers(2):
+        with thread_workers(2):
             _, logits = _step(_models()["keras-tutorial"](), x, labels)
         pool = processes._pool
         queue.put(("ok", logits, pool is not None and pool.owner == os.getpid()))
@@ -479,7 +481,7 @@ def test_a_process_forked_from_one_with_a_pool_starts_its_own_and_leaves_its_par
     x, labels = _batch()
     model = _models()["keras-tutorial"]()
     try:
-        with workers(2):
+        with thread_workers(2):
             _step(model, x, labels)
             pool = processes._pool
             assert _in_child(daemon=False) is True

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+TOOL_MODULES = {"train": "trainer"}         # python -m minicnn.X runs minicnn/training/<this>.py
 
 
 def _run(args, cwd):
@@ -72,7 +73,7 @@ def _documented_commands(tool):
 
 @pytest.mark.parametrize("tool", ["train", "evaluate", "predict"])
 def test_readme_commands_are_ones_the_tools_accept(tool):
-    module = importlib.import_module(f"minicnn.{tool}")
+    module = importlib.import_module(f"minicnn.training.{TOOL_MODULES.get(tool, tool)}")
     commands = _documented_commands(tool)
     assert commands, f"the README shows no python -m minicnn.{tool} command"
     for args in commands:

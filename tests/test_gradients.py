@@ -6,9 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minicnn
-from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+from minicnn.nn import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax)
-from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.nn.losses import SoftmaxCrossEntropy
 from minicnn.ops import conv as conv_ops
 from strategies import conv_problems, pool_problems
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels (kernels/*.cu through minicnn.kernels) against their NumPy twins in minicnn.ops.
+"""The CUDA kernels (kernels/*.cu through minicnn.cuda.kernels) against their NumPy twins in minicnn.ops.
 
 Every kernel test runs on two devices:
   "emulated"  the .cu files compiled as C++ against tests/cuda_emulator.h and run on the CPU
@@ -22,7 +22,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minicnn import kernels, ops
+from minicnn import ops
+from minicnn.cuda import kernels
 from minicnn.backend import get_backend, to_numpy
 from minicnn.errors import BackendError
 from strategies import pool_problems
@@ -179,17 +180,17 @@ def test_raw_kernels_reject_other_dtypes_and_numpy_arrays():
 
 def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device, monkeypatch):
     """One SGD step of a net with strided, padded, bias-free and >64-channel convs and both pools:
-    layers wired to kernels.select, run with use("raw"), against the same step on minicnn.ops.
+    layers wired to minicnn.implementation, run with use("raw"), against the same step on
+    minicnn.ops.
     Emulated: fake_cupy stands in for CuPy, so the model moves with .to("cupy") and select
     hands out the raw pair as on a GPU.
     """
     import copy
 
     import minicnn
-    from minicnn import layers, optim
-    from minicnn.losses import SoftmaxCrossEntropy
-    if not hasattr(layers, "kernels"):
-        pytest.skip("minicnn/layers.py does not call kernels.select yet")
+    from minicnn.nn import layers
+    from minicnn.nn import optim
+    from minicnn.nn.losses import SoftmaxCrossEntropy
     rng = np.random.default_rng(0)
     generic = minicnn.Sequential([
         layers.Conv2D(3, 70, 3, stride=2, padding=1, rng=rng), layers.ReLU(),
@@ -210,8 +211,9 @@ def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device, monke
         monkeypatch.setattr(backend, "_cupy", fake_cupy.module)
     cupy = get_backend("cupy")
     raw.to("cupy")
-    with device.active(), kernels.use("raw"):
-        assert kernels.select(cupy.zeros(1, dtype=np.float32), "conv2d")[0] is kernels.conv2d_forward
+    with device.active(), minicnn.use("raw"):
+        fns = minicnn.implementation.ops_for(cupy.zeros(1, dtype=np.float32))
+        assert fns.conv2d_forward is kernels.conv2d_forward
         loss, got = step(raw, cupy.asarray(x), cupy.asarray(labels))
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     for key, value in expected.items():
@@ -220,34 +222,53 @@ def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device, monke
 
 # ---- choosing an implementation --------------------------------------------------------------
 def test_use_switches_the_implementation_and_the_context_manager_restores_it():
+    import threading
+
+    import minicnn
+    from minicnn import implementation, reference
     x32 = np.zeros((1, 1, 4, 4), dtype=np.float32)
-    assert kernels.active() == "generic"
-    assert kernels.select(x32, "conv2d") == (ops.conv2d_forward, ops.conv2d_backward)
-    with kernels.use("raw"):
-        assert kernels.active() == "raw"
-        # NumPy arrays always take minicnn.ops, whatever is chosen.
-        assert kernels.select(x32, "maxpool2d") == (ops.maxpool2d_forward, ops.maxpool2d_backward)
-        with kernels.use("generic"):
-            assert kernels.active() == "generic"
-        assert kernels.active() == "raw"
-    assert kernels.active() == "generic"
-    with pytest.raises(ValueError, match="'generic' or 'raw'"):
-        kernels.use("fast")
-    with pytest.raises(KeyError, match="conv2d"):
-        kernels.select(x32, "conv3d")
+    assert implementation.active() == "fast"
+    assert implementation.ops_for(x32) is ops
+    with minicnn.use("raw"):
+        assert implementation.active() == "raw"
+        assert implementation.ops_for(x32) is ops         # NumPy arrays: minicnn.ops, always
+        with minicnn.use("reference"):
+            assert implementation.ops_for(x32) is reference
+        assert implementation.active() == "raw"
+    assert implementation.active() == "fast"
+    minicnn.use("reference")                               # as a statement: a global setting
+    try:
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(implementation.ops_for(x32)))
+        thread.start()
+        thread.join()
+        assert seen == [reference]                         # worker threads see it too
+    finally:
+        minicnn.use("fast")
+    with pytest.raises(ValueError, match="'reference', 'fast', 'raw'"):
+        minicnn.use("generic")
+    assert implementation.active() == "fast"
 
 
-def test_select_gives_the_raw_pair_for_float32_cupy_arrays_only():
+def test_every_fast_pair_has_its_reference_by_the_same_name():
+    from minicnn import reference
+    assert set(ops.__all__) <= set(dir(reference))
+
+
+def test_ops_for_gives_the_raw_kernels_for_float32_cupy_arrays_only():
+    from minicnn import implementation
     try:
         cupy = get_backend("cupy")
     except BackendError as e:
         pytest.skip(f"CuPy or a GPU is not available: {e}")
     x = cupy.zeros((1, 1, 4, 4), dtype=cupy.float32)
-    with kernels.use("raw"):
-        assert kernels.select(x, "conv2d") == (kernels.conv2d_forward, kernels.conv2d_backward)
-        assert kernels.select(x.astype(cupy.float64), "conv2d")[0] is ops.conv2d_forward
-        assert kernels.select(x, "avgpool2d")[0] is ops.avgpool2d_forward
-    assert kernels.select(x, "conv2d")[0] is ops.conv2d_forward
+    with implementation.use("raw"):
+        fns = implementation.ops_for(x)
+        assert (fns.conv2d_forward, fns.conv2d_backward) == (kernels.conv2d_forward,
+                                                             kernels.conv2d_backward)
+        assert fns.avgpool2d_forward is ops.avgpool2d_forward
+        assert implementation.ops_for(x.astype(cupy.float64)) is ops
+    assert implementation.ops_for(x) is ops
 
 
 # ---- the sources -----------------------------------------------------------------------------
@@ -295,7 +316,7 @@ def test_an_installed_wheel_finds_the_cuda_sources_outside_the_source_tree(tmp_p
     # python -S: no site-packages processing, so no editable install of the checkout is seen;
     # NumPy comes from its own folder on PYTHONPATH.
     numpy_home = str(Path(np.__file__).resolve().parent.parent)
-    check = ("import minicnn.kernels as k, pathlib; "
+    check = ("import minicnn.cuda.kernels as k, pathlib; "
              "print(k.source_dir()); print(len(k.kernel_source('conv2d_forward')))")
     result = subprocess.run([sys.executable, "-S", "-c", check], capture_output=True, text=True,
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -310,7 +331,7 @@ def test_an_installed_wheel_finds_the_cuda_sources_outside_the_source_tree(tmp_p
 def test_bench_memory_bound_rows_check_every_raw_kernel(device, c):
     """The rows that time im2col, col2im, max-pool and bias+ReLU: every raw kernel's result is
     checked against minicnn.ops first, as on a GPU (here also on the CUDA emulation)."""
-    from minicnn import bench_kernels
+    from minicnn.bench import kernels as bench_kernels
     xp = np if device.name == "emulated" else get_backend("cupy")
     x = device.asarray(np.random.default_rng(0).standard_normal((2, c, 8, 8)).astype(np.float32))
     rows = []
@@ -326,7 +347,8 @@ def test_bench_kernels_gpu_rows_run_on_fake_cupy_and_the_cuda_emulation(emulator
     """The ladder's GPU path end to end where no GPU is: fake_cupy stands in for CuPy and the
     raw kernels run on the CUDA emulation. Every cupy-generic and raw row (the convolution passes
     and the memory-bound kernels) is checked against NumPy, then timed, and printed."""
-    from minicnn import backend, bench_kernels
+    from minicnn import backend
+    from minicnn.bench import kernels as bench_kernels
     monkeypatch.setattr(backend, "_cupy", fake_cupy.module)
     monkeypatch.setitem(bench_kernels.FP32_PEAK_TFLOPS, "fake_cupy", 0.1)
     with emulator.active():
@@ -349,7 +371,7 @@ def test_bench_kernels_gpu_rows_run_on_fake_cupy_and_the_cuda_emulation(emulator
 
 # ---- the benchmark's CPU path ----------------------------------------------------------------
 def test_bench_kernels_prints_checked_numpy_rows_and_says_what_the_gpu_rows_need(capsys):
-    from minicnn import bench_kernels
+    from minicnn.bench import kernels as bench_kernels
     results = bench_kernels.main(["--tiny", "--quick", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert report == results
@@ -365,7 +387,7 @@ def test_bench_kernels_prints_checked_numpy_rows_and_says_what_the_gpu_rows_need
 
 
 def test_bench_kernels_reports_a_wrong_result_as_fail_and_does_not_time_it(capsys, monkeypatch):
-    from minicnn import bench_kernels
+    from minicnn.bench import kernels as bench_kernels
 
     original = bench_kernels.generic_passes
 

@@ -1,7 +1,7 @@
 """The memory bound of the CPU-speed work: training the Keras-tutorial CNN at batch 128 peaks
 under 1.5 GB of RSS (measured: 76-93 MiB with worker threads; 59 + 45 MiB with a worker
 process), in a fresh interpreter so that nothing the other tests allocated counts. With worker
-processes (minicnn.processes) their peaks count too, added to the main process's (pages they
+processes (minicnn.parallel.processes) their peaks count too, added to the main process's (pages they
 share with it counted twice: an upper bound).
 
 The peak is the new process's own high-water mark, VmHWM in /proc/self/status, not getrusage's
@@ -17,9 +17,11 @@ LIMIT_BYTES = 1.5e9
 
 TRAIN_AND_REPORT = """
 import numpy as np
-from minicnn import data_parallel, optim, processes
-from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.zoo import keras_tutorial
+from minicnn.parallel import data_parallel
+from minicnn.nn import optim
+from minicnn.parallel import processes
+from minicnn.nn.losses import SoftmaxCrossEntropy
+from minicnn.nn.zoo import keras_tutorial
 
 rng = np.random.default_rng(0)
 model = keras_tutorial(rng=rng)

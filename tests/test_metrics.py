@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minicnn.metrics import (classification_report, confusion_matrix, format_report,
+from minicnn.training.metrics import (classification_report, confusion_matrix, format_report,
                              per_class_metrics, topk_accuracy)
 
 # A 3-class example worked by hand.

@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minicnn
-from minicnn import optim
+from minicnn.nn import optim
 from minicnn.errors import CheckpointError
-from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+from minicnn.nn import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax)
-from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.zoo import keras_tutorial, resnet_small
+from minicnn.nn.losses import SoftmaxCrossEntropy
+from minicnn.nn.zoo import keras_tutorial, resnet_small
 
 
 def small_resnet(rng):
@@ -64,7 +64,7 @@ def test_the_presets_stay_float32_end_to_end(name):
     input gradient, the loss's gradient, the parameter gradients, the updated parameters and
     the optimiser's buffers (a float64 array in the middle would halve the speed of everything
     after it)."""
-    model = minicnn.zoo.build_model(name, rng=np.random.default_rng(0))
+    model = minicnn.nn.zoo.build_model(name, rng=np.random.default_rng(0))
     x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
     layers = [model[i] for i in model.schedule()]
     h, seen = x, []

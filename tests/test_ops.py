@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minicnn import ops
-from minicnn.layers import AvgPool2D, Conv2D, MaxPool2D
+from minicnn.nn import AvgPool2D, Conv2D, MaxPool2D
 from minicnn.ops import col2im, im2col
 from minicnn.ops import conv as conv_ops
 from minicnn.ops.im2col import col2im_nhwc, im2col_nhwc, pad_nhwc

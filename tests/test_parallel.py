@@ -11,26 +11,26 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minicnn
-from minicnn import parallel
-from minicnn.layers import (BatchNorm1D, BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU,
+from minicnn.parallel import workers
+from minicnn.nn import (BatchNorm1D, BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU,
                             Residual)
-from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.nn.losses import SoftmaxCrossEntropy
 from minicnn.ops import pool as pool_ops
-from minicnn.zoo import keras_tutorial
+from minicnn.nn.zoo import keras_tutorial
 from strategies import conv_problems, pool_problems
 
 
 @contextlib.contextmanager
-def workers(k):
+def thread_workers(k):
     """k workers and every size split (no small-work shortcut) inside; restored after."""
-    before, min_size = parallel.threads(), parallel.MIN_PARALLEL_SIZE
-    parallel.MIN_PARALLEL_SIZE = 0
-    parallel.set_threads(k)
+    before, min_size = workers.threads(), workers.MIN_PARALLEL_SIZE
+    workers.MIN_PARALLEL_SIZE = 0
+    workers.set_threads(k)
     try:
         yield
     finally:
-        parallel.MIN_PARALLEL_SIZE = min_size
-        parallel.set_threads(before)
+        workers.MIN_PARALLEL_SIZE = min_size
+        workers.set_threads(before)
 
 
 def _forward_backward(layer, x, dy_seed):
@@ -45,7 +45,7 @@ def _forward_backward(layer, x, dy_seed):
 def _same_with_workers(make_layer, x, rtol=1e-12):
     results = []
     for k in (1, 3):                     # 3 workers: uneven ranges, one run by the caller
-        with workers(k):
+        with thread_workers(k):
             results.append(_forward_backward(make_layer(), x, 1))
     for one, split in zip(*results):
         np.testing.assert_allclose(split, one, rtol=rtol, atol=1e-12)
@@ -69,7 +69,7 @@ def test_split_pool_and_relu_equal_one_thread(problem, seed):
     _same_with_workers(ReLU, x)
     # ... and the 2x2 fast path a block of one image at a time inside each worker
     whole = _forward_backward(MaxPool2D(2), x, 1)
-    with mock.patch.object(pool_ops, "POOL_BLOCK_BYTES", 1), workers(3):
+    with mock.patch.object(pool_ops, "POOL_BLOCK_BYTES", 1), thread_workers(3):
         for blocked, expected in zip(_forward_backward(MaxPool2D(2), x, 1), whole):
             np.testing.assert_array_equal(blocked, expected)
 
@@ -82,7 +82,7 @@ def test_split_batchnorm_equals_one_thread(n, c, seed):
     _same_with_workers(lambda: BatchNorm1D(c, dtype=np.float64), x4[:, :, 0, 0], rtol=1e-10)
 
 
-@workers(2)
+@thread_workers(2)
 def test_split_channels_last_memory_stays_channels_last():
     x = np.random.default_rng(0).standard_normal((6, 8, 4, 4)).astype(np.float32)
     y = Conv2D(8, 8, 3, padding=1).forward(x)
@@ -97,7 +97,7 @@ def test_whole_training_step_equals_one_thread():
     labels = rng.integers(0, 10, 10)
     grads = []
     for k in (1, 2):
-        with workers(k):
+        with thread_workers(k):
             model = keras_tutorial(rng=np.random.default_rng(1))
             _, dlogits = SoftmaxCrossEntropy()(model.forward(x, training=True), labels)
             model.backward(dlogits, input_grad=False)
@@ -107,29 +107,29 @@ def test_whole_training_step_equals_one_thread():
 
 
 def test_small_work_and_nested_calls_stay_in_the_calling_thread():
-    before = parallel.threads()
-    parallel.set_threads(2)
+    before = workers.threads()
+    workers.set_threads(2)
     try:
         seen = []
 
         def record(lo, hi):
             seen.append(threading.current_thread().name)
-            return parallel.map(lambda a, b: threading.current_thread().name, 4)   # nested
+            return workers.map(lambda a, b: threading.current_thread().name, 4)   # nested
 
-        parallel.map(record, 10, size=parallel.MIN_PARALLEL_SIZE - 1)
+        workers.map(record, 10, size=workers.MIN_PARALLEL_SIZE - 1)
         assert seen == [threading.current_thread().name]
         seen.clear()
-        nested = parallel.map(record, 10)
+        nested = workers.map(record, 10)
         assert len(seen) == 2 and len(set(seen)) == 2          # two threads, one each
         assert all(len(inner) == 1 for inner in nested)         # a nested map does not split
     finally:
-        parallel.set_threads(before)
+        workers.set_threads(before)
 
 
 def test_split_ranges_cover_everything_once():
     for n in range(0, 12):
         for parts in range(1, 5):
-            ranges = parallel.split(n, parts)
+            ranges = workers.split(n, parts)
             assert [i for lo, hi in ranges for i in range(lo, hi)] == list(range(n))
             sizes = [hi - lo for lo, hi in ranges]
             assert not sizes or max(sizes) - min(sizes) <= 1
@@ -137,28 +137,28 @@ def test_split_ranges_cover_everything_once():
 
 def test_set_threads_rejects_nonsense_and_gives_blas_its_threads_back():
     with pytest.raises(ValueError, match="positive int"):
-        parallel.set_threads(0)
-    if parallel._blas is None:
+        workers.set_threads(0)
+    if workers._blas is None:
         pytest.skip("no OpenBLAS found in numpy.libs to query")
-    before = parallel.threads()
-    parallel.set_threads(1)                                  # BLAS back to its own count
-    original = parallel._blas[0]()
+    before = workers.threads()
+    workers.set_threads(1)                                  # BLAS back to its own count
+    original = workers._blas[0]()
     try:
-        parallel.set_threads(2)
-        parallel.map(lambda lo, hi: None, 4)
-        assert parallel._blas[0]() == 1                      # workers on, BLAS on one thread
-        parallel.set_threads(1)
-        assert parallel._blas[0]() == original
+        workers.set_threads(2)
+        workers.map(lambda lo, hi: None, 4)
+        assert workers._blas[0]() == 1                      # workers on, BLAS on one thread
+        workers.set_threads(1)
+        assert workers._blas[0]() == original
     finally:
-        parallel.set_threads(before)
+        workers.set_threads(before)
 
 
 def test_threads_from_the_environment(monkeypatch):
     monkeypatch.setenv("MINICNN_THREADS", "3")
-    assert parallel._default_threads() == 3
+    assert workers._default_threads() == 3
     for bad in ("0", "two", "-1", ""):
         monkeypatch.setenv("MINICNN_THREADS", bad)
-        assert parallel._default_threads() >= 1
+        assert workers._default_threads() >= 1
 
 
 # ---- Sequential runs ReLU after a MaxPool2D that follows it ----------------------------------
@@ -199,11 +199,11 @@ def test_workers_follow_the_callers_floating_point_error_settings():
 
     def work(lo, hi):
         np.multiply(x[lo:hi], 10, out=out[lo:hi])
-    with workers(2):
+    with thread_workers(2):
         with np.errstate(over="raise"):
             with pytest.raises(FloatingPointError):
-                parallel.map(work, len(x))
+                workers.map(work, len(x))
         with np.errstate(over="ignore"), warnings.catch_warnings():
             warnings.simplefilter("error")       # a RuntimeWarning would fail the worker
-            parallel.map(work, len(x))
+            workers.map(work, len(x))
     assert np.isinf(out[len(x) // 2:]).all()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minicnn.plots import plot_confusion, plot_curves, plot_predictions
+from minicnn.training.plots import plot_confusion, plot_curves, plot_predictions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ["airplane", "automobile", "bird", "cat"]
@@ -130,7 +130,7 @@ def test_plot_predictions_marks_mistakes_red_and_correct_green(tmp_path, mistake
 
 def test_plots_never_import_pyplot(tmp_path):
     # pyplot is what selects a global backend; without it a user's choice stays untouched.
-    code = ("import sys; from minicnn.plots import plot_curves; "
+    code = ("import sys; from minicnn.training.plots import plot_curves; "
             "plot_curves({'epoch': [1], 'train_loss': [1.0], 'train_acc': [0.5]}, sys.argv[1]); "
             "assert 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.png")], check=True)

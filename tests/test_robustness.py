@@ -19,12 +19,12 @@ from PIL import Image
 
 import minicnn
 from _data_helpers import binary_files, fake_cifar, make_folder, write_tar_gz
-from minicnn import data as datasets
-from minicnn import predict
-from minicnn.checkpoint import load_checkpoint
+from minicnn.data import datasets
+from minicnn.training import predict
+from minicnn.training.checkpoint import load_checkpoint
 from minicnn.errors import CheckpointError, DataError
-from minicnn.serialization import atomic_write, read_archive, write_archive
-from minicnn.zoo import keras_tutorial
+from minicnn.nn.serialization import atomic_write, read_archive, write_archive
+from minicnn.nn.zoo import keras_tutorial
 
 TRAIN = [sys.executable, "-m", "minicnn.train"]
 
@@ -98,12 +98,13 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(folder, tmp_path
 # The trainer, its worker process slowed down so that a signal finds it in the middle of a step
 _SLOW_WORKER = """
 import sys, time
-from minicnn import parallel, train
-from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.parallel import workers
+from minicnn.training import trainer as train
+from minicnn.nn.losses import SoftmaxCrossEntropy
 
 class SlowInWorker(SoftmaxCrossEntropy):
     def __call__(self, logits, labels):
-        if parallel.rank() == 1:
+        if workers.rank() == 1:
             time.sleep(0.3)
         return super().__call__(logits, labels)
 
@@ -154,7 +155,7 @@ def _group_alive(pgid):
 
 _WRITER = """
 import sys, numpy as np
-from minicnn.serialization import write_archive
+from minicnn.nn.serialization import write_archive
 path, i = sys.argv[1], 0
 print("ready", flush=True)
 while True:                                   # rewrite a ~24 MB archive until killed
@@ -285,14 +286,14 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(folder, tmp_path, 
     out = tmp_path / "run"
     out.mkdir()
     keras_tutorial(rng=np.random.default_rng(0)).save(out / "last.npz")    # a model, not a run
-    from minicnn import train
+    from minicnn.training import trainer as train
     assert train.main(["--data", str(folder), "--out", str(out), "--resume"]) == 2
     assert "not a training checkpoint" in capsys.readouterr().err
 
 
 def test_an_os_error_is_one_sentence_too(tmp_path, capsys, monkeypatch):
     """An unreadable folder (simulated: the tests may run as root) gives the system's reason."""
-    from minicnn import train
+    from minicnn.training import trainer as train
 
     def unreadable(path):
         raise PermissionError(13, "Permission denied", str(path))
@@ -312,7 +313,7 @@ def test_a_failed_write_names_the_file_asked_for_not_its_temporary(tmp_path):
 
 def test_a_warning_is_one_line_on_the_command_line(capsys):
     import warnings
-    from minicnn.cli import run
+    from minicnn.training.cli import run
 
     def main(argv):
         warnings.warn("Skipped 2 unreadable files under x.")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn import optim
-from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+from minicnn.nn import optim
+from minicnn.nn import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax)
-from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.nn.losses import SoftmaxCrossEntropy
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

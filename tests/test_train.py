@@ -14,10 +14,15 @@ from PIL import Image
 
 import minicnn
 from _data_helpers import SHAPES as CLASSES, make_folder, shape_image as _image
-from minicnn import data_parallel, evaluate, parallel, predict, processes, train
-from minicnn.checkpoint import load_checkpoint
-from minicnn.losses import SoftmaxCrossEntropy
-from test_parallel import workers
+from minicnn.parallel import data_parallel
+from minicnn.training import evaluate
+from minicnn.parallel import workers
+from minicnn.training import predict
+from minicnn.parallel import processes
+from minicnn.training import trainer as train
+from minicnn.training.checkpoint import load_checkpoint
+from minicnn.nn.losses import SoftmaxCrossEntropy
+from test_parallel import thread_workers
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
@@ -134,12 +139,15 @@ def test_train_resume_evaluate_and_predict_with_the_cupy_backend(gpu_xp, folder,
     assert lines["cupy"] == lines["numpy"]                     # the same most likely class
 
 
-def test_kernels_raw_trains_through_the_raw_kernels(gpu_xp, folder, tmp_path, monkeypatch):
-    """--kernels raw: every conv and max-pool of the run goes through kernels.RAW (counted
-    here; on fake_cupy, which runs no CUDA C, the counted pairs are minicnn.ops's)."""
+def test_implementation_raw_trains_through_the_raw_kernels(gpu_xp, folder, tmp_path, monkeypatch):
+    """--implementation raw: every conv and max-pool of the run goes through the raw pairs
+    (counted here; on fake_cupy, which runs no CUDA C, the counted pairs are minicnn.ops's)."""
+    import types
+
     import fake_cupy
-    from minicnn import kernels
-    pairs = dict(kernels.GENERIC if gpu_xp is fake_cupy.module else kernels.RAW)
+    from minicnn import implementation, ops
+    from minicnn.cuda import kernels
+    source = ops if gpu_xp is fake_cupy.module else kernels
     calls = []
 
     def counted(op, forward):
@@ -147,17 +155,15 @@ def test_kernels_raw_trains_through_the_raw_kernels(gpu_xp, folder, tmp_path, mo
             calls.append(op)
             return forward(*args, **kwargs)
         return wrapped
-    monkeypatch.setattr(kernels, "RAW", {op: (counted(op, forward), backward)
-                                         for op, (forward, backward) in pairs.items()})
+    raw = types.SimpleNamespace(**vars(implementation._RAW))
+    for op in ("conv2d", "maxpool2d"):
+        setattr(raw, f"{op}_forward", counted(op, getattr(source, f"{op}_forward")))
+        setattr(raw, f"{op}_backward", getattr(source, f"{op}_backward"))
+    monkeypatch.setattr(implementation, "_RAW", raw)
     out = tmp_path / "run"
-    assert train.main(_train_args(folder, out, "--backend", "cupy", "--kernels", "raw",
+    assert train.main(_train_args(folder, out, "--backend", "cupy", "--implementation", "raw",
                                   "--epochs", "1")) == 0
     assert calls.count("conv2d") >= 3 * 4 and calls.count("maxpool2d") >= 2 * 4   # 4 steps
-    assert json.loads((out / "settings.json").read_text())["settings"]["kernels"] == "raw"
-    # going on on the CPU drops the raw kernels, which run on the GPU only
-    assert train.main(["--resume", "--out", str(out), "--backend", "numpy", "--epochs", "2",
-                       "--force"]) == 0
-    assert json.loads((out / "settings.json").read_text())["settings"]["kernels"] == "generic"
 
 
 def test_evaluate_rejects_unknown_class_folders(folder, tmp_path, capsys):
@@ -244,7 +250,7 @@ class _LossThatKillsWorker1(SoftmaxCrossEntropy):
     worker_steps = 0
 
     def __call__(self, logits, labels):
-        if parallel.rank() == 1 and os.getpid() != _TEST_PID:
+        if workers.rank() == 1 and os.getpid() != _TEST_PID:
             type(self).worker_steps += 1            # (the worker's copy of the class)
             if type(self).worker_steps == 3:
                 os._exit(1)
@@ -262,7 +268,7 @@ def test_a_worker_lost_mid_step_stops_training_in_one_sentence_and_resume_goes_o
     monkeypatch.setattr(train, "SoftmaxCrossEntropy", _LossThatKillsWorker1)
     args = _train_args(folder, out, "--checkpoint-every", "1")
     try:
-        with workers(2):
+        with thread_workers(2):
             assert train.main(args) == 2
     finally:
         processes.close()
@@ -293,8 +299,9 @@ def test_a_worker_lost_mid_step_stops_training_in_one_sentence_and_resume_goes_o
     (["--weight-decay", "inf"], "--weight-decay must be a number >= 0, got inf."),
     (["--data", ""], "--data is empty"),
     (["--val-split", "0.01"], "--val-split 0.01 of 72 images leaves no class an image"),
-    (["--kernels", "raw"], "--kernels raw needs --backend cupy"),
-    (["--kernels", "fast", "--backend", "cupy"], "--kernels must be generic or raw, got 'fast'."),
+    (["--implementation", "raw"], "--implementation raw needs --backend cupy"),
+    (["--implementation", "generic", "--backend", "cupy"],
+     "--implementation must be reference, fast or raw, got 'generic'."),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(folder, tmp_path, capsys, args, message):
     assert train.main(_train_args(folder, tmp_path / "run", *args)) == 2
@@ -436,7 +443,7 @@ def test_divergence_names_the_checkpoint_to_go_on_from(folder, tmp_path, capsys)
 
 def test_predict_and_evaluate_refuse_a_checkpoint_whose_outputs_are_not_finite(folder, tmp_path,
                                                                               capsys):
-    from minicnn.serialization import read_archive, write_archive
+    from minicnn.nn.serialization import read_archive, write_archive
     out = tmp_path / "run"
     assert train.main(_train_args(folder, out, "--epochs", "1")) == 0
     header, arrays = read_archive(out / "last.npz")

@@ -3,7 +3,7 @@
 The elementwise passes over activations (ReLU, BatchNorm) run on minicnn.parallel's workers, each
 on its share of the batch: NumPy would run each of them on one core.
 """
-from minicnn import parallel
+from minicnn.parallel import workers
 from minicnn.backend import array_module
 
 
@@ -44,7 +44,7 @@ def relu_forward(x, training=True):
         if training:
             xp.greater(y[lo:hi], zero, out=mask[lo:hi])
 
-    parallel.map(work, len(x), xp, x.size)
+    workers.map(work, len(x), xp, x.size)
     return y, mask
 
 
@@ -58,7 +58,7 @@ def relu_backward(dy, mask):
     def work(lo, hi):
         xp.multiply(dy[lo:hi], mask[lo:hi], out=dx[lo:hi])
 
-    parallel.map(work, len(dy), xp, dy.size)
+    workers.map(work, len(dy), xp, dy.size)
     return dx
 
 
@@ -174,9 +174,9 @@ def batchnorm_forward(x, gamma, beta, eps):
     """
     xp = array_module(x)
     rows, r = _channel_rows(x)                            # (M/r, r*C)
-    # sums and counts over the whole batch: inside a data-parallel step (minicnn.data_parallel)
+    # sums and counts over the whole batch: inside a data-parallel step (minicnn.parallel.data_parallel)
     # x is one worker's part, and all_sum adds up every worker's; elsewhere they are x's own
-    sums, m = parallel.all_sum(_channel_sums(rows, r), rows.shape[0] * r)
+    sums, m = workers.all_sum(_channel_sums(rows, r), rows.shape[0] * r)
     mean = sums / m                                       # (C,); m values per channel
     mean_r = xp.tile(mean, r)                             # (r*C,): a wide row's worth
     xc = xp.empty_like(rows)                              # x - mean
@@ -185,8 +185,8 @@ def batchnorm_forward(x, gamma, beta, eps):
         xp.subtract(rows[lo:hi], mean_r, out=xc[lo:hi])
         return column_products(xc[lo:hi], xc[lo:hi])
 
-    squares = _channel_sums(sum(parallel.map(center, len(rows), xp, rows.size)), r)   # (C,)
-    var = parallel.all_sum(squares)[0] / m
+    squares = _channel_sums(sum(workers.map(center, len(rows), xp, rows.size)), r)   # (C,)
+    var = workers.all_sum(squares)[0] / m
     invstd = 1.0 / xp.sqrt(var + eps)
     scale_r, beta_r = xp.tile(gamma * invstd, r), xp.tile(beta, r)
     y = xp.empty_like(rows)
@@ -195,7 +195,7 @@ def batchnorm_forward(x, gamma, beta, eps):
         xp.multiply(xc[lo:hi], scale_r, out=y[lo:hi])
         y[lo:hi] += beta_r
 
-    parallel.map(normalize, len(rows), xp, rows.size)
+    workers.map(normalize, len(rows), xp, rows.size)
     return _like_input(y, x), (xc, invstd, gamma, r, m), (mean, var, m)
 
 
@@ -215,7 +215,7 @@ def batchnorm_inference(x, gamma, beta, eps, mean, var):
         xp.multiply(rows[lo:hi], scale_r, out=y[lo:hi])
         y[lo:hi] += shift_r
 
-    parallel.map(affine, len(rows), xp, rows.size)
+    workers.map(affine, len(rows), xp, rows.size)
     return _like_input(y, x)
 
 
@@ -235,13 +235,13 @@ def batchnorm_backward(dy, cache):
     def product(lo, hi):                                  # -> this range's sums of dy, dy * xc
         return column_sums(rows[lo:hi]), column_products(rows[lo:hi], xc[lo:hi])
 
-    sums = parallel.map(product, len(rows), xp, rows.size)
+    sums = workers.map(product, len(rows), xp, rows.size)
     dbeta = _channel_sums(sum(s for s, _ in sums), r)
     dgamma = _channel_sums(sum(s for _, s in sums), r) * invstd
     # dx needs the whole batch's sums: in a data-parallel step dy is one worker's part, and
     # all_sum adds up every worker's (dgamma and dbeta stay this part's: the step adds up
     # every replica's parameter gradients)
-    dbeta_all, dgamma_all = parallel.all_sum(dbeta, dgamma)
+    dbeta_all, dgamma_all = workers.all_sum(dbeta, dgamma)
     dgamma_m, dbeta_m = xp.tile(dgamma_all * invstd / m, r), xp.tile(dbeta_all / m, r)
     scale = xp.tile(gamma * invstd, r)
     dx = xp.empty_like(xc)
@@ -253,7 +253,7 @@ def batchnorm_backward(dy, cache):
         d -= dbeta_m
         d *= scale
 
-    parallel.map(combine, len(rows), xp, rows.size)
+    workers.map(combine, len(rows), xp, rows.size)
     return _like_input(dx, dy), dgamma, dbeta
 
 

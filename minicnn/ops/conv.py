@@ -21,7 +21,7 @@ PyTorch does.
 """
 import numpy as np
 
-from minicnn import parallel
+from minicnn.parallel import workers
 from minicnn.backend import array_module
 from minicnn.ops.im2col import (col2im, col2im_nhwc, conv_output_size, im2col, im2col_nhwc,
                                 pad_images, pad_nhwc)
@@ -33,7 +33,7 @@ from minicnn.ops.im2col import (col2im, col2im_nhwc, conv_output_size, im2col, i
 # 279 vs 285 ms (a dW GEMM on 7 images' rows: ~92 GFLOP/s, on 21: ~60). Smaller is not better
 # although 2 MiB overflows the L2 (the GEMMs get fewer rows): 0.5 / 1 / 2 MiB, keras-tutorial
 # 83.1 / 70.5 / 69.5 ms, resnet-small 305 / 243 / 226 ms. Again with the data-parallel step
-# (minicnn.data_parallel), 1 / 2 / 4 MiB: keras-tutorial 66.4 / 62.4 / 67.3 ms, resnet-small
+# (minicnn.parallel.data_parallel), 1 / 2 / 4 MiB: keras-tutorial 66.4 / 62.4 / 67.3 ms, resnet-small
 # 300 / 257 / 346 ms.
 CONV_WORKSPACE_BYTES = 2 * 2**20
 
@@ -132,7 +132,7 @@ def conv2d_forward(x, w, b, stride, padding):
             xp.matmul(cols.reshape(gemms + (kb,)), w_cols,       # out rows (rows, F), a view
                       out=out[s:e].reshape(gemms + (f,)))
 
-    parallel.map(work, n, xp)
+    workers.map(work, n, xp)
     cache = ("channels-last", x.shape, xpad, chunk, w_bias, w.shape, stride, padding,
              b is not None)
     return out.transpose(0, 3, 1, 2), cache
@@ -211,7 +211,7 @@ def conv2d_backward(dout, cache, input_grad=True):
                 col2im_nhwc(dcols, dxpad[s:e], (kh, kw), stride)
         return dw
 
-    dw_bias = sum(parallel.map(work, n, xp))                     # (F, K [+ 1])
+    dw_bias = sum(workers.map(work, n, xp))                     # (F, K [+ 1])
     db = xp.ascontiguousarray(dw_bias[:, k]) if has_bias else None
     dw = dw_bias[:, :k].reshape(f, kh, kw, c).transpose(0, 3, 1, 2)   # (F, C, KH, KW)
     if not as_conv:
@@ -247,7 +247,7 @@ def _forward_channels_first(x, w, b, stride, padding):
             im2col(xpad[s:e], (kh, kw), stride, _NO_PADDING, out=buf[:e - s])
             xp.matmul(buf[:e - s].transpose(0, 2, 1), w_cols, out=out[s:e])
 
-    parallel.map(work, n, xp)
+    workers.map(work, n, xp)
     cache = ("channels-first", x.shape, xpad, chunk, w_cols, w.shape, stride, padding,
              b is not None)
     return out.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), cache
@@ -285,7 +285,7 @@ def _backward_channels_first(dout, cache, input_grad):
                 col2im(dcols, (e - s, c, h, wd), (kh, kw), stride, padding, out=dxpad[s:e])
         return dw
 
-    dw_t = sum(parallel.map(work, n, xp))                        # (K [+ 1], F)
+    dw_t = sum(workers.map(work, n, xp))                        # (K [+ 1], F)
     db = xp.ascontiguousarray(dw_t[k]) if has_bias else None
     dw = xp.ascontiguousarray(dw_t[:k].T).reshape(f, c, kh, kw)
     dx = dxpad[:, :, pt:pt + h, pl:pl + wd] if input_grad else None

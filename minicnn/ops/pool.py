@@ -8,7 +8,7 @@ hands on): the taps are strided views, and NumPy's elementwise ops keep their in
 """
 import numpy as np
 
-from minicnn import parallel
+from minicnn.parallel import workers
 from minicnn.backend import array_module
 from minicnn.ops.im2col import conv_output_size
 
@@ -145,7 +145,7 @@ def _maxpool2x2_forward(x, training):
         if xp is not np or ties.any():
             cs |= ties & rs[..., 0::2] & ~rs[..., 1::2]
 
-    parallel.map(_by_blocks(pool_block, x, xp), n, xp, x.size)
+    workers.map(_by_blocks(pool_block, x, xp), n, xp, x.size)
     return out, ("2x2", x.shape, x.strides, row_second, col_second) if training else None
 
 
@@ -169,7 +169,7 @@ def _maxpool2x2_backward(dout, cache):
         xp.multiply(drows, rs, out=bottom)
         xp.subtract(drows, bottom, out=top)
 
-    parallel.map(_by_blocks(unpool_block, dx, xp), len(dout), xp, dout.size * 4)
+    workers.map(_by_blocks(unpool_block, dx, xp), len(dout), xp, dout.size * 4)
     return dx
 
 

@@ -14,13 +14,10 @@ The sources are the .cu files at the top of the repository; a wheel ships them i
 package as minicnn/cuda_src/ (pyproject.toml maps one onto the other). Each file is compiled
 once per process with NVRTC (cupy.RawModule) on first use.
 
-Which implementation the layers use is chosen with ``use("raw")`` / ``use("generic")``, and
-``select(x, op)`` gives the (forward, backward) pair for an array: the raw kernels only for
-float32 CuPy arrays while "raw" is active, minicnn.ops otherwise. Known limits: float32 only,
+The layers use them under minicnn.use("raw") (minicnn.implementation), for float32 CuPy
+arrays; minicnn.ops otherwise. Known limits: float32 only,
 tensors below 2**30 elements, max-pool windows of at most 256 taps.
 """
-import contextlib
-import contextvars
 import functools
 import math
 from pathlib import Path
@@ -51,12 +48,12 @@ SPLIT_K_MIN = 256              # ... but give each split at least this much of t
 # ---- finding and compiling the sources ------------------------------------------------------
 def source_dir():
     """The folder holding the .cu files: minicnn/cuda_src in a wheel, kernels/ in a checkout."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "cuda_src", here.parent / "kernels"):
+    package = Path(__file__).resolve().parent.parent          # minicnn/
+    for folder in (package / "cuda_src", package.parent / "kernels"):
         if (folder / "conv2d.cu").is_file():
             return folder
     raise FileNotFoundError(f"minicnn's CUDA sources are missing: looked for conv2d.cu in "
-                            f"{here / 'cuda_src'} (installed) and {here.parent / 'kernels'} "
+                            f"{package / 'cuda_src'} (installed) and {package.parent / 'kernels'} "
                             f"(source tree).")
 
 
@@ -298,62 +295,3 @@ def bias_relu_backward(dy, mask):
     _launch("bias_relu_backward", _blocks(dy.size), (THREADS,),
             (dy, xp.ascontiguousarray(mask), dx, np.int64(dy.size)))
     return dx, dx.sum(axis=_channel_axes(dx))
-
-
-# ---- choosing an implementation --------------------------------------------------------------
-GENERIC = {
-    "conv2d": (ops.conv2d_forward, ops.conv2d_backward),
-    "maxpool2d": (ops.maxpool2d_forward, ops.maxpool2d_backward),
-    "avgpool2d": (ops.avgpool2d_forward, ops.avgpool2d_backward),
-    "bias_relu": (bias_relu_forward_reference, bias_relu_backward_reference),
-}
-RAW = {
-    "conv2d": (conv2d_forward, conv2d_backward),
-    "maxpool2d": (maxpool2d_forward, maxpool2d_backward),
-    "bias_relu": (bias_relu_forward, bias_relu_backward),
-}
-IMPLEMENTATIONS = ("generic", "raw")
-_active = contextvars.ContextVar("minicnn_kernels", default="generic")
-
-
-def active():
-    """The implementation in force: "generic" (minicnn.ops, the default) or "raw"."""
-    return _active.get()
-
-
-@contextlib.contextmanager
-def _restore(token):
-    try:
-        yield
-    finally:
-        _active.reset(token)
-
-
-def use(name):
-    """Choose the implementation: "raw" (the CUDA kernels, for float32 CuPy arrays) or "generic".
-
-    Takes effect at once; used as a context manager it is undone at the end of the block:
-
-        with kernels.use("raw"):
-            model.forward(x, training=True)
-
-    The setting is a context variable, so threads and asyncio tasks each keep their own.
-    """
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"Unknown kernel implementation {name!r}; choose "
-                         f"{' or '.join(map(repr, IMPLEMENTATIONS))}.")
-    return _restore(_active.set(name))
-
-
-def select(x, op):
-    """(forward, backward) for op ("conv2d", "maxpool2d", "avgpool2d", "bias_relu") on array x.
-
-    The raw CUDA pair when "raw" is active, x is a float32 CuPy array and op has a kernel;
-    minicnn.ops's pair otherwise. Keep the backward with the cache: a raw forward's cache is
-    only understood by the raw backward.
-    """
-    if op not in GENERIC:
-        raise KeyError(f"Unknown op {op!r}; choose one of: {', '.join(sorted(GENERIC))}.")
-    raw = (active() == "raw" and op in RAW and x.dtype == np.float32
-           and array_module(x) is not np)
-    return RAW[op] if raw else GENERIC[op]

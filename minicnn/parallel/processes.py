@@ -1,4 +1,4 @@
-"""Worker processes for the data-parallel step (minicnn.data_parallel), on Linux.
+"""Worker processes for the data-parallel step (minicnn.parallel.data_parallel), on Linux.
 
 Threads share one interpreter lock. NumPy lets go of it inside its loops, but the Python
 between them (slicing, views, the layers' bookkeeping: in one worker's part of a step ~700
@@ -43,9 +43,10 @@ import warnings
 
 import numpy as np
 
-from minicnn import parallel
+from minicnn.parallel import workers
 from minicnn.errors import MinicnnError
-from minicnn.layers import Container, layer_config, walk
+from minicnn.nn.containers import Container, walk
+from minicnn.nn.model import layer_config
 
 # fork: a worker starts as a copy of this process, the model and all (spawn would rebuild it,
 # and would import the user's main script again). Only Linux: macOS's system libraries do not
@@ -162,7 +163,7 @@ class Pool:
             for rank, (conn, (arrays, args)) in enumerate(zip(self.conns, parts[1:]), start=1):
                 conn.send((fn, self._put(rank, arrays), args))
             arrays, args = parts[0]
-            with parallel.member(self.hub, 0):
+            with workers.member(self.hub, 0):
                 first = fn(model, *arrays, *args)
             return [first] + [_receive(conn, "done") for conn in self.conns]
         except BaseException:
@@ -217,7 +218,7 @@ def pool_for(model, size, needed_bytes, config=None):
     global _pool
     # On every step, not only a new pool's: set_threads(1) gives this process's BLAS its threads
     # back, and kept on rank 0 they spin on the workers' cores (measured: 2.2x slower steps).
-    parallel._single_threaded_blas()
+    workers._single_threaded_blas()
     key = describe(model, config)
     # (a pool this process inherited by a fork is not its own: close() lets go of it)
     if _pool is not None and (_pool.owner != os.getpid() or _pool.key != key
@@ -318,7 +319,7 @@ def _recv(conn):
 
 
 class _Hub:
-    """parallel.all_sum in rank 0: through shared memory (_SharedSums), else every worker's
+    """workers.all_sum in rank 0: through shared memory (_SharedSums), else every worker's
     values, summed with this process's in rank order, and the sums sent back to each."""
 
     def __init__(self, conns, shared):
@@ -328,7 +329,7 @@ class _Hub:
         arrays = self.shared.fitting(values)
         if arrays is not None:
             return self.shared.sum(values, arrays, self._check)
-        sums = parallel.add_in_rank_order([values] + [_receive(c, "sum") for c in self.conns])
+        sums = workers.add_in_rank_order([values] + [_receive(c, "sum") for c in self.conns])
         for conn in self.conns:
             conn.send(sums)
         return sums
@@ -345,7 +346,7 @@ class _Hub:
 
 
 class _Spoke:
-    """parallel.all_sum in a worker: through shared memory (_SharedSums), else its values to
+    """workers.all_sum in a worker: through shared memory (_SharedSums), else its values to
     rank 0 and the sums back."""
 
     def __init__(self, conn, shared):
@@ -403,7 +404,7 @@ class _SharedSums:
         return None
 
     def sum(self, values, arrays, check):
-        """values (as arrays: fitting(values)) summed over every member, as parallel.all_sum;
+        """values (as arrays: fitting(values)) summed over every member, as workers.all_sum;
         check(met) is called while waiting long, met() telling whether every member is here."""
         s, self.count = self.count, self.count + 1
         slots = self.slots[s % 2]
@@ -419,7 +420,7 @@ class _SharedSums:
                 time.sleep(SLEEP_SECONDS)
         members = [values if k == self.rank else self._read(slots[k], values, arrays)
                    for k in range(len(slots))]
-        return parallel.add_in_rank_order(members)
+        return workers.add_in_rank_order(members)
 
     @staticmethod
     def _read(slot, values, arrays):
@@ -462,7 +463,7 @@ def _serve(model, rank, conn, rank0_end, pool):
         d[key] = view
     for view, (d, key) in zip(pool.grads[rank - 1], _arrays(model, "grads")):
         d[key] = view
-    with parallel.member(_Spoke(conn, _SharedSums(pool.buf, pool.sums_at, pool.size, rank)),
+    with workers.member(_Spoke(conn, _SharedSums(pool.buf, pool.sums_at, pool.size, rank)),
                          rank):
         while True:
             try:

@@ -72,10 +72,20 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2  (g includes the L2 term wd * p);
-    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    """Adam (Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization", Algorithm 1), as
+    torch.optim.Adam's documentation writes it. At step t, for each parameter p with gradient g:
+
+        g = g + wd * p                   (only with weight_decay: an L2 term in the gradient)
+        m = b1 * m + (1 - b1) * g        a running mean of g        (state "exp_avg")
+        v = b2 * v + (1 - b2) * g^2      a running mean of g^2      (state "exp_avg_sq")
+        m_hat = m / (1 - b1^t)           bias correction: m and v start at 0, so early on they
+        v_hat = v / (1 - b2^t)           are too small by exactly these factors
+        p = p - lr * m_hat / (sqrt(v_hat) + eps)
+
+    PyTorch computes the same step rearranged, lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t)
+    + eps): equal algebraically, and to rounding in float64 (tests/test_torch.py).
     """
-    decoupled = False
+    decoupled = False            # AdamW sets True: weight decay shrinks p instead
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(model, lr)
@@ -84,24 +94,24 @@ class Adam(Optimizer):
     def _update(self, name, p, g, state):
         xp = array_module(p)
         b1, b2 = self.betas
-        if self.weight_decay:
-            if self.decoupled:
-                p *= 1 - self.lr * self.weight_decay      # AdamW: decay the weight itself
-            else:
-                g = g + self.weight_decay * p             # Adam: L2 added to the gradient
-        if "exp_avg" not in state:
+        t = self.steps                                  # 1 at the first step
+        if self.weight_decay and self.decoupled:
+            p *= 1 - self.lr * self.weight_decay        # AdamW: decay the weight itself
+        elif self.weight_decay:
+            g = g + self.weight_decay * p               # Adam: the L2 term joins the gradient
+        if "exp_avg" not in state:                      # lazily, on p's device
             state["exp_avg"], state["exp_avg_sq"] = xp.zeros_like(p), xp.zeros_like(p)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m += (1 - b1) * (g - m)
-        v *= b2
-        v += (1 - b2) * g * g
-        t = self.steps
-        denom = xp.sqrt(v) / math.sqrt(1 - b2 ** t) + self.eps
-        p -= (self.lr / (1 - b1 ** t)) * m / denom
+        m, v = state["exp_avg"], state["exp_avg_sq"]    # p's shape, updated in place
+        m[...] = b1 * m + (1 - b1) * g
+        v[...] = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1 ** t)
+        v_hat = v / (1 - b2 ** t)
+        p -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay: p *= 1 - lr * wd before the Adam step (Loshchilov & Hutter)."""
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019, torch.optim.AdamW): the weight
+    shrinks, p = p - lr * wd * p, before the Adam step, and wd never enters m or v."""
     decoupled = True
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):

@@ -12,7 +12,9 @@ is exactly zero (a conv bias feeding batch norm) is judged by its absolute error
 import numpy as np
 
 from minicnn.backend import array_module, to_numpy
-from minicnn.layers import Layer, layer_config, layer_from_config, walk
+from minicnn.nn.containers import walk
+from minicnn.nn.layers import Layer
+from minicnn.nn.model import layer_config, layer_from_config
 
 
 def gradcheck(target, x, labels=None, eps=1e-6, seed=0, verbose=False, tol=1e-6):

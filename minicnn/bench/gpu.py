@@ -11,11 +11,11 @@ import copy
 
 import numpy as np
 
-from minicnn import kernels
+from minicnn import implementation
 from minicnn.backend import cuda_time, get_backend, to_numpy
-from minicnn.bench_kernels import fp32_peak, set_tf32, time_torch, torch_with_cuda
-from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.optim import SGD
+from minicnn.bench.kernels import fp32_peak, set_tf32, time_torch, torch_with_cuda
+from minicnn.nn.losses import SoftmaxCrossEntropy
+from minicnn.nn.optim import SGD
 
 
 def gpu_setup():
@@ -105,7 +105,7 @@ def layer_columns(row, layer, x, dy, gpu, repeats, torch_twin):
 def _time_model_on_gpu(model, gx, glabels, expected, cupy, repeats):
     """(check, train ms, eval ms) of a GPU copy of model: one training step (forward, loss,
     backward, SGD momentum step) and inference, after checking its inference output against
-    expected (no times when that fails). Runs with whichever kernels.use(...) is active."""
+    expected (no times when that fails). Runs with whichever minicnn.use(...) is active."""
     g = copy.deepcopy(model).to("cupy")
     status = check(g.forward(gx), expected)
     if status != "ok":
@@ -135,7 +135,7 @@ def model_columns(row, model, x, labels, gpu, repeats, torch_twin):
     row.update(gpu_train_img_s=batch / train * 1e3,
                gpu_eval_img_s=batch / evaluate * 1e3,
                gpu_train_speedup=row["train_ms"] / train)
-    with kernels.use("raw"):
+    with implementation.use("raw"):
         row["gpu_raw_check"], raw_train, raw_eval = _time_model_on_gpu(
             model, gx, glabels, expected, cupy, repeats)
     if row["gpu_raw_check"] == "ok":
@@ -199,7 +199,7 @@ def print_tables(result, print_fn=print):
             f"{fmt(r.get('cudnn_tf32_eval_img_s'), '9.0f'):>9}  {r.get('gpu_check', '-')}"
             f" ({r.get('gpu_raw_check', '-')})"
             for r in result["models"]], print_fn)
-    print_fn("raw: the same model with kernels.use(\"raw\") (the CUDA kernels of kernels/*.cu "
+    print_fn("raw: the same model with minicnn.use(\"raw\") (the CUDA kernels of kernels/*.cu "
              "for its convs and max-pools). x CPU: the CPU row's time / the GPU's. torch: PyTorch "
              "on the GPU (cuDNN for the convolutions) with TF32 off, an FP32 comparison; x torch: "
              "its time / minicnn's (above 1: minicnn is faster). TF32: the same with PyTorch's "

@@ -1,13 +1,13 @@
 """How fast is minicnn's NumPy engine, next to PyTorch on the same CPU, in the same run?
 
     python -m minicnn.bench [--json] [--batch 128] [--repeats 5] [--models NAME ...] [--quick]
-    python -m minicnn.bench --backend numpy,cupy    adds GPU columns (minicnn.bench_gpu)
-    python -m minicnn.bench kernels ...      the GPU kernel ladder (minicnn.bench_kernels)
+    python -m minicnn.bench --backend numpy,cupy    adds GPU columns (minicnn.bench.gpu)
+    python -m minicnn.bench kernels ...      the GPU kernel ladder (minicnn.bench.kernels)
 
 Three tables, each row timed side by side with PyTorch (interleaved, so machine noise hits both):
   1. SGEMM: a 2048^2 float32 matmul through NumPy's BLAS, the machine's measured peak (the
      best of the repeats, measured before the layers and again after them; the higher counts).
-  2. Layers: the conv shapes of every preset in minicnn.zoo.MODELS plus the CIFAR ladder
+  2. Layers: the conv shapes of every preset in minicnn.nn.zoo.MODELS plus the CIFAR ladder
      (3->64 @32, 64->64 @32, 128->128 @16, 256->256 @8), and the pools, BatchNorm and ReLU the
      presets use: forward ms, backward ms, GFLOP/s (forward + backward, 2*N*F*C*KH*KW*OH*OW per
      GEMM-pass, three passes), % of the SGEMM peak, % of the BLAS on the layer's own GEMM shapes
@@ -16,7 +16,7 @@ Three tables, each row timed side by side with PyTorch (interleaved, so machine 
   3. Models: every preset; one training step (forward, loss, backward, SGD momentum step) and
      inference, in images/s, ours and PyTorch's, and the ratio. Ours as the trainer and
      `evaluate` run them: the batch split over the cores, a whole model copy a worker
-     (minicnn.data_parallel); the fwd ms and bwd ms columns are model.forward and
+     (minicnn.parallel.data_parallel); the fwd ms and bwd ms columns are model.forward and
      model.backward on the whole batch, each op split over the cores (minicnn.parallel).
      Beside each, "gemms": the images/s of the step's conv and dense GEMMs alone (model_gemms,
      the shapes the layers really get), and "bound": PyTorch's time / theirs, the ratio an
@@ -37,15 +37,18 @@ import time
 
 import numpy as np
 
-from minicnn import bench_gpu, data_parallel, parallel, zoo
-from minicnn.cli import positive_int
+from minicnn.bench import gpu as bench_gpu
+from minicnn.parallel import data_parallel
+from minicnn.parallel import workers
+from minicnn.nn import zoo
+from minicnn.training.cli import positive_int
 from minicnn.errors import BackendError
-from minicnn.layers import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+from minicnn.nn import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
                             MaxPool2D, ReLU, Residual, Softmax, walk)
-from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.model import Sequential
+from minicnn.nn.losses import SoftmaxCrossEntropy
+from minicnn.nn.containers import Sequential
 from minicnn.ops import conv as conv_ops
-from minicnn.optim import SGD
+from minicnn.nn.optim import SGD
 
 LADDER = [(3, 64, 32), (64, 64, 32), (128, 128, 16), (256, 256, 8)]   # (C in, F out, H = W)
 SGEMM_SIZE = 2048
@@ -99,7 +102,7 @@ def sgemm_peak(repeats, size=SGEMM_SIZE):
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     out = np.empty((size, size), dtype=np.float32)
     best = float("inf")
-    with parallel.blas_with_own_threads():
+    with workers.blas_with_own_threads():
         np.matmul(a, b, out=out)
         for _ in range(repeats):
             start = time.perf_counter()
@@ -196,7 +199,7 @@ def bare_gemms(shapes, rng, parts=None):
     some GEMMs further (a valid conv's dx tap by tap, a padded one's as a conv, whose GEMM is
     (M, F*KH*KW) @ (F*KH*KW, C)), so its layers can run their GEMMs a little faster or slower
     than these."""
-    parts = parallel.threads() if parts is None else parts
+    parts = workers.threads() if parts is None else parts
     images = {(p, k, f): max(1, GEMM_REFERENCE_BYTES // parts // (4 * p * max(k, f)))
               for _, p, k, f, _ in shapes}                     # a chunk's
     chunks = [(min(-(-n // parts), images[p, k, f]), p, k, f) for n, p, k, f, _ in shapes]
@@ -228,7 +231,7 @@ def bare_gemms(shapes, rng, parts=None):
                                   out=b["dw"][:len(cols) * f * k].reshape(-1, f, k))
                     if "dx" in passes:
                         np.matmul(dy, w.T, out=b["dcols"][:r * k].reshape(stack + (k,)))
-    return lambda: parallel.map(work, parts)
+    return lambda: workers.map(work, parts)
 
 
 def _per_image(rows_per_image, k, f):
@@ -502,7 +505,7 @@ def run(models=None, batch=128, repeats=5, layers=True, use_torch=True, backends
         raise BackendError(f"Unknown backend {unknown[0]!r}; choose numpy, cupy or numpy,cupy.")
     gpu = bench_gpu.gpu_setup() if "cupy" in backends else None
     models = list(zoo.MODELS) if models is None else list(models)
-    threads = parallel.threads()
+    threads = workers.threads()
     torch = import_torch(threads) if use_torch else None
     peak = sgemm_peak(max(3, repeats))                  # and again at the end: the best of both
     result = {"machine": {"cpu": platform.processor() or platform.machine(),
@@ -530,7 +533,7 @@ def run(models=None, batch=128, repeats=5, layers=True, use_torch=True, backends
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["kernels"]:
-        from minicnn import bench_kernels
+        from minicnn.bench import kernels as bench_kernels
         report = bench_kernels.main(argv[1:])
         # a kernel that did not match the NumPy reference makes the run fail
         return 1 if any(row.get("status", "").startswith("FAIL") for row in report["rows"]) else 0
@@ -568,6 +571,3 @@ def main(argv=None):
         print_report(result)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,14 @@
 """The kernel ladder: convolution passes on CIFAR-sized layers, every implementation side by side.
 
     python -m minicnn.bench kernels [--quick] [--json] [--tiny] [--batches 128 512]
-    python -m minicnn.bench_kernels ...            (the same)
+    python -m minicnn.bench.kernels ...           (the same)
 
 Layers (3x3 kernels, padding 1, stride 1), at batch 128 and 512:
     3->64 at 32x32, 64->64 at 32x32, 128->128 at 16x16, 256->256 at 8x8
 Implementations:
     numpy         minicnn.ops on the CPU
     cupy-generic  minicnn.ops on CuPy arrays (the same code; cuBLAS does the GEMMs)
-    raw           kernels/conv2d.cu through minicnn.kernels (implicit GEMM)
+    raw           kernels/conv2d.cu through minicnn.cuda.kernels (implicit GEMM)
     cudnn-fp32    torch.nn.functional.conv2d and torch.nn.grad (cuDNN), TF32 off
     cudnn-tf32    the same with TF32 on (tensor cores, 10-bit mantissa: a looser check)
 Passes: forward, backward_data, backward_weight, and backward (data + weight together, the only
@@ -24,9 +24,10 @@ import math
 
 import numpy as np
 
-from minicnn import kernels, ops
+from minicnn import ops
+from minicnn.cuda import kernels
 from minicnn.backend import cuda_time, get_backend, gpu_available, to_numpy
-from minicnn.cli import positive_int
+from minicnn.training.cli import positive_int
 from minicnn.errors import BackendError
 from minicnn.ops.im2col import conv_output_size
 

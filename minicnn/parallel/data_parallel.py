@@ -10,13 +10,13 @@ the whole step on its part of the batch:
     model.grads = sum over k of copy k's grads                        (after the step)
 
 Copy 0 is the model itself, run by the calling thread. The others are, on Linux, worker
-processes forked from this one (minicnn.processes: threads would share one interpreter lock;
+processes forked from this one (minicnn.parallel.processes: threads would share one interpreter lock;
 measured there, keras-tutorial steps took 6-64% longer on threads, median 14%, resnet-small
 ones 5-8%), and elsewhere replicas built from the model's config whose layers share the
-model's parameter and state arrays, run by parallel.together's threads.
+model's parameter and state arrays, run by workers.together's threads.
 Each copy keeps its own caches and gradients. The loss is a mean over the batch, so part k's
 dlogits are scaled by n_k / N. The only waits inside the step are BatchNorm's (three a layer,
-21 a resnet-small step): its batch sums are added up over the workers (parallel.all_sum), so
+21 a resnet-small step): its batch sums are added up over the workers (workers.all_sum), so
 every copy normalises with the whole batch's mean and variance, as one model on the whole batch
 would (PyTorch calls this SyncBatchNorm), and copy 0 updates the running estimates. Outputs and
 gradients equal the one-model step's up to float rounding (tests/test_data_parallel.py), and
@@ -33,12 +33,16 @@ import weakref
 
 import numpy as np
 
-from minicnn import parallel, processes
+from minicnn.parallel import workers
+from minicnn.parallel import processes
+from minicnn import implementation
 from minicnn.backend import array_module
-from minicnn.layers import Container, Dropout, layer_config, layer_from_config, walk
+from minicnn.nn.containers import Container, walk
+from minicnn.nn.layers import Dropout
+from minicnn.nn.model import layer_config, layer_from_config
 
 # The workers: processes where they can be forked (Linux), else threads (see
-# minicnn.processes for what each costs).
+# minicnn.parallel.processes for what each costs).
 PROCESSES = processes.AVAILABLE
 
 _replicas = weakref.WeakKeyDictionary()         # model -> [replica 1, replica 2, ...] (threads)
@@ -46,14 +50,16 @@ _replicas = weakref.WeakKeyDictionary()         # model -> [replica 1, replica 2
 
 def _split(x, k):
     """k parts of x along the batch axis, sizes differing by at most one."""
-    return [x[lo:hi] for lo, hi in parallel.split(len(x), k)]
+    return [x[lo:hi] for lo, hi in workers.split(len(x), k)]
 
 
 def _split_config(model, x, training):
-    """model's config when the step on x splits over parallel.threads() workers (the copies
+    """model's config when the step on x splits over workers.threads() workers (the copies
     are made from it, or checked against it); None for the plain step."""
-    k = parallel.threads()
-    if k < 2 or array_module(x) is not np or len(x) < 2 * k or parallel.in_worker():
+    k = workers.threads()
+    if k < 2 or array_module(x) is not np or len(x) < 2 * k or workers.in_worker():
+        return None
+    if implementation.active() == "reference":      # the reference runs as written: one model
         return None
     if training and any(isinstance(layer, Dropout) for layer in walk(model)):
         return None
@@ -74,7 +80,7 @@ def _run_split(model, config, fn, parts, grads):
             pool.add_grads(model)
         return results
     copies = [model] + _replicas_of(model, len(parts) - 1, config)
-    results = parallel.together([lambda c=c, p=p: fn(c, *p[0], *p[1])
+    results = workers.together([lambda c=c, p=p: fn(c, *p[0], *p[1])
                                  for c, p in zip(copies, parts)])
     if grads:
         total = model.grads
@@ -106,7 +112,7 @@ def train_step(model, x, labels, loss_fn):
     config = _split_config(model, x, training=True)
     if config is None:
         return _part_step(model, x, labels, loss_fn, 1.0)
-    n, k = len(x), parallel.threads()
+    n, k = len(x), workers.threads()
     parts = [((a, b), (loss_fn, len(a) / n)) for a, b in zip(_split(x, k), _split(labels, k))]
     results = _run_split(model, config, _part_step, parts, grads=True)
     return (sum(loss * len(a) for (loss, _), ((a, _), _) in zip(results, parts)) / n,
@@ -133,5 +139,5 @@ def predict(model, x):
     config = _split_config(model, x, training=False)
     if config is None:
         return model.forward(x)
-    parts = [((part,), ()) for part in _split(x, parallel.threads())]
+    parts = [((part,), ()) for part in _split(x, workers.threads())]
     return np.concatenate(_run_split(model, config, _forward, parts, grads=False))

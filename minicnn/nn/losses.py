@@ -1,5 +1,5 @@
 """Losses: callables (logits, labels) -> (mean loss as a Python float, dlogits)."""
-from minicnn import ops
+from minicnn import implementation
 
 
 class SoftmaxCrossEntropy:
@@ -29,7 +29,8 @@ class SoftmaxCrossEntropy:
         if bool(((labels < 0) | (labels >= logits.shape[1])).any()):   # one device sync
             raise ValueError(f"SoftmaxCrossEntropy labels must lie in [0, {logits.shape[1]}), got "
                              f"values from {int(labels.min())} to {int(labels.max())}.")
-        return ops.softmax_cross_entropy(logits, labels, self.label_smoothing)
+        fns = implementation.ops_for(logits)         # minicnn.reference or minicnn.ops
+        return fns.softmax_cross_entropy(logits, labels, self.label_smoothing)
 
     def __repr__(self):
         return f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"

@@ -10,12 +10,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minicnn import data as datasets
-from minicnn import data_parallel
+from minicnn.data import datasets
+from minicnn.parallel import data_parallel
 from minicnn.backend import get_backend, to_numpy
 from minicnn.errors import CheckpointError
-from minicnn.model import model_from_archive, save_model
-from minicnn.serialization import read_archive
+from minicnn.nn.model import model_from_archive, save_model
+from minicnn.nn.serialization import read_archive
 
 
 def save_checkpoint(path, model, optimizer, info):

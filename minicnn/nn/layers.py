@@ -1,4 +1,7 @@
-"""Layers: thin classes that own parameters, gradients and the cache; the maths is in minicnn.ops.
+"""Layers: thin classes that own parameters, gradients and the cache; the maths is in function
+pairs, from minicnn.reference, minicnn.ops (the default) or the CUDA kernels, whichever
+minicnn.use() chose (minicnn.implementation.ops_for). A layer keeps the backward that matches
+its forward beside the cache.
 
 Every layer has
     forward(x, training=False) -> y      training=True keeps the cache backward needs
@@ -13,14 +16,31 @@ import numbers
 
 import numpy as np
 
-from minicnn import kernels, ops, parallel
+from minicnn import implementation
+from minicnn.parallel import workers
 from minicnn.backend import array_module, to_device
 from minicnn.ops.im2col import to_pair, same_padding
+
+
+# minicnn's own layer classes by name (filled as each class is defined): what a saved model's
+# description may name (minicnn.nn.model.layer_from_config).
+LAYER_TYPES = {}
 
 
 class Layer:
     """Base class: bookkeeping shared by every layer; subclasses add forward and backward."""
     _out_shape = None          # the last training forward's output shape: what dy must have
+
+    def __init_subclass__(cls, abstract=False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("minicnn.") and not (abstract or cls.__name__.startswith("_")):
+            LAYER_TYPES[cls.__name__] = cls
+
+    @classmethod
+    def from_config(cls, config):
+        """The layer that config() describes (fresh parameters); containers rebuild their
+        sub-layers first."""
+        return cls(**config)
 
     def __init__(self):
         self.params = {}
@@ -170,11 +190,10 @@ class Conv2D(Layer):
         if any(x.shape[2 + a] + sum(pad[a]) < self.kernel_size[a] for a in (0, 1)):
             raise ValueError(f"Conv2D kernel {self.kernel_size} is larger than the padded input "
                              f"of shape {tuple(x.shape)}.")
-        # minicnn.ops, or the CUDA kernels under kernels.use("raw"); the cache keeps its backward
-        conv_forward, conv_backward = kernels.select(x, "conv2d")
-        out, cache = conv_forward(x, self.params["weight"], self.params.get("bias"),
-                                  self.stride, pad)
-        self._keep((conv_backward, cache), training, out)
+        fns = implementation.ops_for(x)             # reference, fast (ops) or raw (CUDA)
+        out, cache = fns.conv2d_forward(x, self.params["weight"], self.params.get("bias"),
+                                        self.stride, pad)
+        self._keep((fns.conv2d_backward, cache), training, out)
         return out
 
     def backward(self, dy, input_grad=True):
@@ -195,7 +214,7 @@ class Conv2D(Layer):
 
 class _Pool2D(Layer):
     """Shared constructor and checks of the pooling layers; stride defaults to the kernel size."""
-    op = None                  # "maxpool2d" or "avgpool2d", as kernels.select names them
+    op = None                  # "maxpool2d" or "avgpool2d": the op's functions' prefix
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
@@ -207,9 +226,10 @@ class _Pool2D(Layer):
         if x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
             raise ValueError(f"{type(self).__name__} window {self.kernel_size} is larger than the "
                              f"input of shape {tuple(x.shape)}.")
-        pool_forward, pool_backward = kernels.select(x, self.op)
-        out, cache = pool_forward(x, self.kernel_size, self.stride, training)
-        self._keep((pool_backward, cache), training, out)
+        fns = implementation.ops_for(x)
+        forward, backward = getattr(fns, f"{self.op}_forward"), getattr(fns, f"{self.op}_backward")
+        out, cache = forward(x, self.kernel_size, self.stride, training)
+        self._keep((backward, cache), training, out)
         return out
 
     def backward(self, dy):
@@ -246,13 +266,15 @@ class Dense(Layer):
 
     def forward(self, x, training=False):
         self._check_input(x, 2, self.in_features, self.dtype)
-        y, cache = ops.dense_forward(x, self.params["weight"], self.params.get("bias"))
-        self._keep(cache, training, y)
+        fns = implementation.ops_for(x)
+        y, cache = fns.dense_forward(x, self.params["weight"], self.params.get("bias"))
+        self._keep((fns.dense_backward, cache), training, y)
         return y
 
     def backward(self, dy, input_grad=True):
         """dy (N, OUT) -> dx; input_grad=False skips dx (None) for a first layer."""
-        dx, dw, db = ops.dense_backward(dy, self._cached(dy), input_grad)
+        dense_backward, cache = self._cached(dy)
+        dx, dw, db = dense_backward(dy, cache, input_grad)
         self.grads["weight"][...] = dw
         if "bias" in self.grads:
             self.grads["bias"][...] = db
@@ -283,12 +305,14 @@ class ReLU(Layer):
 
     def forward(self, x, training=False):
         self._check_input(x)
-        y, mask = ops.relu_forward(x, training)
-        self._keep(mask, training, y)
+        fns = implementation.ops_for(x)
+        y, mask = fns.relu_forward(x, training)
+        self._keep((fns.relu_backward, mask), training, y)
         return y
 
     def backward(self, dy):
-        return ops.relu_backward(dy, self._cached(dy))
+        relu_backward, mask = self._cached(dy)
+        return relu_backward(dy, mask)
 
     _backward_hint = (" (Stepping backward through a Sequential by hand? Its forward runs a ReLU "
                       "that precedes a MaxPool2D after it: go in reversed(model.schedule()) order.)")
@@ -299,12 +323,14 @@ class Softmax(Layer):
 
     def forward(self, x, training=False):
         self._check_input(x, 2)
-        y = ops.softmax(x)
-        self._keep(y, training, y)
+        fns = implementation.ops_for(x)
+        y = fns.softmax(x)
+        self._keep((fns.softmax_backward, y), training, y)
         return y
 
     def backward(self, dy):
-        return ops.softmax_backward(dy, self._cached(dy))
+        softmax_backward, y = self._cached(dy)
+        return softmax_backward(dy, y)
 
 
 class Dropout(Layer):
@@ -325,15 +351,17 @@ class Dropout(Layer):
         if not training:
             self._keep(None, False)
             return x
+        fns = implementation.ops_for(x)
         if self.p == 0:
-            self._keep(1, True, x)                 # nothing dropped: a mask of ones
+            self._keep((fns.dropout_backward, 1), True, x)   # nothing dropped: a mask of ones
             return x
-        y, mask = ops.dropout_forward(x, self.p, self.rng)
-        self._keep(mask, training, y)
+        y, mask = fns.dropout_forward(x, self.p, self.rng)
+        self._keep((fns.dropout_backward, mask), training, y)
         return y
 
     def backward(self, dy):
-        return ops.dropout_backward(dy, self._cached(dy))
+        dropout_backward, mask = self._cached(dy)
+        return dropout_backward(dy, mask)
 
     def config(self):
         return {"p": self.p}
@@ -359,28 +387,30 @@ class _BatchNorm(Layer):
     def forward(self, x, training=False):
         self._check_input(x, self.ndim, self.num_features, self.dtype)
         w, b = self.params["weight"], self.params["bias"]
+        fns = implementation.ops_for(x)
         if not training:
-            y = ops.batchnorm_inference(x, w, b, self.eps,
+            y = fns.batchnorm_inference(x, w, b, self.eps,
                                         self.state["running_mean"], self.state["running_var"])
             self._keep(None, False)
             return y
         if x.size // x.shape[1] < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel in "
                              f"training mode, got input of shape {tuple(x.shape)}.")
-        y, cache, (mean, var, m) = ops.batchnorm_forward(x, w, b, self.eps)
-        # m: values per channel in the whole batch. In a data-parallel step (minicnn.data_parallel)
+        y, cache, (mean, var, m) = fns.batchnorm_forward(x, w, b, self.eps)
+        # m: values per channel in the whole batch. In a data-parallel step (minicnn.parallel.data_parallel)
         # every worker's replica has the same, whole-batch statistics and shares this state:
         # the first worker updates it.
-        if parallel.rank() == 0:
+        if workers.rank() == 0:
             mom = self.momentum
             self.state["running_mean"][...] = (1 - mom) * self.state["running_mean"] + mom * mean
             self.state["running_var"][...] = ((1 - mom) * self.state["running_var"]
                                               + mom * var * (m / (m - 1)))
-        self._keep(cache, training, y)
+        self._keep((fns.batchnorm_backward, cache), training, y)
         return y
 
     def backward(self, dy):
-        dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._cached(dy))
+        batchnorm_backward, cache = self._cached(dy)
+        dx, dgamma, dbeta = batchnorm_backward(dy, cache)
         self.grads["weight"][...] = dgamma
         self.grads["bias"][...] = dbeta
         return dx
@@ -398,121 +428,3 @@ class BatchNorm2D(_BatchNorm):
 class BatchNorm1D(_BatchNorm):
     """Batch norm of (N, C) over N."""
     ndim = 2
-
-
-class Container(Layer):
-    """A layer made of named sub-layers; params, grads and state are flat "name.key" views
-    of the sub-layers' live arrays, built on each access.
-    """
-
-    def __init__(self):
-        self._cache = None
-
-    def named_layers(self):
-        raise NotImplementedError
-
-    def layers(self):
-        return [layer for _, layer in self.named_layers()]
-
-    def _flat(self, attr):
-        return {f"{name}.{k}": v for name, layer in self.named_layers()
-                for k, v in getattr(layer, attr).items()}
-
-    params = property(lambda self: self._flat("params"))
-    grads = property(lambda self: self._flat("grads"))
-    state = property(lambda self: self._flat("state"))
-
-    def zero_grad(self):
-        for layer in self.layers():
-            layer.zero_grad()
-
-    def to(self, backend):
-        for layer in self.layers():
-            layer.to(backend)
-        self._cache = None
-        return self
-
-
-def _as_layer(body):
-    from minicnn.model import Sequential
-    return Sequential(body) if isinstance(body, (list, tuple)) else body
-
-
-class Residual(Container):
-    """y = body(x) + shortcut(x): a ResNet block without autograd.
-
-    body: a layer or a list of layers; shortcut: None for the identity, or a layer/list (e.g. a
-    1x1 Conv2D projection, with stride, when the body changes the shape). Put the ReLU that
-    follows the addition after the block. dx = body.backward(dy) + shortcut.backward(dy).
-    """
-
-    def __init__(self, body, shortcut=None):
-        super().__init__()
-        self.body = _as_layer(body)
-        self.shortcut = _as_layer(shortcut) if shortcut is not None else None
-
-    def named_layers(self):
-        named = [("body", self.body)]
-        return named + [("shortcut", self.shortcut)] if self.shortcut is not None else named
-
-    def forward(self, x, training=False):
-        y = self.body.forward(x, training)
-        s = x if self.shortcut is None else self.shortcut.forward(x, training)
-        if y.shape != s.shape:
-            raise ValueError(f"Residual body output {tuple(y.shape)} does not match the shortcut "
-                             f"{tuple(s.shape)}; give the block a projection shortcut.")
-        out = y + s
-        self._keep(True, training, out)
-        return out
-
-    def backward(self, dy):
-        self._cached(dy)
-        dx = self.body.backward(dy)
-        return dx + (dy if self.shortcut is None else self.shortcut.backward(dy))
-
-    def config(self):
-        return {"body": layer_config(self.body),
-                "shortcut": layer_config(self.shortcut) if self.shortcut is not None else None}
-
-
-def walk(layer):
-    """Yield layer and every layer inside it, depth first, in forward order."""
-    yield layer
-    for sub in layer.layers():
-        yield from walk(sub)
-
-
-# ---- (de)serialising layer descriptions ------------------------------------------------------
-def _registry():
-    from minicnn.model import Sequential
-    classes = [Conv2D, MaxPool2D, AvgPool2D, Dense, Flatten, ReLU, Softmax, Dropout,
-               BatchNorm2D, BatchNorm1D, Residual, Sequential]
-    return {cls.__name__: cls for cls in classes}
-
-
-def layer_config(layer):
-    """{"type": class name, **constructor arguments}, nested for containers.
-
-    Only minicnn's own layer classes: a file must say how to rebuild every layer it holds."""
-    name = type(layer).__name__
-    if _registry().get(name) is not type(layer):
-        raise ValueError(f"{name} is not one of minicnn's layers ({', '.join(_registry())}), so "
-                         f"a model holding it cannot be saved and rebuilt; save its params "
-                         f"with numpy.savez instead.")
-    return {"type": name, **layer.config()}
-
-
-def layer_from_config(config):
-    """Rebuild a layer (fresh parameters) from layer_config's output."""
-    config = dict(config)
-    name = config.pop("type", None)
-    cls = _registry().get(name)
-    if cls is None:
-        raise ValueError(f"unknown layer type {name!r} in config")
-    if cls is Residual:
-        config["body"] = layer_from_config(config["body"])
-        if config.get("shortcut") is not None:
-            config["shortcut"] = layer_from_config(config["shortcut"])
-    elif cls.__name__ == "Sequential":
-        config["layers"] = [layer_from_config(c) for c in config["layers"]]
-    return cls(**config)

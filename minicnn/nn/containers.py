@@ -1,12 +1,99 @@
-"""Sequential: a stack of layers, with summary(), save() and minicnn.load()."""
+"""Containers: layers made of layers. Sequential (a stack, with summary() and save()) and
+Residual (y = body(x) + shortcut(x)); walk() visits every layer of a tree."""
 import numpy as np
 
+from minicnn import implementation
 from minicnn.backend import array_module
-from minicnn.errors import CheckpointError
-from minicnn.layers import (AvgPool2D, Container, Conv2D, Dense, MaxPool2D, ReLU, layer_config,
-                            layer_from_config)
+from minicnn.nn.layers import AvgPool2D, Conv2D, Dense, Layer, MaxPool2D, ReLU
+from minicnn.nn.model import layer_config, layer_from_config, save_model
 from minicnn.ops.im2col import conv_output_size
-from minicnn.serialization import read_archive, write_archive
+
+
+class Container(Layer, abstract=True):
+    """A layer made of named sub-layers; params, grads and state are flat "name.key" views
+    of the sub-layers' live arrays, built on each access.
+    """
+
+    def __init__(self):
+        self._cache = None
+
+    def named_layers(self):
+        raise NotImplementedError
+
+    def layers(self):
+        return [layer for _, layer in self.named_layers()]
+
+    def _flat(self, attr):
+        return {f"{name}.{k}": v for name, layer in self.named_layers()
+                for k, v in getattr(layer, attr).items()}
+
+    params = property(lambda self: self._flat("params"))
+    grads = property(lambda self: self._flat("grads"))
+    state = property(lambda self: self._flat("state"))
+
+    def zero_grad(self):
+        for layer in self.layers():
+            layer.zero_grad()
+
+    def to(self, backend):
+        for layer in self.layers():
+            layer.to(backend)
+        self._cache = None
+        return self
+
+
+def _as_layer(body):
+    return Sequential(body) if isinstance(body, (list, tuple)) else body
+
+
+class Residual(Container):
+    """y = body(x) + shortcut(x): a ResNet block without autograd.
+
+    body: a layer or a list of layers; shortcut: None for the identity, or a layer/list (e.g. a
+    1x1 Conv2D projection, with stride, when the body changes the shape). Put the ReLU that
+    follows the addition after the block. dx = body.backward(dy) + shortcut.backward(dy).
+    """
+
+    def __init__(self, body, shortcut=None):
+        super().__init__()
+        self.body = _as_layer(body)
+        self.shortcut = _as_layer(shortcut) if shortcut is not None else None
+
+    def named_layers(self):
+        named = [("body", self.body)]
+        return named + [("shortcut", self.shortcut)] if self.shortcut is not None else named
+
+    def forward(self, x, training=False):
+        y = self.body.forward(x, training)
+        s = x if self.shortcut is None else self.shortcut.forward(x, training)
+        if y.shape != s.shape:
+            raise ValueError(f"Residual body output {tuple(y.shape)} does not match the shortcut "
+                             f"{tuple(s.shape)}; give the block a projection shortcut.")
+        out = y + s
+        self._keep(True, training, out)
+        return out
+
+    def backward(self, dy):
+        self._cached(dy)
+        dx = self.body.backward(dy)
+        return dx + (dy if self.shortcut is None else self.shortcut.backward(dy))
+
+    def config(self):
+        return {"body": layer_config(self.body),
+                "shortcut": layer_config(self.shortcut) if self.shortcut is not None else None}
+
+    @classmethod
+    def from_config(cls, config):
+        shortcut = config.get("shortcut")
+        return cls(layer_from_config(config["body"]),
+                   layer_from_config(shortcut) if shortcut is not None else None)
+
+
+def walk(layer):
+    """Yield layer and every layer inside it, depth first, in forward order."""
+    yield layer
+    for sub in layer.layers():
+        yield from walk(sub)
 
 
 class Sequential(Container):
@@ -20,6 +107,7 @@ class Sequential(Container):
         super().__init__()
         self._layers = list(layers)
         self.input_shape = None
+        self._order = list(range(len(self._layers)))         # the last forward's schedule()
 
     def named_layers(self):
         return [(str(i), layer) for i, layer in enumerate(self._layers)]
@@ -31,12 +119,14 @@ class Sequential(Container):
         return len(self._layers)
 
     def schedule(self):
-        """The order the layers run in: their own, except that a ReLU directly followed by a
-        MaxPool2D runs after it. Max and ReLU commute (ReLU is monotone), so the output is the
+        """The order the layers run in. Under minicnn.use("reference"): their own. Otherwise
+        (fast, raw) a ReLU directly followed by a MaxPool2D runs after it. Max and ReLU commute (ReLU is monotone), so the output is the
         same, and so is every gradient: a window whose maximum is positive sends its gradient to
         the same pixel either way, one whose maximum is <= 0 sends none. The ReLU then works on
         a quarter of the values (the Keras-tutorial CNN's Conv-ReLU-MaxPool: ~10% of a step)."""
         order = list(range(len(self._layers)))
+        if implementation.active() == "reference":
+            return order
         i = 0
         while i + 1 < len(order):
             first, second = self._layers[order[i]], self._layers[order[i + 1]]
@@ -49,7 +139,7 @@ class Sequential(Container):
 
     def needed_input(self, h, w):
         """(h', w'), at most (h, w): the top-left part of an h x w input that the output
-        depends on. A pooling window that does not fit is dropped (a 2x2 max-pool of a 13x13 map
+        depends on; all of it, (h, w), under minicnn.use("reference"). A pooling window that does not fit is dropped (a 2x2 max-pool of a 13x13 map
         reads 12x12 of it), and an unpadded conv reads only the input its needed outputs cover,
         so the Keras-tutorial CNN never reads the last 2 rows and columns of a 32x32 image
         (sizes of each output, and the part of it that is read, going back from Flatten):
@@ -60,6 +150,8 @@ class Sequential(Container):
         The walk goes forward through the layers it has a rule for (unpadded Conv2D, MaxPool2D,
         AvgPool2D, ReLU), up to the first other one (Flatten, Dense, BatchNorm, whose statistics
         see every pixel, a padded conv, ...), which needs all of its input, and then back."""
+        if implementation.active() == "reference":
+            return h, w
         layers = [self._layers[i] for i in self.schedule()]
         sizes = [(h, w)]                                  # each ruled layer's input size
         for layer in layers:
@@ -77,7 +169,7 @@ class Sequential(Container):
         (needed_input: a view of x's top-left h' x w'; the same output, less work)."""
         if hasattr(x, "shape"):
             self.input_shape = tuple(x.shape[1:])
-        order = self.schedule()
+        order = self._order = self.schedule()                # backward goes back through it
         if getattr(x, "ndim", 0) == 4 and order:
             h, w = self.needed_input(*x.shape[2:])
             if (h, w) != tuple(x.shape[2:]):
@@ -95,7 +187,7 @@ class Sequential(Container):
         """dy -> d loss / d input. input_grad=False skips the first layer's input gradient
         (a training loop never uses it; PyTorch skips it too) and returns None; only the
         layers that have parameters take the shortcut."""
-        order = self.schedule()
+        order = self._order
         for i in reversed(order):
             layer = self._layers[i]
             if i == order[0] and not input_grad and isinstance(layer, (Conv2D, Dense)):
@@ -110,6 +202,10 @@ class Sequential(Container):
 
     def config(self):
         return {"layers": [layer_config(layer) for layer in self._layers]}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls([layer_from_config(c) for c in config["layers"]])
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self._layers))
@@ -181,38 +277,3 @@ def _summary_rows(layer, x, indent, rows):
         for name, sub in layer.named_layers():
             _summary_rows(sub, x, indent + f"  {name}: ", rows)
     return y
-
-
-def save_model(model, path, extra=None, arrays=None):
-    """Write model (architecture, params, state) plus optional extra header and arrays."""
-    payload = {f"param:{k}": v for k, v in model.params.items()}
-    payload.update({f"state:{k}": v for k, v in model.state.items()})
-    payload.update(arrays or {})
-    write_archive(path, {"model": layer_config(model), "extra": extra or {}}, payload)
-
-
-def model_from_archive(path, header, arrays):
-    """Build the model described by a read_archive() result and fill its arrays."""
-    if "model" not in header:
-        raise CheckpointError(f"{path} is a minicnn file without a model.")
-    try:
-        model = layer_from_config(header["model"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} describes a model this minicnn cannot build ({e}).") from None
-    for kind, live in (("param", model.params), ("state", model.state)):
-        stored = {k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith(kind + ":")}
-        if set(stored) != set(live):
-            raise CheckpointError(f"{path} does not match its model description "
-                                  f"({kind} names differ).")
-        for name, target in live.items():
-            if stored[name].shape != target.shape:
-                raise CheckpointError(f"{path} was written by another model: {name} has shape "
-                                      f"{stored[name].shape}, expected {target.shape}.")
-            target[...] = stored[name]
-    return model
-
-
-def load(path):
-    """Read a file written by Sequential.save (or a training checkpoint) and return the model."""
-    header, arrays = read_archive(path)
-    return model_from_archive(path, header, arrays)

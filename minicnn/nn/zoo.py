@@ -1,8 +1,8 @@
 """Model presets, by name: the classic Keras-tutorial CNN and a stronger residual net."""
 import numpy as np
 
-from minicnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Residual
-from minicnn.model import Sequential
+from minicnn.nn.containers import Residual, Sequential
+from minicnn.nn.layers import BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
 
 
 def keras_tutorial(num_classes=10, in_channels=3, rng=None, dtype=np.float32):

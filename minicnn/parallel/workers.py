@@ -19,11 +19,11 @@ its threads back.
     parallel.set_threads(k)        change it (1: everything in the calling thread)
     parallel.blas_with_own_threads()   a block in which BLAS has its threads back
     parallel.together(fns)         [fn() for fn in fns], each on its own worker at once, as one
-                                   group: a whole training step a worker (minicnn.data_parallel,
-                                   where worker processes cannot be forked: minicnn.processes)
+                                   group: a whole training step a worker (minicnn.parallel.data_parallel,
+                                   where worker processes cannot be forked: minicnn.parallel.processes)
     parallel.all_sum(*values)      inside such a group: each value summed over its members
     parallel.member(group, rank)   a block in which this thread is a group's member: the worker
-                                   processes' groups (minicnn.processes) join all_sum this way
+                                   processes' groups (minicnn.parallel.processes) join all_sum this way
 
 CuPy arrays always run in the calling thread: on a GPU one stream does the work.
 """
@@ -193,7 +193,7 @@ def _as_member(fn, group, rank, errors):
 @contextlib.contextmanager
 def member(group, rank):
     """Inside: the calling thread is member `rank` of group (any object whose sum(values)
-    adds values up across its members: a together() group, or minicnn.processes' worker
+    adds values up across its members: a together() group, or minicnn.parallel.processes' worker
     processes), and a worker (parallel.map runs in it)."""
     _local.group, _local.rank, _local.sums, _local.worker = group, rank, 0, True
     try:
