@@ -72,3 +72,9 @@ def ops_for(x):
         return _RAW
     return ops
 
+
+def name_for(x):
+    """"reference", "fast" or "raw": which of them ops_for(x) hands out for array x (under
+    "raw", NumPy and non-float32 arrays take the fast path)."""
+    fns = ops_for(x)
+    return "reference" if fns is reference else "raw" if fns is _RAW else "fast"

@@ -10,7 +10,7 @@ from minicnn.nn import AvgPool2D, Conv2D, MaxPool2D
 from minicnn.ops import col2im, im2col
 from minicnn.ops import conv as conv_ops
 from minicnn.ops.im2col import col2im_nhwc, im2col_nhwc, pad_nhwc
-from reference import conv2d_reference, pool2d_reference
+from minicnn.reference.loops import conv2d_loops as conv2d_reference, pool2d_loops as pool2d_reference
 from strategies import conv_problems, pool_problems
 
 

@@ -6,7 +6,7 @@ Fast paths and what reaches them (minicnn/ops/conv.py, pool.py, basic.py):
   image when the GEMM's other sizes are <= PER_IMAGE_GEMM_MAX_SIZE (F = 65 or a patched 0: not);
   chunks of CONV_WORKSPACE_BYTES (patched to 1: one image a chunk).
 - conv dx (channels-last): "as-conv" for stride 1 and (K-1)/2 <= p <= K-1 on every side,
-  "by-taps" for other stride-1 paddings, "dcols" (dcols + col2im) for stride != 1 or
+  "by-taps" for other stride-1 paddings, "col2im" (dcols + col2im) for stride != 1 or
   C < DX_GEMM_MIN_CHANNELS; the test asserts which one ran.
 - max-pool: the 2x2 stride-2 path (tie fix-up, blocks of POOL_BLOCK_BYTES) and the general one.
 - batch norm: channel rows r at a time (_channel_rows), r = 1 or more.
@@ -277,7 +277,7 @@ def test_loss_gradient_matches_centred_differences(smoothing):
 # ---- the fast convolution against the reference, path by path ---------------------------------
 def _fast_conv_backward(dout, cache, input_grad):
     """conv_ops.conv2d_backward, and which way it took dx: "channels-first", "as-conv",
-    "by-taps", "dcols" (dcols + col2im) or "none" (input_grad=False, channels-last)."""
+    "by-taps", "col2im" (dcols + col2im) or "none" (input_grad=False, channels-last)."""
     ran = []
 
     def spy(name, fn):
@@ -287,7 +287,7 @@ def _fast_conv_backward(dout, cache, input_grad):
         return wrapper
 
     names = {"_backward_channels_first": "channels-first", "conv2d_forward": "as-conv",
-             "_add_taps": "by-taps", "col2im_nhwc": "dcols"}
+             "_add_taps": "by-taps", "col2im_nhwc": "col2im"}
     with pytest.MonkeyPatch.context() as mp:
         for fn_name, path in names.items():
             mp.setattr(conv_ops, fn_name, spy(path, getattr(conv_ops, fn_name)))
@@ -324,9 +324,9 @@ CONV_PATHS = [
     (10, 5, 4, 9, (3, 2), (1, 1), ((0, 2), (1, 0)), "by-taps"),           # asymmetric
     (9, 3, 3, 65, (2, 2), (1, 1), ((0, 0), (0, 1)), "by-taps"),           # F > 64
     (8, 4, 5, 3, (1, 1), (1, 1), ((1, 0), (0, 0)), "by-taps"),            # 1x1 padded
-    (8, 7, 6, 6, (3, 3), (2, 2), ((1, 1), (1, 1)), "dcols"),
-    (11, 6, 7, 3, (2, 3), (1, 2), ((0, 1), (2, 0)), "dcols"),
-    (8, 5, 5, 65, (3, 3), (2, 1), ((1, 1), (0, 0)), "dcols"),             # F > 64
+    (8, 7, 6, 6, (3, 3), (2, 2), ((1, 1), (1, 1)), "col2im"),
+    (11, 6, 7, 3, (2, 3), (1, 2), ((0, 1), (2, 0)), "col2im"),
+    (8, 5, 5, 65, (3, 3), (2, 1), ((1, 1), (0, 0)), "col2im"),             # F > 64
 ]
 
 
@@ -359,10 +359,10 @@ def test_fast_conv_matches_reference_with_every_gemm_split(per_image):
         with _patched(conv_ops, CHANNELS_FIRST_BELOW=0, CONV_WORKSPACE_BYTES=1):
             for c, padding in ((3, ((1, 1), (1, 1))), (3, ((0, 0), (0, 0))), (1, ((2, 0), (0, 1)))):
                 assert _compare_conv(2, c, 5, 6, 4, (3, 3), (1, 1), padding, True, True, "nchw",
-                                     "nhwc", 1) == "dcols"
+                                     "nhwc", 1) == "col2im"
         with _patched(conv_ops, DX_GEMM_MIN_CHANNELS=10**9):
             assert _compare_conv(2, 9, 5, 5, 4, (3, 3), (1, 1), ((1, 1), (1, 1)), False, True,
-                                 "nhwc", "nhwc", 2) == "dcols"
+                                 "nhwc", "nhwc", 2) == "col2im"
 
 
 @st.composite
@@ -604,7 +604,7 @@ def _every_pair(impl, make):
             "conv-first": (3, 4, (3, 2), (1, 2), ((1, 0), (2, 1))),
             "conv-as-conv": (8, 9, (3, 3), (1, 1), ((1, 1), (1, 1))),
             "conv-by-taps": (8, 3, (2, 3), (1, 1), ((0, 0), (0, 1))),
-            "conv-dcols": (9, 4, (3, 3), (2, 2), ((1, 1), (0, 1)))}.items():
+            "conv-col2im": (9, 4, (3, 3), (2, 2), ((1, 1), (0, 1)))}.items():
         out, cache = impl.conv2d_forward(make(2, c, 5, 6), make(f, c, *kernel), make(f),
                                          stride, padding)
         runs[name] = [out, *impl.conv2d_backward(make(*out.shape), cache)]

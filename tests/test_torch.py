@@ -1,5 +1,6 @@
 """minicnn against PyTorch in float64: outputs, input gradients and parameter gradients of every
-layer and of the loss, and several optimiser steps. Skipped where torch is not installed."""
+layer and of the loss, and several optimiser steps, with the fast maths (minicnn.ops) and the
+reference (minicnn.reference). Skipped where torch is not installed."""
 import numpy as np
 import pytest
 
@@ -12,6 +13,13 @@ from minicnn.nn.losses import SoftmaxCrossEntropy
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 TOL = dict(rtol=1e-8, atol=1e-8)
+
+
+@pytest.fixture(autouse=True, params=["fast", "reference"])
+def implementation(request):
+    """Every comparison runs on both implementations of the maths (minicnn.use)."""
+    with minicnn.use(request.param):
+        yield request.param
 
 
 def _t(a):

@@ -54,9 +54,8 @@ LADDER = [(3, 64, 32), (64, 64, 32), (128, 128, 16), (256, 256, 8)]   # (C in, F
 SGEMM_SIZE = 2048
 IMAGE_SHAPE = (3, 32, 32)
 # The model rows' training and inference columns (the goal's ratios) are timed this many times
-# `repeats`: on this noisy 2-vCPU VM the median of 5 moved keras-tutorial's training ratio from
-# 1.00x to 1.55x between runs of the same code; timed 15 times, the whole bench still took 65 s
-# on that machine.
+# `repeats`: on a noisy machine a median of 5 moves those ratios a lot between runs of the same
+# code, and 15 still keeps the whole bench short (docs/performance.md#bench-repeats).
 MODEL_REPEATS = 3
 
 
@@ -97,7 +96,7 @@ def sgemm_peak(repeats, size=SGEMM_SIZE):
     """The best GFLOP/s of `repeats` size x size float32 matmuls into a reused output, after
     one warm-up, BLAS on its own threads. The best, not the median: a peak is what the machine
     can reach, and on a shared machine a median of a few runs can fall below the rate the
-    layers themselves reach (one run here: a median of 124.8 GFLOP/s, and a conv at 153.5)."""
+    layers themselves reach (docs/performance.md#sgemm-peak)."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     out = np.empty((size, size), dtype=np.float32)
@@ -187,10 +186,8 @@ def bare_gemms(shapes, rng, parts=None):
     (default: minicnn.parallel's workers, one a core) that run at once, each with a
     single-threaded BLAS (BLAS on its own threads when there is one worker), and one GEMM per
     image where K and F are both at most minicnn.ops.conv.PER_IMAGE_GEMM_MAX_SIZE (an RGB first
-    layer's). Measured here, the keras-tutorial's training GEMMs: 28.2 ms at batch 128 on a
-    2-thread BLAS, 22.3 ms on one thread at 64 images (resnet-small: 127 and 105 ms); a 3->32
-    first layer's forward and dW on one thread, 64 images @28x28: 7.1 ms as one GEMM a chunk,
-    4.0 ms one an image.
+    layer's): called any other way, the same GEMMs take measurably longer
+    (docs/performance.md#bare-gemms).
 
     shapes: [(N, P, K, F, passes)]: N images of P rows each (OH*OW for a conv, 1 for a dense
     layer), K = C*KH*KW (or the inputs), F outputs; passes: some of "fwd" (M, K) @ (K, F),

@@ -211,10 +211,12 @@ class Sequential(Container):
         inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self._layers))
         return f"Sequential({inner}\n)"
 
-    def summary(self, input_shape=None, print_fn=print):
+    def summary(self, input_shape=None, print_fn=print, paths=False):
         """Print a Keras-like table: layer, output shape, parameters, and the totals.
 
         input_shape: one example's shape, e.g. (3, 32, 32); defaults to the last input seen.
+        paths=True adds a column: which implementation (minicnn.use) runs each layer, and the
+        fast path's variant, and says how the fast path's forward differs from the list.
         """
         input_shape = tuple(input_shape or self.input_shape or ())
         if not input_shape:
@@ -228,15 +230,38 @@ class Sequential(Container):
         _summary_rows(self, x, "", rows)
         total = sum(int(p.size) for p in self.params.values())
         width = max(34, max(len(r[0]) for r in rows) + 2)
-        line = "-" * (width + 38)
-        print_fn(f"{'Layer (type)':<{width}}{'Output shape':<26}{'Param #':>12}")
+        path_width = max(len(r[3]) for r in rows) + 2 if paths else 0
+        line = "-" * (width + 38 + path_width)
+        print_fn(f"{'Layer (type)':<{width}}{'Output shape':<26}{'Param #':>12}"
+                 + (f"  {'Path':<{path_width - 2}}" if paths else ""))
         print_fn("=" * len(line))
-        for name, shape, count in rows:
-            print_fn(f"{name:<{width}}{str(shape):<26}{count:>12,}")
+        for name, shape, count, path in rows:
+            print_fn(f"{name:<{width}}{str(shape):<26}{count:>12,}"
+                     + (f"  {path}" if paths else ""))
         print_fn("=" * len(line))
         state = sum(int(s.size) for s in self.state.values())
         print_fn(f"Total params: {total:,}" + (f"  (+ {state:,} non-trainable state values)"
                                                if state else ""))
+        if paths:
+            for note in self._schedule_notes(input_shape):
+                print_fn(note)
+
+    def _schedule_notes(self, input_shape):
+        """What forward does differently from the list (fast and raw; none for reference)."""
+        notes = []
+        order = self.schedule()
+        swapped = [i for i, j in enumerate(order) if i != j and i < j]
+        if swapped:
+            notes.append("forward runs the ReLU after the MaxPool2D at layers "
+                         + ", ".join(f"{i}-{i + 1}" for i in swapped)
+                         + " (the same outputs and gradients, a quarter of the ReLU's work)")
+        if len(input_shape) == 3:
+            h, w = self.needed_input(*input_shape[1:])
+            if (h, w) != tuple(input_shape[1:]):
+                notes.append(f"forward reads only the top-left {h}x{w} of each "
+                             f"{input_shape[1]}x{input_shape[2]} input: the output does not "
+                             f"depend on the rest (needed_input)")
+        return notes
 
     def save(self, path, **extra):
         """Write architecture, weights and state to one file (atomically). extra: JSON-able notes."""
@@ -265,14 +290,16 @@ def _input_needed(layer, need, size):
 
 
 def _summary_rows(layer, x, indent, rows):
-    """Run x through layer in inference mode, appending (name, output shape, #params) rows."""
+    """Run x through layer in inference mode, appending (name, output shape, #params, path)
+    rows."""
     if isinstance(layer, Sequential):
         for sub in layer._layers:
             x = _summary_rows(sub, x, indent, rows)
         return x
     y = layer.forward(x, training=False)
     count = sum(int(p.size) for p in layer.params.values())
-    rows.append((f"{indent}{type(layer).__name__}", ("N",) + tuple(y.shape[1:]), count))
+    path = "" if isinstance(layer, Container) else layer.path(x)
+    rows.append((f"{indent}{type(layer).__name__}", ("N",) + tuple(y.shape[1:]), count, path))
     if isinstance(layer, Container):
         for name, sub in layer.named_layers():
             _summary_rows(sub, x, indent + f"  {name}: ", rows)

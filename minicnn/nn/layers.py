@@ -16,7 +16,7 @@ import numbers
 
 import numpy as np
 
-from minicnn import implementation
+from minicnn import implementation, ops
 from minicnn.parallel import workers
 from minicnn.backend import array_module, to_device
 from minicnn.ops.im2col import to_pair, same_padding
@@ -64,6 +64,11 @@ class Layer:
     def config(self):
         """The constructor arguments, JSON-serialisable: enough to rebuild the layer."""
         return {}
+
+    def path(self, x):
+        """Which implementation runs this layer on input x: "reference", "fast" or "raw", with
+        the fast path's variant where it has several (model.summary(paths=True) prints it)."""
+        return implementation.name_for(x)
 
     def layers(self):
         """The sub-layers of a container; none for a plain layer."""
@@ -196,6 +201,13 @@ class Conv2D(Layer):
         self._keep((fns.conv2d_backward, cache), training, out)
         return out
 
+    def path(self, x):
+        name = implementation.name_for(x)
+        if name == "fast":
+            pad = self._padding_for(*x.shape[2:])
+            return "fast: " + ops.conv2d_path(self.in_channels, self.kernel_size, self.stride, pad)
+        return "raw: CUDA implicit GEMM" if name == "raw" else name
+
     def backward(self, dy, input_grad=True):
         """dy (N, F, OH, OW) -> dx; input_grad=False skips dx (None) for a first layer."""
         conv_backward, cache = self._cached(dy)
@@ -231,6 +243,12 @@ class _Pool2D(Layer):
         out, cache = forward(x, self.kernel_size, self.stride, training)
         self._keep((backward, cache), training, out)
         return out
+
+    def path(self, x):
+        name = implementation.name_for(x)
+        if name == "fast" or (name == "raw" and self.op == "avgpool2d"):    # no raw avg-pool
+            return "fast: " + ops.pool2d_path(self.op[:3], self.kernel_size, self.stride)
+        return "raw: CUDA kernel" if name == "raw" else name
 
     def backward(self, dy):
         pool_backward, cache = self._cached(dy)

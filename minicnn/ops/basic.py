@@ -1,5 +1,7 @@
 """Dense, ReLU, softmax, dropout, batch norm and the softmax cross-entropy loss.
 
+Reference: minicnn.reference.dense, .activations, .batchnorm and .loss.
+
 The elementwise passes over activations (ReLU, BatchNorm) run on minicnn.parallel's workers, each
 on its share of the batch: NumPy would run each of them on one core.
 """
@@ -9,7 +11,11 @@ from minicnn.backend import array_module
 
 # ---- dense ---------------------------------------------------------------------------------
 def dense_forward(x, w, b):
-    """y = x @ w.T + b.  x (N, IN), w (OUT, IN), b (OUT,) or None -> y (N, OUT)."""
+    """y = x @ w.T + b.  x (N, IN), w (OUT, IN), b (OUT,) or None -> y (N, OUT).
+
+    Reference: minicnn.reference.dense_forward.
+    Differs: the bias added in place (y += b), not into a new array.
+    """
     y = x @ w.T
     if b is not None:
         y += b
@@ -20,6 +26,9 @@ def dense_backward(dy, cache, input_grad=True):
     """dy (N, OUT) -> dx = dy @ w (N, IN), dw = dy.T @ x (OUT, IN), db = sum_n dy (OUT,).
 
     input_grad=False skips dx (returned as None).
+
+    Reference: minicnn.reference.dense_backward.
+    Differs: nothing (BLAS does the work either way).
     """
     x, w = cache
     return (dy @ w if input_grad else None), dy.T @ x, dy.sum(axis=0)
@@ -31,6 +40,9 @@ def relu_forward(x, training=True):
 
     np.maximum keeps x's memory order (NHWC stays NHWC) and, unlike x * mask, needs no
     bool-to-float conversion.
+
+    Reference: minicnn.reference.relu_forward.
+    Differs: np.maximum into x's memory order, split over workers; the mask is y > 0.
     """
     xp = array_module(x)
     zero = x.dtype.type(0)
@@ -49,7 +61,11 @@ def relu_forward(x, training=True):
 
 
 def relu_backward(dy, mask):
-    """dx = dy where the input was positive, else 0."""
+    """dx = dy where the input was positive, else 0.
+
+    Reference: minicnn.reference.relu_backward.
+    Differs: the multiply split over workers, into dy's memory order.
+    """
     xp = array_module(dy)
     if dy.ndim == 0:
         return dy * mask
@@ -64,21 +80,33 @@ def relu_backward(dy, mask):
 
 # ---- softmax -------------------------------------------------------------------------------
 def log_softmax(z):
-    """(N, K) -> (N, K). Subtracting the row max first keeps exp() from overflowing."""
+    """(N, K) -> (N, K). Subtracting the row max first keeps exp() from overflowing.
+
+    Reference: minicnn.reference.log_softmax.
+    Differs: nothing (the same code: (N, K) logits are too small to speed up).
+    """
     xp = array_module(z)
     z = z - z.max(axis=1, keepdims=True)
     return z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
 
 
 def softmax(z):
-    """(N, K) -> (N, K), rows summing to 1."""
+    """(N, K) -> (N, K), rows summing to 1.
+
+    Reference: minicnn.reference.softmax.
+    Differs: nothing (the same code).
+    """
     xp = array_module(z)
     e = xp.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
 
 def softmax_backward(dy, y):
-    """dx = y * (dy - sum_k dy_k y_k): the softmax Jacobian applied to dy. cache: the output y."""
+    """dx = y * (dy - sum_k dy_k y_k): the softmax Jacobian applied to dy. cache: the output y.
+
+    Reference: minicnn.reference.softmax_backward.
+    Differs: nothing (the same code).
+    """
     return y * (dy - (dy * y).sum(axis=1, keepdims=True))
 
 
@@ -88,6 +116,9 @@ def dropout_forward(x, p, rng):
 
     rng: a numpy Generator; the mask is drawn on the CPU and moved to x's device.
     cache: the scaled mask.
+
+    Reference: minicnn.reference.dropout_forward.
+    Differs: nothing (the same draws: the same rng gives the same mask).
     """
     xp = array_module(x)
     keep = rng.random(x.shape, dtype="float32") >= p
@@ -97,15 +128,20 @@ def dropout_forward(x, p, rng):
 
 
 def dropout_backward(dy, mask):
+    """dx = dy * the forward's scaled mask.
+
+    Reference: minicnn.reference.dropout_backward.
+    Differs: nothing (the same code).
+    """
     return dy * mask
 
 
 # ---- batch norm ----------------------------------------------------------------------------
 # Batch norm works on x as channel rows, (M, C) with M = N*H*W: a free view of channels-last
 # memory. A per-channel vector broadcast over (M, C) makes NumPy run its inner loop over only C
-# values (32 floats) at a time, which costs nearly 2x a plain pass; so the rows are taken r at
-# a time, (M/r, r*C), and the per-channel vectors tiled r times (measured on one core, a
-# (32768, 32) float32 subtract: 0.66 ms as it is, 0.44 ms as 16 rows at a time, 0.36 ms as 256).
+# values (32 floats) at a time, far slower than a plain pass; so the rows are taken r at a
+# time, (M/r, r*C), and the per-channel vectors tiled r times, r*C up to this many values
+# (docs/performance.md#batchnorm-wide-rows).
 WIDE_ROW = 2048
 
 
@@ -132,8 +168,8 @@ def _like_input(rows, x):
 def column_sums(rows):
     """(M, K) -> (K,) column sums, as one BLAS matrix-vector product.
 
-    rows.sum(axis=0) runs its inner loop over only K values at a time: measured on the 2-core
-    Xeon, (19200, 32) float32 rows take 0.60 ms that way and 0.15 ms as ones @ rows.
+    rows.sum(axis=0) runs its inner loop over only K values at a time; BLAS streams the rows
+    (docs/performance.md#batchnorm-sums).
     """
     xp = array_module(rows)
     return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
@@ -143,8 +179,8 @@ def column_products(a, b):
     """(M, K), (M, K) -> (K,): sum over rows of a * b, without writing a * b out.
 
     np.einsum's sum-of-products loop reads both once; a * b into a scratch array and then
-    column_sums reads and writes one pass more: on one core, (256, 2048) float32 rows, 149 us
-    against 293 us (BatchNorm's sums of squares and of dy * (x - mean)).
+    column_sums reads and writes one pass more (BatchNorm's sums of squares and of
+    dy * (x - mean); docs/performance.md#batchnorm-sums).
     """
     return array_module(a).einsum("ij,ij->j", a, b)
 
@@ -165,17 +201,21 @@ def batchnorm_forward(x, gamma, beta, eps):
     r, m; the statistics (and m, the values per channel) are returned so the caller can update
     its running estimates. xhat itself is never written out: y = (x - mean) * (gamma /
     sqrt(var + eps)) + beta is one multiply and one add, and backward folds 1/sqrt(var + eps)
-    into its per-channel factors (one pass fewer than writing xhat: 6 interleaved comparisons,
-    7-33% faster forward on 32- and 64-channel maps).
+    into its per-channel factors: one pass fewer than writing xhat
+    (docs/performance.md#batchnorm-without-xhat).
     Works on x as wide channel rows (see _channel_rows), so each op streams through memory
     once; the sums are BLAS matrix-vector products and the sums of squares einsum's sums of
     products (column_products), each worker summing the range it has just written (still in its
     cache) where it can.
+
+    Reference: minicnn.reference.batchnorm_forward.
+    Differs: wide channel rows on workers, no xhat written, sums over a data-parallel step.
     """
     xp = array_module(x)
     rows, r = _channel_rows(x)                            # (M/r, r*C)
-    # sums and counts over the whole batch: inside a data-parallel step (minicnn.parallel.data_parallel)
-    # x is one worker's part, and all_sum adds up every worker's; elsewhere they are x's own
+    # sums and counts over the whole batch: inside a data-parallel step
+    # (minicnn.parallel.data_parallel) x is one worker's part, and all_sum adds up every
+    # worker's; elsewhere they are x's own
     sums, m = workers.all_sum(_channel_sums(rows, r), rows.shape[0] * r)
     mean = sums / m                                       # (C,); m values per channel
     mean_r = xp.tile(mean, r)                             # (r*C,): a wide row's worth
@@ -203,7 +243,11 @@ def batchnorm_inference(x, gamma, beta, eps, mean, var):
     """Inference-mode batch norm with the running statistics, as the per-channel affine map
     y = x * scale + shift, scale = gamma / sqrt(var + eps), shift = beta - mean * scale: one
     pass to multiply and one to add, on the workers, where the normalisation written out makes four
-    (measured 2.1 -> 1.0 ms on 128x32x16x16). No cache: inference has no backward."""
+    (docs/performance.md#batchnorm-at-inference). No cache: inference has no backward.
+
+    Reference: minicnn.reference.batchnorm_inference.
+    Differs: one multiply and one add per value, on wide channel rows, split over workers.
+    """
     xp = array_module(x)
     scale = gamma / xp.sqrt(var + eps)                    # (C,)
     shift = beta - mean * scale
@@ -227,6 +271,9 @@ def batchnorm_backward(dy, cache):
     with xhat = xc / sqrt(var + eps) (xc = x - mean, what the forward kept) folded in:
     dgamma = sum(dy * xc) / sqrt(var + eps),
     xhat * dgamma / m = xc * (dgamma / sqrt(var + eps) / m).
+
+    Reference: minicnn.reference.batchnorm_backward.
+    Differs: xhat folded into per-channel factors, wide channel rows on workers, all_sum.
     """
     xp = array_module(dy)
     xc, invstd, gamma, r, m = cache                       # m: values per channel, whole batch
@@ -262,8 +309,11 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     """Mean cross-entropy of softmax(logits) against (smoothed) one-hot labels.
 
     logits (N, K), labels (N,) ints -> (loss, dlogits (N, K)).
-    Target q = (1 - eps) * onehot + eps / K (PyTorch's label_smoothing); loss = -mean_n sum_k q log p;
-    dlogits = (softmax(logits) - q) / N.
+    Target q = (1 - eps) * onehot + eps / K (PyTorch's label_smoothing);
+    loss = -mean_n sum_k q log p;  dlogits = (softmax(logits) - q) / N.
+
+    Reference: minicnn.reference.softmax_cross_entropy.
+    Differs: q filled in place from the labels instead of a one-hot comparison matrix.
     """
     xp = array_module(logits)
     n, k = logits.shape

@@ -1,40 +1,37 @@
 """2-D convolution (cross-correlation, as in PyTorch) as im2col + GEMMs, channels-last.
 
+Reference: minicnn.reference.conv (the same maths as one GEMM over the whole batch, NCHW).
+
 The layers see NCHW arrays, but the convolution works on NHWC *memory* (channels last), and
 returns its output as an NCHW-shaped view of NHWC memory (out.transpose(0, 3, 1, 2)). NumPy's
 elementwise ops keep the memory order of their input, so ReLU, pooling and BatchNorm pass that
-layout on, and the next convolution gets its NHWC input for free. Measured on a 2-core Xeon:
+layout on, and the next convolution gets its NHWC input for free. Why channels last
+(docs/performance.md#channels-last-convolution):
   - im2col of NHWC memory is one strided copy whose innermost run is KW*C contiguous floats,
-    3-10x faster than nine per-tap copies of NCHW rows of OW floats;
+    not nine per-tap copies of NCHW rows of OW floats;
   - the GEMM's output rows (N*OH*OW, F) are already NHWC: no transpose of the output, ever.
-The slow, obvious version of the same maths is tests/reference.py::conv2d_reference. A layer
-with only a few input channels (an RGB first layer) runs on the teaching-layout im2col instead,
-cols (N, C*KH*KW, OH*OW) from minicnn/ops/im2col.py::im2col (see CHANNELS_FIRST_BELOW); its
-output is NHWC memory all the same.
+A layer with only a few input channels (an RGB first layer) runs on the teaching-layout im2col
+instead, cols (N, C*KH*KW, OH*OW) from minicnn/ops/im2col.py::im2col (see CHANNELS_FIRST_BELOW);
+its output is NHWC memory all the same.
 
 Work split: the batch's images are shared among minicnn.parallel's workers (one per core), and
 each worker goes through its images a chunk at a time: build the chunk's im2col rows
 (at most CONV_WORKSPACE_BYTES), then the GEMM that reads them while they are still in the
 core's cache. Backward rebuilds each chunk from the (9x smaller) padded input instead of
-keeping the matrix. conv2d_backward(..., input_grad=False) skips dx for a first layer, as
-PyTorch does.
+keeping the matrix, and takes dx one of four ways, chosen by dx_strategy from the layer's
+shapes: as a convolution, tap by tap, dcols + col2im, or not at all (input_grad=False, a first
+layer, as PyTorch does). conv2d_path(...) says in words which path a layer takes.
 """
 import numpy as np
 
 from minicnn.parallel import workers
 from minicnn.backend import array_module
 from minicnn.ops.im2col import (col2im, col2im_nhwc, conv_output_size, im2col, im2col_nhwc,
-                                pad_images, pad_nhwc)
+                                pad_images, pad_nhwc, to_pair)
 
 # The most bytes of im2col rows one worker builds at once: a chunk of a few images that stays
-# in cache (L2 1.25 MiB a core, L3 48 MiB shared on the 2-core Xeon) between the copy that
-# builds it and the GEMMs that read it. Interleaved A/B of whole training steps, medians, 2 vs
-# 4 MiB: keras-tutorial 67.7 vs 75.4, 68.8 vs 70.8, 76.1 vs 77.2 ms; resnet-small 217 vs 229,
-# 279 vs 285 ms (a dW GEMM on 7 images' rows: ~92 GFLOP/s, on 21: ~60). Smaller is not better
-# although 2 MiB overflows the L2 (the GEMMs get fewer rows): 0.5 / 1 / 2 MiB, keras-tutorial
-# 83.1 / 70.5 / 69.5 ms, resnet-small 305 / 243 / 226 ms. Again with the data-parallel step
-# (minicnn.parallel.data_parallel), 1 / 2 / 4 MiB: keras-tutorial 66.4 / 62.4 / 67.3 ms, resnet-small
-# 300 / 257 / 346 ms.
+# in cache between the copy that builds it and the GEMMs that read it, yet gives those GEMMs
+# enough rows (smaller budgets measured slower) (docs/performance.md#conv-workspace).
 CONV_WORKSPACE_BYTES = 2 * 2**20
 
 # On a GPU (CuPy arrays) a cache-sized chunk would only split the batch into many small
@@ -45,25 +42,20 @@ GPU_WORKSPACE_BYTES = 2**30
 # A convolution of fewer input channels than this (an RGB first layer) runs in the teaching
 # layout instead, cols (N, C*KH*KW, OH*OW) built from NCHW memory (_forward_channels_first): in
 # NHWC memory a window row is only KW*C floats (9 for RGB), the inner loop of im2col's copy; in
-# NCHW memory it is a run of OW. Measured on one worker's 64 images, 3->32 @32x32, CPU ms:
-# forward 4.2-5.5 -> 2.2-2.4 (valid) and 4.5-6.7 -> 3.4-4.6 (padding 1); dW + db 4.2-4.4 -> 2.1.
+# NCHW memory it is a run of OW (docs/performance.md#channels-first-first-layer).
 CHANNELS_FIRST_BELOW = 8
 
 # A stride-1 convolution with at least this many input channels takes its dx as a convolution
-# (padded) or tap by tap (valid; see _add_taps). Below it (an RGB first layer) both would run
-# GEMMs only C columns wide, and the convolution an im2col of dy K*K*F wide; dcols + col2im is
-# faster: whole backward of 3->32 and 3->64 @32x32, padding 1: 41.1 -> 22.0, 73.6 -> 28.8 ms.
-# (Measured before such layers moved to the channels-first path, which takes dcols + col2im
-# too; the channels-last path meets so few channels only if CHANNELS_FIRST_BELOW is lowered.)
+# or tap by tap (dx_strategy). Below it both would run GEMMs only C columns wide, and the
+# convolution an im2col of dy K*K*F wide: dcols + col2im is faster (docs/performance.md#conv-dx).
+# (The channels-first path, which takes dcols + col2im too, meets such layers first; the
+# channels-last path sees so few channels only if CHANNELS_FIRST_BELOW is lowered.)
 DX_GEMM_MIN_CHANNELS = 8
 
 # A GEMM over the rows of many images whose two other sizes are both at most this runs as one
 # GEMM per image (M = OH*OW rows) instead of one per chunk of images: OpenBLAS runs such small
-# GEMMs faster (presumably its small-matrix kernels, which skip packing). Interleaved A/B at
-# batch 128: a 3x3 RGB first layer, (rows, K = 27-28) @ (K, F = 32), forward 7.6-9.1 -> 6.2-7.2
-# ms and dW 7.8-9.1 -> 6.2-7.2 ms; the tap GEMMs (rows, F = 64) @ (F, C = 32 or 64) of the
-# Keras-tutorial's valid convs, whole backward 33.5-36.0 -> 31.3-32.4 and 7.0-10.2 -> 6.5-8.7
-# ms. On one core, per image lost on the deeper GEMMs (K = 289-1152: 84-90 -> 64-75 GFLOP/s).
+# GEMMs faster (presumably its small-matrix kernels, which skip packing), deeper ones slower
+# (docs/performance.md#per-image-gemms).
 PER_IMAGE_GEMM_MAX_SIZE = 64
 
 
@@ -86,6 +78,9 @@ def _cols_buffer(shape, k, dtype, xp):
 def conv2d_forward(x, w, b, stride, padding):
     """out[n, f] = sum_{c, i, j} w[f, c, i, j] * xpad[n, c, s*oh + i, s*ow + j] + b[f]
 
+    Reference: minicnn.reference.conv2d_forward.
+    Differs: NHWC memory, the bias as a GEMM column, cache-sized chunks on worker threads.
+
     x (N, C, H, W), w (F, C, KH, KW), b (F,) or None, stride (sh, sw),
     padding ((top, bottom), (left, right)) -> out (N, F, OH, OW), an NCHW view of NHWC memory.
     cache: the padded NHWC input (backward rebuilds the cols chunk by chunk from it) and the
@@ -93,9 +88,8 @@ def conv2d_forward(x, w, b, stride, padding):
 
     The bias rides in the GEMM: the cols get a column of ones and the weight matrix the bias as
     its last column, out = [cols 1] @ [W b]^T. Backward's dW GEMM then gives db as its last
-    column. Measured on one core (rows of 21 images, 3->32 first layer, K 27 -> 28): forward
-    1.29 -> 0.91 ms, dW + db 1.74 -> 1.20 ms; 3-10% on the 32- to 128-channel layers. A separate
-    out += b runs over only F floats at a time, and so does db = dY.sum(axis=0).
+    column. A separate out += b runs over only F floats at a time, and so does
+    db = dY.sum(axis=0) (docs/performance.md#bias-in-the-gemm).
     """
     if x.shape[1] < CHANNELS_FIRST_BELOW:
         return _forward_channels_first(x, w, b, stride, padding)
@@ -141,21 +135,18 @@ def conv2d_forward(x, w, b, stride, padding):
 def conv2d_backward(dout, cache, input_grad=True):
     """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, KH, KW), db (F,) or None.
 
+    Reference: minicnn.reference.conv2d_backward.
+    Differs: NHWC memory, cols rebuilt per chunk on workers, db from the dW GEMM, dx_strategy.
+
     input_grad=False skips dx (returned as None): a first layer's input needs no gradient.
 
     With dY = dout as (N*OH*OW, F) and cols (N*OH*OW, K), chunk by chunk of images:
-    dW += dY^T @ cols,  dcols = dY @ W,  dx = col2im(dcols);  db = sum of dY's rows, which is
-    the last column of dY^T @ [cols 1] when the layer has a bias (see conv2d_forward).
-    Each worker sums dW and db over its own images; the partial sums are added at the end.
-
-    A stride-1 convolution whose padding p satisfies K-1-p <= p <= K-1 on every side (3x3 with
-    padding 1 or 2, 1x1 with none) takes dx as a convolution instead: dx = conv(dy padded by
-    K-1-p, the kernel flipped and transposed (C, F, KH, KW)), the textbook identity. Its im2col
-    and GEMM have the forward's shapes, and it skips col2im's nine read-modify-write passes, whose
-    inner loops run over only C floats: 1.1-1.8x faster dx on the 32- to 128-channel layers of
-    the presets. Valid (unpadded) convolutions would pad dy by 2 and do more work; with stride 1
-    their dx is summed tap by tap instead (_add_taps: col2im(dY @ W) without the dcols matrix).
-    Both need at least DX_GEMM_MIN_CHANNELS input channels; otherwise dcols + col2im.
+    dW += dY^T @ cols,  db = sum of dY's rows, which is the last column of dY^T @ [cols 1] when
+    the layer has a bias (see conv2d_forward). Each worker sums dW and db over its own images;
+    the partial sums are added at the end. dx = col2im(dY @ W) in the maths; dx_strategy picks
+    how it is computed: the whole batch at once as a convolution (_dx_as_conv) before the
+    workers start, or chunk by chunk beside dW, tap by tap (_dx_by_taps) or as dcols + col2im
+    (_dx_col2im).
     """
     if cache[0] == "channels-first":
         return _backward_channels_first(dout, cache, input_grad)
@@ -165,31 +156,28 @@ def conv2d_backward(dout, cache, input_grad=True):
     f, _, kh, kw = w_shape
     k, kb = kh * kw * c, w_bias.shape[1]                         # kb: k + 1 with a bias
     w_mat = w_bias[:, :k]                                        # (F, K), a view
-    (pt, pb), (pl, pr) = padding
+    (pt, _), (pl, _) = padding
     dy = dout.transpose(0, 2, 3, 1)                              # (N, OH, OW, F), a view
     pixels = dy.shape[1] * dy.shape[2]                           # OH*OW: rows per image
-    dw_per_image, dcols_per_image = _per_image(kb, f), _per_image(f, k)
-    flipped_padding = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
-    fast_dx = input_grad and tuple(stride) == (1, 1) and c >= DX_GEMM_MIN_CHANNELS
-    as_conv = fast_dx and all(0 <= q <= p for qs, ps in zip(flipped_padding, padding)
-                              for q, p in zip(qs, ps))
-    by_taps = fast_dx and not as_conv
-    if as_conv:
-        w_flipped = w_mat.reshape(f, kh, kw, c)[:, ::-1, ::-1, :].transpose(3, 0, 1, 2)
-        dx, _ = conv2d_forward(dout, w_flipped, None, (1, 1), flipped_padding)   # (N, C, H, W)
-        input_grad = False                                       # the workers: dW and db only
-    if by_taps:
-        w_taps = xp.ascontiguousarray(w_mat.reshape(f, kh, kw, c).transpose(1, 2, 0, 3))
-    dxpad = xp.empty(xpad.shape, dtype=dout.dtype) if input_grad else None   # NHWC memory
+    dw_per_image = _per_image(kb, f)
+
+    strategy = dx_strategy(c, (kh, kw), stride, padding, input_grad)
+    dx, add_dx, scratch_width = None, None, 0      # add_dx(dy_rows, dxpad, scratch): per chunk
+    if strategy == "as-conv":
+        dx = _dx_as_conv(dout, w_mat, (kh, kw), padding)         # (N, C, H, W), whole batch
+    elif strategy == "by-taps":
+        add_dx, scratch_width = _dx_by_taps(w_mat, (kh, kw)), c   # scratch: one tap's dx rows
+    elif strategy == "col2im":
+        add_dx, scratch_width = _dx_col2im(w_mat, (kh, kw), stride), k   # scratch: dcols
+    dxpad = xp.empty(xpad.shape, dtype=dout.dtype) if add_dx else None   # NHWC memory
 
     def work(lo, hi):                                            # images lo:hi, one worker
         dy_part = xp.ascontiguousarray(dy[lo:hi])                # free when dout is NHWC memory
         rows = min(chunk, hi - lo) * pixels
         cols_buf = _cols_buffer((rows, kb), k, dout.dtype, xp)
-        dcols_buf = (xp.empty((rows, c if by_taps else k), dtype=dout.dtype) if input_grad
-                     else None)                                  # dcols, or one tap's dx rows
+        scratch = xp.empty((rows, scratch_width), dtype=dout.dtype) if add_dx else None
         dw, dw_part = xp.zeros((f, kb), dtype=dout.dtype), xp.empty((f, kb), dtype=dout.dtype)
-        if input_grad:
+        if add_dx:
             dxpad[lo:hi] = 0
         for s in range(lo, hi, chunk):
             e = min(s + chunk, hi)
@@ -202,21 +190,151 @@ def conv2d_backward(dout, cache, input_grad=True):
             else:
                 xp.matmul(dy_rows.T, cols, out=dw_part)          # (F, K [+ 1]): dW [db]
                 dw += dw_part
-            if by_taps:
-                _add_taps(dy_rows, w_taps, dxpad[s:e], dcols_buf)
-            elif input_grad:
-                dcols = dcols_buf[:len(dy_rows)]                 # (rows, K) = dY @ W
-                gemms = _gemm_stack(e - s, pixels, dcols_per_image)
-                xp.matmul(dy_rows.reshape(gemms + (f,)), w_mat, out=dcols.reshape(gemms + (k,)))
-                col2im_nhwc(dcols, dxpad[s:e], (kh, kw), stride)
+            if add_dx:
+                add_dx(dy_rows, dxpad[s:e], scratch)             # dxpad[s:e] += this chunk's
         return dw
 
     dw_bias = sum(workers.map(work, n, xp))                     # (F, K [+ 1])
     db = xp.ascontiguousarray(dw_bias[:, k]) if has_bias else None
     dw = dw_bias[:, :k].reshape(f, kh, kw, c).transpose(0, 3, 1, 2)   # (F, C, KH, KW)
-    if not as_conv:
-        dx = dxpad[:, pt:pt + h, pl:pl + wd, :].transpose(0, 3, 1, 2) if input_grad else None
+    if add_dx:
+        dx = dxpad[:, pt:pt + h, pl:pl + wd, :].transpose(0, 3, 1, 2)
     return dx, xp.ascontiguousarray(dw), db
+
+
+# ---- dx: which way the backward takes it, and the ways ----------------------------------------
+DX_STRATEGIES = ("as-conv", "by-taps", "col2im", "none")
+
+
+def dx_strategy(c, kernel, stride, padding, input_grad=True):
+    """How conv2d_backward computes dx for c input channels, kernel (KH, KW), stride (sh, sw),
+    padding ((top, bottom), (left, right)): one of DX_STRATEGIES.
+
+        "none"     input_grad=False (a first layer's input needs no gradient)
+        "col2im"   stride != 1, or fewer than DX_GEMM_MIN_CHANNELS input channels (or fewer
+                   than CHANNELS_FIRST_BELOW: the channels-first backward has only this way)
+        "as-conv"  stride 1 and K-1-p <= p <= K-1 for the padding p of every side (3x3 with
+                   padding 1 or 2, 1x1 with none): dx is a convolution of dy
+        "by-taps"  stride 1, any other padding (a valid conv): dx summed tap by tap
+    A pure function of the shapes and the module's thresholds.
+    """
+    if not input_grad:
+        return "none"
+    if tuple(stride) != (1, 1) or c < max(DX_GEMM_MIN_CHANNELS, CHANNELS_FIRST_BELOW):
+        return "col2im"
+    flipped = _flipped_padding(kernel, padding)
+    if all(0 <= q <= p for qs, ps in zip(flipped, padding) for q, p in zip(qs, ps)):
+        return "as-conv"
+    return "by-taps"
+
+
+def _flipped_padding(kernel, padding):
+    """The padding of dy under which dx is a stride-1 convolution of it: K-1-p on each side."""
+    (kh, kw), ((pt, pb), (pl, pr)) = kernel, padding
+    return (kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)
+
+
+def _dx_as_conv(dout, w_mat, kernel, padding):
+    """dx = conv(dy padded by K-1-p, the kernel flipped and transposed (C, F, KH, KW)), the
+    textbook identity, for the whole batch at once through conv2d_forward.
+
+    Chosen ("as-conv") for stride 1 when K-1-p <= p <= K-1 on every side, so that the flipped
+    padding is a real (non-negative) padding no larger than the forward's. Why: its im2col and
+    GEMM have the forward's shapes, and it skips col2im's nine read-modify-write passes whose
+    inner loops run over only C floats (docs/performance.md#conv-dx). A valid conv would pad dy
+    by K-1 on every side and do more work than by taps.
+    dout (N, F, OH, OW), w_mat (F, KH*KW*C) -> dx (N, C, H, W), an NCHW view of NHWC memory.
+    """
+    f, k = w_mat.shape
+    kh, kw = kernel
+    w_flipped = w_mat.reshape(f, kh, kw, k // (kh * kw))[:, ::-1, ::-1, :].transpose(3, 0, 1, 2)
+    dx, _ = conv2d_forward(dout, w_flipped, None, (1, 1), _flipped_padding(kernel, padding))
+    return dx
+
+
+def _dx_by_taps(w_mat, kernel):
+    """dx tap by tap, chunk by chunk: -> add(dy_rows, dxpad, scratch), which adds a chunk's
+    col2im(dy_rows @ W) into dxpad without the dcols matrix (_add_taps); scratch (>= rows, C).
+
+    Chosen ("by-taps") for a stride-1 conv whose padding "as-conv" cannot take (a valid conv).
+    Why: each tap's add runs over OW*C contiguous floats, where col2im's run over C
+    (docs/performance.md#conv-dx).
+    w_mat (F, KH*KW*C), columns in (i, j, c) order.
+    """
+    f, k = w_mat.shape
+    kh, kw = kernel
+    w_taps = array_module(w_mat).ascontiguousarray(              # (KH, KW, F, C)
+        w_mat.reshape(f, kh, kw, k // (kh * kw)).transpose(1, 2, 0, 3))
+
+    def add(dy_rows, dxpad, scratch):
+        _add_taps(dy_rows, w_taps, dxpad, scratch)
+    return add
+
+
+def _dx_col2im(w_mat, kernel, stride):
+    """dx as dcols = dY @ W and col2im, chunk by chunk: -> add(dy_rows, dxpad, scratch), which
+    adds a chunk's col2im_nhwc(dy_rows @ W) into dxpad; scratch (>= rows, K) holds dcols.
+
+    Chosen ("col2im") for any stride other than 1 (the other ways need stride 1) and for few
+    input channels (DX_GEMM_MIN_CHANNELS). Why: it is the general way; the dcols GEMM is one
+    wide GEMM (K columns), one per image when F and K are small (PER_IMAGE_GEMM_MAX_SIZE).
+    w_mat (F, KH*KW*C), columns in (i, j, c) order.
+    """
+    xp = array_module(w_mat)
+    f, k = w_mat.shape
+    per_image = _per_image(f, k)
+
+    def add(dy_rows, dxpad, scratch):
+        images = len(dxpad)
+        dcols = scratch[:len(dy_rows)]                           # (rows, K) = dY @ W
+        gemms = _gemm_stack(images, len(dy_rows) // images, per_image)
+        xp.matmul(dy_rows.reshape(gemms + (f,)), w_mat, out=dcols.reshape(gemms + (k,)))
+        col2im_nhwc(dcols, dxpad, kernel, stride)
+    return add
+
+
+def _add_taps(dy_rows, w_taps, dxpad, buf):
+    """dxpad (n, Hp, Wp, C) += col2im_nhwc(dy_rows @ W) for a stride-1 conv, one tap at a time.
+
+    dy_rows (n*OH*OW, F), w_taps (KH, KW, F, C), buf (>= n*OH*OW, C) scratch.
+    Tap (i, j)'s share of dx is dy_rows @ w_taps[i, j], (n, OH, OW, C), added at offset (i, j):
+    both sides of that add are runs of OW*C contiguous floats, where col2im's adds run over C
+    (the dcols matrix's rows interleave the taps). The GEMMs do the same multiply-adds as the
+    one dcols GEMM (each one GEMM per image when F and C are at most PER_IMAGE_GEMM_MAX_SIZE).
+    """
+    xp = array_module(dxpad)
+    n, hp, wp, c = dxpad.shape
+    kh, kw = w_taps.shape[:2]
+    oh, ow = hp - kh + 1, wp - kw + 1
+    tap = buf[:len(dy_rows)]
+    f = dy_rows.shape[1]
+    gemms = _gemm_stack(n, oh * ow, _per_image(f, c))
+    dy_stack, tap_stack = dy_rows.reshape(gemms + (f,)), tap.reshape(gemms + (c,))
+    for i in range(kh):
+        for j in range(kw):
+            xp.matmul(dy_stack, w_taps[i, j], out=tap_stack)    # (n*OH*OW, C) as (GEMMs, rows, C)
+            dst = dxpad[:, i:i + oh, j:j + ow]
+            xp.add(dst, tap.reshape(n, oh, ow, c), out=dst)
+
+
+# ---- the path in words (model.summary()) ------------------------------------------------------
+_DX_WORDS = {"as-conv": "dx as conv", "by-taps": "dx by taps", "col2im": "dx col2im",
+             "none": "no dx"}
+
+
+def conv2d_path(c, kernel, stride, padding, input_grad=True):
+    """The path a conv of c input channels takes, in words: its layout, then its dx strategy,
+    e.g. "channels-first im2col; dx col2im" or "channels-last; dx as conv".
+
+    kernel, stride: an int or a pair; padding: an int, a pair, or ((top, bottom), (left,
+    right)) as conv2d_forward takes it. input_grad=False: "...; no dx".
+    """
+    kernel, stride = to_pair(kernel, "kernel"), to_pair(stride, "stride")
+    if not (isinstance(padding, (tuple, list)) and all(isinstance(p, (tuple, list))
+                                                       for p in padding)):
+        padding = tuple((p, p) for p in to_pair(padding, "padding"))
+    layout = "channels-first im2col" if c < CHANNELS_FIRST_BELOW else "channels-last"
+    return f"{layout}; {_DX_WORDS[dx_strategy(c, kernel, stride, padding, input_grad)]}"
 
 
 # ---- few input channels: the teaching layout, cols (N, C*KH*KW, OH*OW) -----------------------
@@ -256,7 +374,7 @@ def _forward_channels_first(x, w, b, stride, padding):
 def _backward_channels_first(dout, cache, input_grad):
     """conv2d_backward of _forward_channels_first, per image n with dY[n] (OH*OW, F):
     [dW db]^T += cols[n] @ dY[n],  dcols[n] = W^T @ dY[n]^T,  dx = col2im(dcols) (NCHW memory,
-    whose adds run along image rows)."""
+    whose adds run along image rows). Its only dx strategies are "col2im" and "none"."""
     xp = array_module(dout)
     _, x_shape, xpad, chunk, w_cols, w_shape, stride, padding, has_bias = cache
     n, c, h, wd = x_shape
@@ -304,29 +422,3 @@ def _per_image(*sizes):
 def _gemm_stack(images, rows_per_image, per_image):
     """The (GEMMs, rows each) shape a chunk's rows take: one GEMM per image, or one in all."""
     return (images, rows_per_image) if per_image else (1, images * rows_per_image)
-
-
-def _add_taps(dy_rows, w_taps, dxpad, buf):
-    """dxpad (n, Hp, Wp, C) += col2im_nhwc(dy_rows @ W) for a stride-1 conv, one tap at a time.
-
-    dy_rows (n*OH*OW, F), w_taps (KH, KW, F, C), buf (>= n*OH*OW, C) scratch.
-    Tap (i, j)'s share of dx is dy_rows @ w_taps[i, j], (n, OH, OW, C), added at offset (i, j):
-    both sides of that add are runs of OW*C contiguous floats, where col2im's adds run over C
-    (the dcols matrix's rows interleave the taps). The GEMMs do the same multiply-adds as the
-    one dcols GEMM (each one GEMM per image when F and C are at most PER_IMAGE_GEMM_MAX_SIZE).
-    Measured on one worker, 64 images of the Keras-tutorial 32->64 conv: 9 GEMMs ~6 ms + 9
-    adds ~2 ms, against one GEMM ~6 ms + col2im ~6 ms.
-    """
-    xp = array_module(dxpad)
-    n, hp, wp, c = dxpad.shape
-    kh, kw = w_taps.shape[:2]
-    oh, ow = hp - kh + 1, wp - kw + 1
-    tap = buf[:len(dy_rows)]
-    f = dy_rows.shape[1]
-    gemms = _gemm_stack(n, oh * ow, _per_image(f, c))
-    dy_stack, tap_stack = dy_rows.reshape(gemms + (f,)), tap.reshape(gemms + (c,))
-    for i in range(kh):
-        for j in range(kw):
-            xp.matmul(dy_stack, w_taps[i, j], out=tap_stack)    # (n*OH*OW, C) as (GEMMs, rows, C)
-            dst = dxpad[:, i:i + oh, j:j + ow]
-            xp.add(dst, tap.reshape(n, oh, ow, c), out=dst)

@@ -1,5 +1,7 @@
 """im2col and its adjoint col2im: the index maths behind convolution as a matrix product.
 
+Reference: minicnn.reference.conv (im2col, col2im: one column per output pixel of the batch).
+
 Layout (shared with the CUDA kernels in kernels/):
     x    (N, C, H, W)                      images, NCHW
     cols (N, C*KH*KW, OH*OW)               row index (c*KH + kh)*KW + kw, column oh*OW + ow
@@ -11,7 +13,8 @@ copies a strided view of the whole batch, so no Python loop ever touches a pixel
 
 This layout is the one to learn from (and the CUDA kernels' layout); minicnn.ops.conv uses it
 for a first layer of a few (RGB) channels, whose NCHW image rows make long copies. Deeper layers
-run on the channels-last twins at the bottom of this file, which measured faster there:
+run on the channels-last twins at the bottom of this file, which measured faster there
+(docs/performance.md#channels-last-convolution):
     x    (N, H, W, C)                      NHWC memory
     cols (N*OH*OW, KH*KW*C)                row (n*OH + oh)*OW + ow, column (kh*KW + kw)*C + c
 """
@@ -39,6 +42,9 @@ def same_padding(size, kernel, stride):
     """(before, after) padding so that out = ceil(size / stride), as TensorFlow's "same".
 
     For stride 1 this is PyTorch's padding="same": total k-1, the odd extra on the after side.
+
+    Reference: minicnn.reference.same_padding.
+    Differs: nothing (the same formula; tests/test_reference.py checks both agree).
     """
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
@@ -46,6 +52,11 @@ def same_padding(size, kernel, stride):
 
 
 def conv_output_size(size, kernel, stride, pad_before, pad_after):
+    """Output positions along one axis: windows of `kernel` that fit the padded size.
+
+    Reference: minicnn.reference.conv_output_size.
+    Differs: nothing (the same formula; tests/test_reference.py checks both agree).
+    """
     return (size + pad_before + pad_after - kernel) // stride + 1
 
 
@@ -63,6 +74,9 @@ def pad_images(x, padding):
 
 def im2col(x, kernel, stride, padding, out=None):
     """x (N, C, H, W) -> cols (N, C*KH*KW, OH*OW).
+
+    Reference: minicnn.reference.im2col.
+    Differs: cols per image, (N, C*KH*KW, OH*OW) not (C*KH*KW, N*OH*OW); an out= buffer.
 
     kernel, stride: (h, w) pairs; padding: ((top, bottom), (left, right)).
     out: a buffer (N, >= C*KH*KW, OH*OW) to fill instead of a new array; its first C*KH*KW
@@ -88,6 +102,9 @@ def im2col(x, kernel, stride, padding, out=None):
 
 def col2im(cols, x_shape, kernel, stride, padding, out=None):
     """The adjoint of im2col: cols (N, C*KH*KW, OH*OW) -> dx (N, C, H, W).
+
+    Reference: minicnn.reference.col2im.
+    Differs: cols per image, as this im2col's; out= a padded array to add into.
 
     Each column entry is added back to the pixel it was copied from; pixels read by several
     windows (overlap) receive the sum. <im2col(x), c> == <x, col2im(c)> for all x, c.

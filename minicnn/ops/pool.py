@@ -1,5 +1,7 @@
 """Max and average pooling over KH x KW windows, vectorised over the batch.
 
+Reference: minicnn.reference.pool (im2col of each channel + a reduction, NCHW).
+
 As in im2col, the only Python loop runs over the KH*KW offsets inside a window; each step
 handles a strided view of the whole batch. Windows may overlap (stride < kernel).
 
@@ -10,7 +12,7 @@ import numpy as np
 
 from minicnn.parallel import workers
 from minicnn.backend import array_module
-from minicnn.ops.im2col import conv_output_size
+from minicnn.ops.im2col import conv_output_size, to_pair
 
 
 def _windows(shape, kernel, stride):
@@ -23,6 +25,22 @@ def _windows(shape, kernel, stride):
             yield i * kw + j, slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw)
 
 
+def _halving(kernel, stride):
+    """True for the 2x2, stride-2 window of nearly every CNN, which max-pool takes in two
+    halving steps (_maxpool2x2_forward)."""
+    return tuple(kernel) == tuple(stride) == (2, 2)
+
+
+def pool2d_path(op, kernel, stride):
+    """The path a pooling layer takes, in words: "2x2 halving steps" for a 2x2, stride-2
+    max-pool, else "strided taps" (one strided view of the batch per window tap).
+    op: "max" or "avg"; kernel, stride: an int or a pair."""
+    if op not in ("max", "avg"):
+        raise ValueError(f"op must be 'max' or 'avg', got {op!r}.")
+    kernel, stride = to_pair(kernel, "kernel"), to_pair(stride, "stride")
+    return "2x2 halving steps" if op == "max" and _halving(kernel, stride) else "strided taps"
+
+
 def _tiles(kernel, stride):
     """True when windows tile the image (stride == kernel): every pixel is in at most one window."""
     return tuple(kernel) == tuple(stride)
@@ -31,13 +49,16 @@ def _tiles(kernel, stride):
 def maxpool2d_forward(x, kernel, stride, training=True):
     """x (N, C, H, W) -> out (N, C, OH, OW), the max of each window.
 
+    Reference: minicnn.reference.maxpool2d_forward.
+    Differs: strided taps in x's memory order, a uint8 winner, 2x2 in halving steps on workers.
+
     cache: the input shape and, per output pixel, which tap of its window won (uint8).
     Ties: the first maximum in row-major window order wins, as in PyTorch.
     training=False: the max only, cache None (inference has no backward, and finding the
     winners is about half of the work).
     """
     xp = array_module(x)
-    if tuple(kernel) == tuple(stride) == (2, 2):
+    if _halving(kernel, stride):
         return _maxpool2x2_forward(x, training)
     # The max of the taps is one np.maximum per tap (no masks, no where); the winner index is
     # found afterwards by comparing each tap with the max, last tap first so that the first
@@ -63,6 +84,9 @@ def _empty_like_layout(shape, strides, dtype, xp):
 
 def maxpool2d_backward(dout, cache):
     """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's gradient goes to its max.
+
+    Reference: minicnn.reference.maxpool2d_backward.
+    Differs: one write per pixel when windows tile, the 2x2 path's masks, any memory order.
 
     dx has the memory order of the forward's input, so a channels-last net stays channels-last.
     """
@@ -94,10 +118,8 @@ def maxpool2d_backward(dout, cache):
 # second one won", which is all backward needs (0.75 bytes per input pixel, no index maths).
 
 # Each worker pools its images a block at a time, about this many bytes of input: the passes
-# after the first then read what the first wrote from the core's cache, not from memory.
-# Interleaved A/B, whole batch vs 1 MiB blocks, 128 images of 32ch @30x30, CPU ms: forward
-# 9.5 -> 7.4, backward 8.5 -> 7.9, inference 4.6 -> 4.0 (32ch @32x32: 10.4 -> 8.6, 10.1 -> 8.8,
-# 5.1 -> 4.2; 64ch @13x13, 43 KB an image: the same).
+# after the first then read what the first wrote from the core's cache, not from memory
+# (docs/performance.md#max-pool-blocks).
 POOL_BLOCK_BYTES = 2**20
 
 
@@ -175,7 +197,11 @@ def _maxpool2x2_backward(dout, cache):
 
 def avgpool2d_forward(x, kernel, stride, training=True):
     """x (N, C, H, W) -> out (N, C, OH, OW), the mean of each window. cache: the input shape
-    (kept whether training or not: it costs nothing)."""
+    (kept whether training or not: it costs nothing).
+
+    Reference: minicnn.reference.avgpool2d_forward.
+    Differs: a sum of strided taps in x's memory order instead of im2col + mean.
+    """
     out = None
     for _, rows, cols in _windows(x.shape, kernel, stride):
         out = x[:, :, rows, cols].copy() if out is None else out + x[:, :, rows, cols]
@@ -184,7 +210,11 @@ def avgpool2d_forward(x, kernel, stride, training=True):
 
 
 def avgpool2d_backward(dout, cache):
-    """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's gradient shared equally by its taps."""
+    """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's gradient shared equally by its taps.
+
+    Reference: minicnn.reference.avgpool2d_backward.
+    Differs: the share added tap by tap into strided views instead of col2im.
+    """
     x_shape, kernel, stride = cache
     xp = array_module(dout)
     dx = xp.zeros(x_shape, dtype=dout.dtype)

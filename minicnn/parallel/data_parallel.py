@@ -1,22 +1,22 @@
 """A whole training step on every core at once: the batch split, one model copy a worker.
 
 minicnn.parallel splits each op's images over the workers, and every op ends by waiting for
-all of them: 16 waits a Keras-tutorial training step, 68 a resnet-small one. On the 2-vCPU VM
-this engine is tuned on, waking a sleeping thread takes ~130 us (more while the machine is
-busy), and each wait also idles the worker that finished first. Here each worker instead runs
-the whole step on its part of the batch:
+all of them: dozens of waits a training step, each a sleeping thread to wake (slow on a small
+VM, slower while the machine is busy) and the worker that finished first idle
+(docs/performance.md#a-step-a-worker). Here each worker instead runs the whole step on its part
+of the batch:
 
     part k of the batch -> model copy k: forward, loss, backward      (k = 0, 1, ...; at once)
     model.grads = sum over k of copy k's grads                        (after the step)
 
 Copy 0 is the model itself, run by the calling thread. The others are, on Linux, worker
-processes forked from this one (minicnn.parallel.processes: threads would share one interpreter lock;
-measured there, keras-tutorial steps took 6-64% longer on threads, median 14%, resnet-small
-ones 5-8%), and elsewhere replicas built from the model's config whose layers share the
-model's parameter and state arrays, run by workers.together's threads.
+processes forked from this one (minicnn.parallel.processes: threads would share one
+interpreter lock, and steps on threads measured longer: docs/performance.md#worker-processes),
+and elsewhere replicas built from the model's config whose layers share the model's parameter
+and state arrays, run by workers.together's threads.
 Each copy keeps its own caches and gradients. The loss is a mean over the batch, so part k's
-dlogits are scaled by n_k / N. The only waits inside the step are BatchNorm's (three a layer,
-21 a resnet-small step): its batch sums are added up over the workers (workers.all_sum), so
+dlogits are scaled by n_k / N. The only waits inside the step are BatchNorm's (three a
+layer): its batch sums are added up over the workers (workers.all_sum), so
 every copy normalises with the whole batch's mean and variance, as one model on the whole batch
 would (PyTorch calls this SyncBatchNorm), and copy 0 updates the running estimates. Outputs and
 gradients equal the one-model step's up to float rounding (tests/test_data_parallel.py), and

@@ -1,16 +1,10 @@
 """Worker processes for the data-parallel step (minicnn.parallel.data_parallel), on Linux.
 
 Threads share one interpreter lock. NumPy lets go of it inside its loops, but the Python
-between them (slicing, views, the layers' bookkeeping: in one worker's part of a step ~700
-calls of C functions and ~600 of Python ones for keras-tutorial, ~2,400 and ~2,600 for
-resnet-small) runs one thread at a time, and a thread that finds the lock taken sleeps until it
-is handed over (waking one takes ~130 us on the 2-vCPU VM this engine is tuned on). Processes
-have an interpreter each. Measured there, runs alternated, ms a training step at batch 128
-(median of 30-40): keras-tutorial, threads 65.1 57.4 56.5 52.0 73.5 72.1 95.8 78.7 92.6 67.3,
-processes 56.0 51.6 51.0 49.2 55.2 67.9 81.8 61.9 56.3 60.0 (the busier the machine, the more
-threads lose); resnet-small, threads 230 237 254, processes 219 219 238. One trainer epoch of 11,520
-CIFAR images and 1,280 validation ones, keras-tutorial: 6.12 and 7.83 s on threads, 5.55 and
-5.77 s on processes.
+between them (slicing, views, the layers' bookkeeping: hundreds to thousands of calls in one
+worker's part of a step) runs one thread at a time, and a thread that finds the lock taken
+sleeps until it is handed over, and waking one is slow. Processes have an interpreter each, and
+steps on them measured faster (docs/performance.md#worker-processes).
 
 So on Linux the workers are processes forked from this one, each a copy of the model as it was
 then; the model's arrays travel through one shared memory mapping instead of being copied into
@@ -217,7 +211,8 @@ def pool_for(model, size, needed_bytes, config=None):
     none such. BLAS runs on one thread in this process and, inherited, in the workers."""
     global _pool
     # On every step, not only a new pool's: set_threads(1) gives this process's BLAS its threads
-    # back, and kept on rank 0 they spin on the workers' cores (measured: 2.2x slower steps).
+    # back, and kept on rank 0 they spin on the workers' cores
+    # (docs/performance.md#single-threaded-blas).
     workers._single_threaded_blas()
     key = describe(model, config)
     # (a pool this process inherited by a fork is not its own: close() lets go of it)
@@ -305,7 +300,7 @@ def _receive(conn, kind):
 
 # A member that waits for another's message first polls for it this long, then sleeps: the
 # other member is usually about to send (both run the same step on equal parts), and waking a
-# sleeping process costs ~0.3 ms (median; 0.8 ms p90) on the 2-vCPU VM.
+# sleeping process costs more than a short poll (docs/performance.md#spin-then-sleep).
 SPIN_SECONDS = 0.005
 SLEEP_SECONDS = 1e-4                   # then, in shared memory, looks again this often
 
@@ -371,9 +366,8 @@ class _SharedSums:
     it waits until every counter has reached that count and adds the slots up itself, in rank
     order, as every other member does. Two sets of slots alternate: a member writes sum s + 2
     into the set of sum s only after every member has reached sum s + 1, so all have read
-    sum s by then. As pipe messages (pickled arrays, a round trip through rank 0) a sum took
-    146-170 us with both members polling and ~0.4 ms inside a resnet-small step: 8-17 ms of
-    its 21 sums in which both members waited; here 23-29 us, and 1.6-2.0 ms a step.
+    sum s by then. Several times faster than pipe messages (pickled arrays, a round trip
+    through rank 0) (docs/performance.md#shared-memory-sums).
 
     Only on x86, whose stores reach other cores in program order, so that a counter is never
     seen before the values written ahead of it; elsewhere, and for values that do not fit a

@@ -9,21 +9,21 @@ when the next step reads it.
 
 BLAS runs single-threaded while this is on: the workers already use every core, and OpenBLAS's
 own threads keep spinning for a while after each call, stealing a core from the workers
-(measured: a Keras-tutorial training step took 117 ms when BLAS was given its 2 threads back
-between layers, 72 ms with BLAS kept on one thread, 104 ms with no workers and a 2-thread BLAS).
-So the first parallel call sets BLAS to one thread for the process, and set_threads(1) gives it
-its threads back.
+(docs/performance.md#single-threaded-blas). So the first parallel call sets BLAS to one thread
+for the process, and set_threads(1) gives it its threads back.
 
-    parallel.map(fn, n, xp, size)  [fn(lo, hi) for each worker's range of n items], at once
-    parallel.threads()             how many workers: MINICNN_THREADS, else the CPU count
-    parallel.set_threads(k)        change it (1: everything in the calling thread)
-    parallel.blas_with_own_threads()   a block in which BLAS has its threads back
-    parallel.together(fns)         [fn() for fn in fns], each on its own worker at once, as one
-                                   group: a whole training step a worker (minicnn.parallel.data_parallel,
-                                   where worker processes cannot be forked: minicnn.parallel.processes)
-    parallel.all_sum(*values)      inside such a group: each value summed over its members
-    parallel.member(group, rank)   a block in which this thread is a group's member: the worker
-                                   processes' groups (minicnn.parallel.processes) join all_sum this way
+    workers.map(fn, n, xp, size)  [fn(lo, hi) for each worker's range of n items], at once
+    workers.threads()             how many workers: MINICNN_THREADS, else the CPU count
+    workers.set_threads(k)        change it (1: everything in the calling thread)
+    workers.blas_with_own_threads()   a block in which BLAS has its threads back
+    workers.together(fns)         [fn() for fn in fns], each on its own worker at once, as one
+                                  group: a whole training step a worker
+                                  (minicnn.parallel.data_parallel, where worker processes cannot
+                                  be forked: minicnn.parallel.processes)
+    workers.all_sum(*values)      inside such a group: each value summed over its members
+    workers.member(group, rank)   a block in which this thread is a group's member: the worker
+                                  processes' groups (minicnn.parallel.processes) join all_sum
+                                  this way
 
 CuPy arrays always run in the calling thread: on a GPU one stream does the work.
 """

@@ -37,7 +37,7 @@ def maxpool2d_forward(x, kernel, stride, training=True):
     training (inference has no backward).
     """
     cols, out_shape = _windows(x, kernel, stride)                 # (KH*KW, N*C*OH*OW)
-    out = cols.max(axis=0).reshape(out_shape[::-1]).T                     # (N, C, OH, OW)
+    out = cols.max(axis=0).reshape(out_shape)                     # (N, C, OH, OW)
     if not training:
         return out, None
     # Ties: argmax takes the first maximum in row-major window order, as PyTorch does.
