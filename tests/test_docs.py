@@ -1,6 +1,6 @@
-"""The README's Python examples and examples/backprop_by_hand.py run as printed, and the
-commands it shows are ones the tools accept: a change that breaks them fails here, not in a
-reader's first session."""
+"""The README's Python examples run as printed, and the commands the README and docs/ show are
+ones the tools accept: a change that breaks them fails here, not in a reader's first session.
+(The tour's examples are run by tests/test_tour.py.)"""
 import importlib
 import re
 import shlex
@@ -52,32 +52,31 @@ def test_readme_python_blocks_run_and_print_what_the_readme_shows(tmp_path):
     assert len(out_lines) == len(shown_lines) == 6
 
 
-def test_backprop_by_hand_example_runs_and_checks_itself(tmp_path):
-    result = _run([str(ROOT / "examples" / "backprop_by_hand.py")], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "matches Conv2D.forward: yes" in result.stdout
-    assert "matches Conv2D.backward: yes" in result.stdout
-    table = result.stdout[result.stdout.index("gradcheck Conv2D"):].splitlines()[3:]
-    assert [(line.split()[0], line.split()[-1]) for line in table] == [
-        ("input", "ok"), ("weight", "ok"), ("bias", "ok")]
+DOCS = {path.relative_to(ROOT).as_posix(): path.read_text()
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]}
 
 
 def _documented_commands(tool):
-    """Every `python -m minicnn.<tool> ...` command the README shows: code-block lines (up to a
-    comment) and inline code spans, as argument lists."""
+    """Every `python -m minicnn.<tool> ...` command the README and docs/ show: code-block lines
+    (up to a comment) and inline code spans, as (file, argument list)."""
     pattern = rf"python -m minicnn\.{tool}(?![\w.])"
-    lines = [line.split("#")[0] for line in README.splitlines() if re.match(pattern, line)]
-    spans = [span for span in re.findall(r"`([^`]*)`", README) if re.match(pattern, span)]
-    return [shlex.split(command)[3:] for command in lines + spans]
+    found = []
+    for name, text in DOCS.items():
+        lines = [line.split("#")[0] for line in text.splitlines()
+                 if re.match(pattern, line.strip())]
+        spans = [span for span in re.findall(r"`([^`]*)`", text) if re.match(pattern, span)]
+        found += [(name, shlex.split(command)[3:]) for command in lines + spans]
+    return found
 
 
 @pytest.mark.parametrize("tool", ["train", "evaluate", "predict"])
 def test_readme_commands_are_ones_the_tools_accept(tool):
     module = importlib.import_module(f"minicnn.training.{TOOL_MODULES.get(tool, tool)}")
     commands = _documented_commands(tool)
-    assert commands, f"the README shows no python -m minicnn.{tool} command"
-    for args in commands:
+    assert any(name == "README.md" for name, _ in commands), \
+        f"the README shows no python -m minicnn.{tool} command"
+    for name, args in commands:
         try:
             module.build_parser().parse_args(args)
         except SystemExit as e:                     # status 2: an unknown flag or value
-            assert e.code == 0 and "--help" in args, f"README: python -m minicnn.{tool} {args}"
+            assert e.code == 0 and "--help" in args, f"{name}: python -m minicnn.{tool} {args}"

@@ -69,7 +69,8 @@ def test_dx_strategy_follows_its_thresholds(monkeypatch):
 
 @pytest.mark.parametrize("op, kernel, stride, path", [
     ("max", 2, 2, "2x2 halving steps"), ("max", (2, 2), (2, 2), "2x2 halving steps"),
-    ("max", 2, 1, "strided taps"), ("max", 3, 2, "strided taps"), ("max", (2, 1), 2, "strided taps"),
+    ("max", 2, 1, "strided taps"), ("max", 3, 2, "strided taps"),
+    ("max", (2, 1), 2, "strided taps"),
     ("avg", 2, 2, "strided taps"), ("avg", 3, 3, "strided taps")])
 def test_pool2d_path(op, kernel, stride, path):
     assert ops.pool2d_path(op, kernel, stride) == path

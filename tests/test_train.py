@@ -484,3 +484,25 @@ def test_predict_runs_long_lists_in_batches(folder, tmp_path):
     for (_, _, a), (_, _, b) in zip(whole, batched):
         assert [name for name, _ in a] == [name for name, _ in b]
         np.testing.assert_allclose([p for _, p in a], [p for _, p in b], rtol=1e-5)
+
+
+def test_implementation_reference_trains_with_the_textbook_maths(folder, tmp_path, capsys,
+                                                                monkeypatch):
+    """--implementation reference: the layers call minicnn.reference (counted here), the header
+    says so, the run's settings record it, and the setting is undone when fit returns."""
+    from minicnn import implementation, reference
+    calls = []
+    real = reference.conv2d_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(reference, "conv2d_forward", counted)
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--implementation", "reference",
+                                  "--epochs", "1")) == 0
+    assert len(calls) >= 3 * 4                        # 3 convs, 4 steps (and the evaluation)
+    assert "(reference maths: slow)" in capsys.readouterr().out
+    settings = json.loads((out / "settings.json").read_text())["settings"]
+    assert settings["implementation"] == "reference"
+    assert implementation.active() == "fast"

@@ -136,7 +136,7 @@ def conv2d_backward(dout, cache, input_grad=True):
     """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, KH, KW), db (F,) or None.
 
     Reference: minicnn.reference.conv2d_backward.
-    Differs: NHWC memory, cols rebuilt per chunk on workers, db from the dW GEMM, dx_strategy.
+    Differs: NHWC memory, cols rebuilt per chunk on workers, db from the dW GEMM, four dx ways.
 
     input_grad=False skips dx (returned as None): a first layer's input needs no gradient.
 
