@@ -2,7 +2,6 @@
 conv2d_path, pool2d_path), each named dx strategy forced on a problem it can take and checked
 against minicnn.reference in float64, every fast function naming its reference, and every
 docs/performance.md link in the code naming a section that exists."""
-import contextlib
 import pathlib
 import re
 
@@ -12,7 +11,7 @@ import pytest
 from minicnn import ops
 from minicnn import reference as R
 from minicnn.ops import conv as conv_ops
-from minicnn.parallel import workers
+from test_parallel import thread_workers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PERFORMANCE = ROOT / "docs" / "performance.md"
@@ -87,16 +86,6 @@ def test_pool2d_path_names_the_path_maxpool_takes():
 
 
 # ---- each named strategy, forced, against the reference ----------------------------------
-@contextlib.contextmanager
-def _threads(k):
-    before, min_size = workers.threads(), workers.MIN_PARALLEL_SIZE
-    workers.MIN_PARALLEL_SIZE = 0 if k > 1 else min_size
-    workers.set_threads(k)
-    try:
-        yield
-    finally:
-        workers.MIN_PARALLEL_SIZE = min_size
-        workers.set_threads(before)
 
 
 # (strategy, C, F, kernel, stride, padding): problems each strategy can take (channels-last:
@@ -135,7 +124,7 @@ def test_each_forced_dx_strategy_equals_the_reference(strategy, c, f, kernel, st
         monkeypatch.setattr(conv_ops, fn_name, spy)
     expected_out, ref_cache = R.conv2d_forward(x, w, b, stride, padding)
     input_grad = strategy != "none"
-    with _threads(threads):
+    with thread_workers(threads):
         for workspace in (conv_ops.CONV_WORKSPACE_BYTES, 1):     # 1: one image a chunk
             monkeypatch.setattr(conv_ops, "CONV_WORKSPACE_BYTES", workspace)
             out, cache = conv_ops.conv2d_forward(x, w, b, stride, padding)

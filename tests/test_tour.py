@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOUR = ROOT / "docs" / "tour"
 EXAMPLES = ROOT / "examples" / "tour"
 PAGES = sorted(TOUR.glob("[0-9][0-9]-*.md"))
-SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py"))
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name != "tourkit.py")   # kit: helpers
 EXAMPLE_LINK = re.compile(r"\]\(\.\./\.\./examples/tour/(\w+\.py)\)")
 FLOAT = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?%?|[-+]?\d+[eE][-+]?\d+")
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -105,7 +105,7 @@ def test_the_small_cnn_learns(run_example):
 
 # ---- a slightly wrong function makes its example fail ------------------------------------------
 BREAK_AND_RUN = """
-import runpy, sys
+import os, runpy, sys
 import numpy as np
 import minicnn.reference as reference
 from minicnn.nn import optim
@@ -135,6 +135,7 @@ if target == "Adam._update":
 else:
     setattr(reference, target, a_little_off(getattr(reference, target)))
 sys.argv = [script]
+sys.path.insert(0, os.path.dirname(script))         # as python <script> does: tourkit.py
 runpy.run_path(script, run_name="__main__")
 """
 

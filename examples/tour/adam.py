@@ -16,23 +16,12 @@ import numpy as np
 
 import minicnn
 from minicnn.nn import Dense, SoftmaxCrossEntropy
+from tourkit import check, rel_err
 
 try:
     import torch                          # a second opinion, never a requirement
 except ImportError:
     torch = None
-
-
-def rel_err(a, b):
-    """max|a - b| / max(1, max|a|): relative for large values, absolute for small (as gradcheck)."""
-    return float(np.abs(a - b).max() / max(1.0, np.abs(a).max()))
-
-
-def check(what, err, tol):
-    """Print one check line; stop the script (exit status 1) if err is not below tol."""
-    print(f"check: {what} max rel err {err:.0e} {'OK' if err < tol else 'FAIL'}")
-    if not err < tol:
-        raise SystemExit(f"check failed: {what}: {err:.1e} is not below {tol:.0e}")
 
 
 def adam_step(p, g, m, v, t, lr, betas, eps, weight_decay=0.0, decoupled=False):

@@ -22,23 +22,12 @@ from minicnn.nn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, SoftmaxCrossEntr
 from minicnn.reference import (conv2d_backward, conv2d_forward, dense_backward, dense_forward,
                                maxpool2d_backward, maxpool2d_forward, relu_backward,
                                relu_forward, softmax_cross_entropy)
+from tourkit import check, rel_err
 
 HYPER = dict(images=640, test_images=160, classes=4, epochs=5, batch_size=32,
              lr=0.005, momentum=0.9, seed=0)     # lr per step; momentum as torch.optim.SGD's
 PAD1 = ((1, 1), (1, 1))                         # padding 1 on every side: 3x3 keeps H and W
 ONE, TWO = (1, 1), (2, 2)                       # stride 1; pooling window and stride 2
-
-
-def rel_err(a, b):
-    """max|a - b| / max(1, max|a|): relative for large values, absolute for small (as gradcheck)."""
-    return float(np.max(np.abs(np.subtract(a, b))) / max(1.0, np.max(np.abs(a))))
-
-
-def check(what, err, tol):
-    """Print one check line; stop the script (exit status 1) if err is not below tol."""
-    print(f"check: {what} max rel err {err:.0e} {'OK' if err < tol else 'FAIL'}")
-    if not err < tol:
-        raise SystemExit(f"check failed: {what}: {err:.1e} is not below {tol:.0e}")
 
 
 # ---- the data: the class is the direction of the stripes --------------------------------------

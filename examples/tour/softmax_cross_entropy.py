@@ -15,25 +15,11 @@ import minicnn
 from minicnn import ops
 from minicnn.nn import Softmax, SoftmaxCrossEntropy
 from minicnn.reference import log_softmax, softmax, softmax_backward, softmax_cross_entropy
+from tourkit import check, rel_err, show as show_first
 
 
 def show(name, a):
-    """One line per array: its name, its shape and its first few numbers."""
-    fmt = "{:7d}" if a.dtype.kind in "iu" else "{:7.3f}"
-    head = " ".join(fmt.format(v + 0) for v in np.ravel(a)[:5])      # + 0: no "-0.000"
-    print(f"  {name:<10}{str(a.shape):<16}{head} ...")
-
-
-def rel_err(a, b):
-    """max|a - b| / max(1, max|a|): relative for large values, absolute for small (as gradcheck)."""
-    return float(np.max(np.abs(np.subtract(a, b))) / max(1.0, np.max(np.abs(a))))
-
-
-def check(what, err, tol):
-    """Print one check line; stop the script (exit status 1) if err is not below tol."""
-    print(f"check: {what} max rel err {err:.0e} {'OK' if err < tol else 'FAIL'}")
-    if not err < tol:
-        raise SystemExit(f"check failed: {what}: {err:.1e} is not below {tol:.0e}")
+    show_first(name, a, count=5)               # a row of 5 classes, whole
 
 
 rng = np.random.default_rng(0)
