@@ -3,6 +3,7 @@ Residual (y = body(x) + shortcut(x)); walk() visits every layer of a tree."""
 import numpy as np
 
 from minicnn import implementation
+from minicnn.nn import fitting
 from minicnn.backend import array_module
 from minicnn.nn.layers import AvgPool2D, Conv2D, Dense, Layer, MaxPool2D, ReLU
 from minicnn.nn.model import layer_config, layer_from_config, save_model
@@ -10,6 +11,7 @@ from minicnn.ops.im2col import conv_output_size
 
 
 class Container(Layer, abstract=True):
+    is_container = True
     """A layer made of named sub-layers; params, grads and state are flat "name.key" views
     of the sub-layers' live arrays, built on each access.
     """
@@ -40,6 +42,32 @@ class Container(Layer, abstract=True):
             layer.to(backend)
         self._cache = None
         return self
+
+    # ---- the Keras workflow (minicnn.nn.fitting) ----------------------------------------------
+    optimizer = loss = None
+    metrics = ()
+    stop_training = False
+
+    def compile(self, optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None):
+        """Choose the optimizer, loss and metrics fit uses: names ("adam", "sgd", "adamw";
+        "sparse_categorical_crossentropy"; "accuracy", "top5") or objects."""
+        fitting.compile(self, optimizer, loss, metrics)
+
+    def fit(self, x, y=None, batch_size=32, epochs=1, validation_data=None,
+            validation_split=0.0, callbacks=None, shuffle=True, verbose=1, initial_epoch=0,
+            seed=None):
+        """Train on arrays x (N, C, H, W), y (N,), or on ImageDataGenerator.flow(...);
+        -> History (.history["loss"], ["accuracy"], ["val_loss"], ...). Keras's arguments."""
+        return fitting.fit(self, x, y, batch_size, epochs, validation_data, validation_split,
+                           callbacks, shuffle, verbose, initial_epoch, seed)
+
+    def evaluate(self, x, y, batch_size=32, return_dict=False, verbose=0):
+        """[loss, *metrics] on x, y (or a dict with return_dict=True)."""
+        return fitting.evaluate(self, x, y, batch_size, return_dict, verbose)
+
+    def predict(self, x, batch_size=32):
+        """The outputs (logits) for x as a NumPy array; one image (C, H, W) -> (1, classes)."""
+        return fitting.predict(self, x, batch_size)
 
 
 def _as_layer(body):
@@ -87,13 +115,6 @@ class Residual(Container):
         shortcut = config.get("shortcut")
         return cls(layer_from_config(config["body"]),
                    layer_from_config(shortcut) if shortcut is not None else None)
-
-
-def walk(layer):
-    """Yield layer and every layer inside it, depth first, in forward order."""
-    yield layer
-    for sub in layer.layers():
-        yield from walk(sub)
 
 
 class Sequential(Container):

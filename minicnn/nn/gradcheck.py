@@ -12,8 +12,7 @@ is exactly zero (a conv bias feeding batch norm) is judged by its absolute error
 import numpy as np
 
 from minicnn.backend import array_module, to_numpy
-from minicnn.nn.containers import walk
-from minicnn.nn.layers import Layer
+from minicnn.nn.layers import Layer, walk
 from minicnn.nn.model import layer_config, layer_from_config
 
 

@@ -30,6 +30,7 @@ LAYER_TYPES = {}
 class Layer:
     """Base class: bookkeeping shared by every layer; subclasses add forward and backward."""
     _out_shape = None          # the last training forward's output shape: what dy must have
+    is_container = False       # True for layers made of layers (their params are views)
 
     def __init_subclass__(cls, abstract=False, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -135,6 +136,13 @@ class Layer:
             raise ValueError(f"{name} expects floating-point input, got {x.dtype}.")
 
 
+def walk(layer):
+    """Yield layer and every layer inside it, depth first, in forward order."""
+    yield layer
+    for sub in layer.layers():
+        yield from walk(sub)
+
+
 def _positive_int(value, name):
     """value as a Python int, or ValueError naming the argument."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -224,30 +232,74 @@ class Conv2D(Layer):
                 "bias": "bias" in self.params, "dtype": self.dtype.name}
 
 
+NO_PADDING = ((0, 0), (0, 0))
+
+
 class _Pool2D(Layer):
-    """Shared constructor and checks of the pooling layers; stride defaults to the kernel size."""
+    """Shared constructor and checks of the pooling layers; stride defaults to the kernel size.
+
+    padding: 0 (default) or "valid": none; an int or a pair (ph, pw): that many rows (columns)
+    on each side, at most half the window, as PyTorch; "same": TensorFlow's, ceil(H / stride)
+    outputs, the odd extra row or column after (minicnn.ops.im2col.same_padding). Padding is
+    not a value: a window pools its real pixels only (max: -inf padding; average: the mean of
+    the real pixels, PyTorch's count_include_pad=False for explicit padding too, which is
+    TensorFlow's "same"). Under minicnn.use("raw") a padded max-pool runs minicnn.ops's.
+    """
     op = None                  # "maxpool2d" or "avgpool2d": the op's functions' prefix
 
-    def __init__(self, kernel_size, stride=None):
+    def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size = to_pair(kernel_size, "kernel_size", minimum=1)
         self.stride = to_pair(stride if stride is not None else kernel_size, "stride", minimum=1)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', "
+                                 f"got {padding!r}.")
+        else:
+            padding = to_pair(padding, "padding", minimum=0)
+            if any(p > k // 2 for p, k in zip(padding, self.kernel_size)):
+                raise ValueError(f"{type(self).__name__} padding {padding} must be at most half "
+                                 f"the window {self.kernel_size}.")
+        self.padding = padding
+
+    def _padding_for(self, h, w):
+        """((top, bottom), (left, right)) for an input of size h x w."""
+        if self.padding == "valid":
+            return (0, 0), (0, 0)
+        if self.padding == "same":
+            return (same_padding(h, self.kernel_size[0], self.stride[0]),
+                    same_padding(w, self.kernel_size[1], self.stride[1]))
+        ph, pw = self.padding
+        return (ph, ph), (pw, pw)
+
+    def _fns(self, x, pad):
+        """The op module for x: the active implementation's, but minicnn.ops's for a padded pool
+        under "raw" (the CUDA max-pool kernel has no padding)."""
+        if pad != NO_PADDING and implementation.name_for(x) == "raw":
+            return ops
+        return implementation.ops_for(x)
 
     def forward(self, x, training=False):
         self._check_input(x, 4)
-        if x.shape[2] < self.kernel_size[0] or x.shape[3] < self.kernel_size[1]:
+        pad = self._padding_for(*x.shape[2:])
+        if any(x.shape[2 + a] + sum(pad[a]) < self.kernel_size[a] for a in (0, 1)):
             raise ValueError(f"{type(self).__name__} window {self.kernel_size} is larger than the "
                              f"input of shape {tuple(x.shape)}.")
-        fns = implementation.ops_for(x)
+        fns = self._fns(x, pad)
         forward, backward = getattr(fns, f"{self.op}_forward"), getattr(fns, f"{self.op}_backward")
-        out, cache = forward(x, self.kernel_size, self.stride, training)
+        if pad == NO_PADDING:               # the raw kernel takes no padding argument
+            out, cache = forward(x, self.kernel_size, self.stride, training)
+        else:
+            out, cache = forward(x, self.kernel_size, self.stride, training, pad)
         self._keep((backward, cache), training, out)
         return out
 
     def path(self, x):
         name = implementation.name_for(x)
-        if name == "fast" or (name == "raw" and self.op == "avgpool2d"):    # no raw avg-pool
-            return "fast: " + ops.pool2d_path(self.op[:3], self.kernel_size, self.stride)
+        pad = self._padding_for(*x.shape[2:])
+        # no raw avg-pool, and no padding in the raw max-pool: minicnn.ops runs those
+        if name == "fast" or (name == "raw" and (self.op == "avgpool2d" or pad != NO_PADDING)):
+            return "fast: " + ops.pool2d_path(self.op[:3], self.kernel_size, self.stride, pad)
         return "raw: CUDA kernel" if name == "raw" else name
 
     def backward(self, dy):
@@ -255,7 +307,11 @@ class _Pool2D(Layer):
         return pool_backward(dy, cache)
 
     def config(self):
-        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride)}
+        config = {"kernel_size": list(self.kernel_size), "stride": list(self.stride)}
+        if self.padding != (0, 0):          # files without the key (no padding) still load
+            config["padding"] = (self.padding if isinstance(self.padding, str)
+                                 else list(self.padding))
+        return config
 
 
 class MaxPool2D(_Pool2D):
@@ -264,8 +320,24 @@ class MaxPool2D(_Pool2D):
 
 
 class AvgPool2D(_Pool2D):
-    """Mean over each window; the gradient is shared equally."""
+    """Mean over each window's real pixels; the gradient is shared equally among them."""
     op = "avgpool2d"
+
+
+class GlobalAveragePooling2D(Layer):
+    """(N, C, H, W) -> (N, C): the mean of each channel over the whole image (Keras's name),
+    for a head that works at any image size."""
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4)
+        fns = implementation.ops_for(x)
+        out, cache = fns.global_avgpool2d_forward(x)
+        self._keep((fns.global_avgpool2d_backward, cache), training, out)
+        return out
+
+    def backward(self, dy):
+        global_avgpool2d_backward, cache = self._cached(dy)
+        return global_avgpool2d_backward(dy, cache)
 
 
 class Dense(Layer):

@@ -11,8 +11,14 @@ from minicnn.backend import array_module
 
 
 class Optimizer:
+    """Base class. model: the layer or Sequential whose params it updates, or None to bind it
+    later (model.compile(optimizer=Adam(lr=1e-3)) binds it; Keras's way). A number given in
+    its place is taken as the learning rate: Adam(1e-3)."""
+
     def __init__(self, model, lr):
-        if not (hasattr(model, "params") and hasattr(model, "grads")):
+        if isinstance(model, (int, float)) and not isinstance(model, bool):
+            model, lr = None, model
+        if model is not None and not (hasattr(model, "params") and hasattr(model, "grads")):
             raise TypeError(f"{type(self).__name__} takes the model (a layer or Sequential), whose "
                             f"params and grads it reads, got {type(model).__name__}.")
         if not 0 <= lr < math.inf:
@@ -22,7 +28,17 @@ class Optimizer:
         self.steps = 0               # number of step() calls (Adam's t)
         self.state = {}              # {param name: {buffer name: array}}
 
+    def bind(self, model):
+        """Update model's params from now on (an optimiser created without one); returns self.
+        Binding it to another model than its own starts its state afresh."""
+        if model is not self.model:
+            self.model, self.steps, self.state = model, 0, {}
+        return self
+
     def step(self):
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} has no model to update: create it with "
+                               f"the model, or pass it to model.compile(optimizer=...).")
         self.steps += 1
         grads = self.model.grads
         for name, p in self.model.params.items():
@@ -48,7 +64,7 @@ class SGD(Optimizer):
     g = g + momentum * buf (Nesterov) or buf;  p -= lr * g.
     """
 
-    def __init__(self, model, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, model=None, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(model, lr)
         if not 0 <= momentum < math.inf or not 0 <= weight_decay < math.inf:
             raise ValueError(f"momentum and weight_decay must be numbers >= 0, got {momentum} "
@@ -87,7 +103,7 @@ class Adam(Optimizer):
     """
     decoupled = False            # AdamW sets True: weight decay shrinks p instead
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, model=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(model, lr)
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
 
@@ -114,7 +130,7 @@ class AdamW(Adam):
     shrinks, p = p - lr * wd * p, before the Adam step, and wd never enters m or v."""
     decoupled = True
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    def __init__(self, model=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
         super().__init__(model, lr, betas, eps, weight_decay)
 
 

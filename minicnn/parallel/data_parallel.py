@@ -37,8 +37,7 @@ from minicnn.parallel import workers
 from minicnn.parallel import processes
 from minicnn import implementation
 from minicnn.backend import array_module
-from minicnn.nn.containers import Container, walk
-from minicnn.nn.layers import Dropout
+from minicnn.nn.layers import Dropout, walk
 from minicnn.nn.model import layer_config, layer_from_config
 
 # The workers: processes where they can be forked (Linux), else threads (see
@@ -99,7 +98,7 @@ def _replicas_of(model, count, config):
         _replicas[model] = replicas
     for replica in replicas:             # (again each step: the model's arrays may be new ones)
         for mine, theirs in zip(walk(model), walk(replica)):
-            if not isinstance(mine, Container):
+            if not mine.is_container:
                 theirs.params, theirs.state = mine.params, mine.state
     return replicas
 

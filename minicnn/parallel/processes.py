@@ -39,7 +39,7 @@ import numpy as np
 
 from minicnn.parallel import workers
 from minicnn.errors import MinicnnError
-from minicnn.nn.containers import Container, walk
+from minicnn.nn.layers import walk
 from minicnn.nn.model import layer_config
 
 # fork: a worker starts as a copy of this process, the model and all (spawn would rebuild it,
@@ -57,7 +57,7 @@ def _aligned(nbytes):
 def _arrays(model, attr):
     """[(dict, key)] for every array of kind attr ("params", "state" or "grads") of model's
     plain layers, in walk order (the same in a forked copy)."""
-    return [(d, key) for layer in walk(model) if not isinstance(layer, Container)
+    return [(d, key) for layer in walk(model) if not layer.is_container
             for d in [getattr(layer, attr)] for key in d]
 
 

@@ -36,8 +36,7 @@ from minicnn.backend import get_backend, to_device, to_numpy
 from minicnn.training.checkpoint import load_checkpoint, predict_logits, save_checkpoint
 from minicnn.training.cli import run
 from minicnn.errors import CheckpointError, DataError, MinicnnError
-from minicnn.nn.containers import walk
-from minicnn.nn.layers import Dropout
+from minicnn.nn.layers import Dropout, walk
 from minicnn.nn.losses import SoftmaxCrossEntropy
 from minicnn.training.metrics import classification_report, format_report
 from minicnn.training.plots import plot_confusion, plot_curves, plot_predictions

@@ -1,0 +1,243 @@
+"""compile, fit, evaluate and predict: the Keras workflow on any minicnn model.
+
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x_train, y_train, epochs=10, validation_data=(x_test, y_test))
+    test_loss, test_acc = model.evaluate(x_test, y_test)
+    logits = model.predict(x_test[:1])
+
+Images are NCHW arrays, labels (N,) integers. fit takes arrays, or an iterator of (x, y)
+batches that has a len() (ImageDataGenerator.flow), and returns a History whose .history has
+Keras's keys: "loss", "accuracy", "val_loss", "val_accuracy", "lr". Each step runs through
+minicnn.parallel.data_parallel (the batch split over the cores), then optimizer.step().
+"""
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from minicnn.backend import array_module, to_numpy
+from minicnn.callbacks import CallbackList, History
+from minicnn.nn import optim
+from minicnn.nn.layers import Conv2D, Dense, walk
+from minicnn.nn.losses import SoftmaxCrossEntropy
+from minicnn.parallel import data_parallel
+
+OPTIMIZERS = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
+LOSSES = {"sparse_categorical_crossentropy": SoftmaxCrossEntropy,
+          "softmax_cross_entropy": SoftmaxCrossEntropy}
+METRICS = {"accuracy": 1, "acc": 1, "top5": 5}           # name -> k of its top-k accuracy
+
+
+def compile(model, optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None):
+    """Give model what fit needs: an optimizer (a name or an object, bound to the model here),
+    a loss (a name or a callable (logits, labels) -> (loss, dlogits)), and metrics by name."""
+    if isinstance(optimizer, str):
+        if optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}, or pass an optimizer object.")
+        optimizer = OPTIMIZERS[optimizer.lower()]()
+    if not isinstance(optimizer, optim.Optimizer):
+        raise TypeError(f"optimizer must be a name or a minicnn.nn.optim optimizer, got "
+                        f"{type(optimizer).__name__}.")
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)} "
+                             f"(logits in, integer labels), or pass a callable.")
+        loss = LOSSES[loss]()
+    if not callable(loss):
+        raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}.")
+    metrics = list(metrics or [])
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"Unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}.")
+    model.optimizer, model.loss = optimizer.bind(model), loss
+    model.metrics = ["accuracy" if m == "acc" else m for m in metrics]
+
+
+def _compiled(model, what):
+    if getattr(model, "optimizer", None) is None:
+        raise RuntimeError(f"{what} needs a compiled model: call model.compile(optimizer=..., "
+                           f"loss=..., metrics=[...]) first.")
+
+
+# ---- batches -----------------------------------------------------------------------------------
+def _labels(y, n, what):
+    """y as (N,) integers: Keras's (N, 1) column is flattened."""
+    y = np.asarray(to_numpy(y))
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.shape != (n,) or y.dtype.kind not in "iu":
+        raise ValueError(f"{what} takes labels as (N,) integers for {n} images, got "
+                         f"{y.dtype} of shape {y.shape}.")
+    return y
+
+
+def _as_input(model, x):
+    """x on the model's device and in its parameter dtype (Keras casts inputs likewise)."""
+    params = next(iter(model.params.values()), None)
+    return x if params is None else _on_device(model, x).astype(params.dtype, copy=False)
+
+
+def _on_device(model, a):
+    """a on the device of the model's parameters."""
+    params = next(iter(model.params.values()), None)
+    return a if params is None else array_module(params).asarray(a)
+
+
+def _array_batches(x, y, batch_size, shuffle, rng):
+    """One epoch of (x, y) batches from arrays, in a fresh random order when shuffle."""
+    order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
+    for lo in range(0, len(x), batch_size):
+        take = np.sort(order[lo:lo + batch_size]) if shuffle else order[lo:lo + batch_size]
+        yield x[take], y[take]
+
+
+def _epochs_of(x, y, batch_size, shuffle, seed):
+    """-> (steps per epoch, a function giving one epoch's batches)."""
+    if hasattr(x, "__next__") or (hasattr(x, "__iter__") and not hasattr(x, "shape")):
+        if y is not None:
+            raise ValueError("fit takes y only with array x; a generator yields (x, y) itself.")
+        try:
+            steps = len(x)
+        except TypeError:
+            raise ValueError("fit needs to know how many batches an epoch has: give an "
+                             "iterator with len(), such as ImageDataGenerator.flow(...).") from None
+        stream = iter(x)
+        return steps, lambda: (next(stream) for _ in range(steps))
+    if y is None:
+        raise ValueError("fit takes labels: model.fit(x, y, ...).")
+    y = _labels(y, len(x), "fit")
+    rng = np.random.default_rng(seed)
+    return -(-len(x) // batch_size), lambda: _array_batches(x, y, batch_size, shuffle, rng)
+
+
+# ---- running means of the loss and the metrics ----------------------------------------------
+class _Means:
+    """The epoch's loss and metrics so far, weighted by batch size (Keras's running means)."""
+
+    def __init__(self, metrics):
+        self.metrics, self.seen, self.sums = metrics, 0, dict.fromkeys(["loss", *metrics], 0.0)
+
+    def add(self, loss, logits, labels):
+        n = len(labels)
+        self.seen += n
+        self.sums["loss"] += loss * n
+        if self.metrics:
+            top = np.argsort(-to_numpy(logits), axis=1)[:, :5]
+            for name in self.metrics:
+                k = METRICS[name]
+                self.sums[name] += float((top[:, :k] == labels[:, None]).any(axis=1).sum())
+
+    def logs(self, prefix=""):
+        return {prefix + k: v / max(self.seen, 1) for k, v in self.sums.items()}
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+TABLE_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "lr")
+
+
+def table_header():
+    return f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8} " \
+           f"{'lr':>9} {'seconds':>8}"
+
+
+def table_row(epoch, logs, seconds):
+    """The epoch's line, as python -m minicnn.train prints it; - for what the logs lack."""
+    cells = [(k, w, "e" if k == "lr" else "f") for k, w in zip(TABLE_KEYS, (10, 9, 9, 8, 9))]
+    text = [f"{logs[k]:>{w}.{2 if f == 'e' else 4}{f}}" if k in logs else f"{'-':>{w}}"
+            for k, w, f in cells]
+    return f"{epoch:>5d} " + " ".join(text) + f" {seconds:>8.1f}"
+
+
+def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None, validation_split=0.0,
+        callbacks=None, shuffle=True, verbose=1, initial_epoch=0, seed=None):
+    """Train model for epochs (from initial_epoch) on x, y; -> History. See the module's doc.
+
+    validation_split: the last fraction of x, y (before shuffling) held out, as Keras does.
+    seed: the shuffling's generator seed (None: a fresh one).
+    """
+    _compiled(model, "fit")
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split}.")
+    if validation_split:
+        if not hasattr(x, "shape"):
+            raise ValueError("validation_split needs array x; give validation_data instead.")
+        cut = len(x) - int(round(len(x) * validation_split))
+        validation_data, x, y = (x[cut:], y[cut:]), x[:cut], y[:cut]
+    steps, epoch_batches = _epochs_of(x, y, batch_size, shuffle, seed)
+    history = History()
+    params = {"epochs": epochs, "steps": steps, "verbose": verbose}
+    calls = CallbackList([*(callbacks or []), history], model, params)
+    model.stop_training, logs = False, {}
+    calls.on_train_begin(logs)
+    if verbose:
+        tqdm.write(table_header())
+    for epoch in range(initial_epoch, epochs):
+        calls.on_epoch_begin(epoch, {})
+        started, means = time.perf_counter(), _Means(model.metrics)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="batch", leave=False,
+                   dynamic_ncols=True, disable=None if verbose == 1 else True)
+        try:
+            for step, (xb, yb) in enumerate(epoch_batches()):
+                calls.on_train_batch_begin(step, {})
+                yb = _labels(yb, len(xb), "fit")
+                loss, logits = data_parallel.train_step(model, _as_input(model, xb),
+                                                        _on_device(model, yb), model.loss)
+                model.optimizer.step()
+                means.add(loss, logits, yb)
+                logs = means.logs()
+                calls.on_train_batch_end(step, logs)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+                if model.stop_training:
+                    break
+        finally:
+            bar.close()
+        logs = means.logs()
+        if validation_data is not None:
+            values = evaluate(model, *validation_data, batch_size=batch_size, return_dict=True)
+            logs.update({f"val_{k}": v for k, v in values.items()})
+        logs["lr"] = model.optimizer.lr
+        calls.on_epoch_end(epoch, logs)
+        if verbose:
+            tqdm.write(table_row(epoch + 1, logs, time.perf_counter() - started))
+        if model.stop_training:
+            break
+    calls.on_train_end(logs)
+    return history
+
+
+def evaluate(model, x, y, batch_size=32, return_dict=False, verbose=0):
+    """The loss and metrics on x, y in inference mode -> [loss, *metrics] (the loss alone
+    without metrics), or a dict {"loss": ..., "accuracy": ...} with return_dict=True."""
+    _compiled(model, "evaluate")
+    y = _labels(y, len(x), "evaluate")
+    means = _Means(model.metrics)
+    for lo in tqdm(range(0, len(x), batch_size), desc="evaluate", leave=False, disable=not verbose):
+        logits = data_parallel.predict(model, _as_input(model, x[lo:lo + batch_size]))
+        labels = y[lo:lo + batch_size]
+        loss, _ = model.loss(logits, array_module(logits).asarray(labels))
+        means.add(loss, logits, labels)
+    values = means.logs()
+    if return_dict:
+        return values
+    return values["loss"] if not model.metrics else list(values.values())
+
+
+def predict(model, x, batch_size=32):
+    """The model's outputs for x in inference mode, as a NumPy array (N, ...). A single image
+    without its batch axis, (C, H, W) for a model that takes (N, C, H, W), is taken as a batch
+    of one: the result is then (1, ...)."""
+    x = _one_image_as_batch(model, x)
+    outputs = [to_numpy(data_parallel.predict(model, _as_input(model, x[lo:lo + batch_size])))
+               for lo in range(0, len(x), batch_size)]
+    return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+def _one_image_as_batch(model, x):
+    """x[None] when x is one example of what the model's first layer takes in batches."""
+    first = next((layer for layer in walk(model) if not layer.is_container), None)
+    wants = {Conv2D: 4, Dense: 2}.get(type(first))
+    if wants is not None and getattr(x, "ndim", wants) == wants - 1:
+        return x[None]
+    return x
