@@ -13,7 +13,7 @@ The rooms of the house:
     cuda/        the bridge to the hand-written CUDA kernels in the top-level kernels/
     nn/          the model API: layers, Sequential, losses, optimisers, gradcheck, save/load
     parallel/    the runtime: worker threads, worker processes, the data-parallel step
-    data/        CIFAR-10 and image folders, splits, augmentation, batches
+    datasets/    CIFAR-10 and image folders: Keras's load_data, image_dataset_from_directory
     training/    the training tool behind python -m minicnn.train / evaluate / predict
     bench/       python -m minicnn.bench: timings against PyTorch and the kernel ladder
 """

@@ -1,4 +1,4 @@
-"""Tests for minicnn.data.datasets: CIFAR-10 parsing and download, image folders, splits, augmentation."""
+"""Tests for minicnn.datasets.loading: CIFAR-10 parsing and download, image folders, splits, augmentation."""
 import hashlib
 import os
 import pickle
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minicnn.data import datasets as data
+from minicnn.datasets import loading as data
 from minicnn.backend import to_numpy
 from minicnn.errors import DataError
 

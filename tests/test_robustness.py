@@ -19,7 +19,7 @@ from PIL import Image
 
 import minicnn
 from _data_helpers import binary_files, fake_cifar, make_folder, write_tar_gz
-from minicnn.data import datasets
+from minicnn.datasets import loading as datasets
 from minicnn.training import predict
 from minicnn.training.checkpoint import load_checkpoint
 from minicnn.errors import CheckpointError, DataError

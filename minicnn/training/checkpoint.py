@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minicnn.data import datasets
+from minicnn.datasets import loading as datasets
 from minicnn.parallel import data_parallel
 from minicnn.backend import get_backend, to_numpy
 from minicnn.errors import CheckpointError

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from minicnn.data import datasets
+from minicnn.datasets import loading as datasets
 from minicnn.training.checkpoint import finite_logits, load_for_inference, predict_logits
 from minicnn.training.cli import positive_int, run
 from minicnn.errors import DataError

@@ -9,7 +9,7 @@ import argparse
 
 import numpy as np
 
-from minicnn.data import datasets
+from minicnn.datasets import loading as datasets
 from minicnn.training.checkpoint import finite_logits, load_for_inference, predict_logits
 from minicnn.training.cli import positive_int, run
 from minicnn.ops import softmax

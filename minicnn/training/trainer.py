@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import minicnn
 from minicnn import implementation
-from minicnn.data import datasets
+from minicnn.datasets import loading as datasets
 from minicnn.parallel import data_parallel
 from minicnn.nn import optim
 from minicnn.backend import get_backend, to_device, to_numpy
