@@ -291,7 +291,7 @@ def test_a_worker_lost_mid_step_stops_training_in_one_sentence_and_resume_goes_o
     (["--batch-size", "1000"], "larger than the training split"),
     (["--backend", "cupy"], "cupy backend needs"),
     (["--optimizer", "rmsprop"], "--optimizer must be sgd, adam or adamw"),
-    (["--augment", "rotate"], "--augment takes none or crop, flip, cutout"),
+    (["--augment", "rotate"], "--augment: Cannot read 'rotate'"),
     (["--resume"], "no checkpoint to resume from"),
     (["--seed", "-5"], "--seed must be >= 0, got -5."),
     (["--val-split", "0"], "There is no data to validate on; give --val-split > 0."),
@@ -506,3 +506,28 @@ def test_implementation_reference_trains_with_the_textbook_maths(folder, tmp_pat
     settings = json.loads((out / "settings.json").read_text())["settings"]
     assert settings["implementation"] == "reference"
     assert implementation.active() == "fast"
+
+
+def test_augment_takes_image_data_generator_transforms(folder, tmp_path, monkeypatch):
+    """--augment crop+rotation=20+zoom=0.1+hflip: each batch is warped by per-image random
+    transforms (counted here), and a resumed run draws the same ones (the run's generator)."""
+    from minicnn import augment
+    warped = []
+    real = augment.apply_transforms
+
+    def counted(x, params, *args):
+        warped.append(len(params))
+        assert all(-20 <= p["theta"] <= 20 and 0.9 <= p["zx"] <= 1.1 for p in params)
+        return real(x, params, *args)
+    monkeypatch.setattr(augment, "apply_transforms", counted)
+    out = tmp_path / "run"
+    assert train.main(_train_args(folder, out, "--augment", "crop+rotation=20+zoom=0.1+hflip",
+                                  "--epochs", "1")) == 0
+    assert len(warped) == 4 and sum(warped) == 54              # 4 batches of 16, 16, 16, 6
+
+
+@pytest.mark.parametrize("spec, message", [("spin=3", "spin"), ("rotation=x", "rotation")])
+def test_a_bad_augment_spec_is_one_sentence(folder, tmp_path, capsys, spec, message):
+    assert train.main(_train_args(folder, tmp_path / "run", "--augment", spec)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --augment") and message in err[0]

@@ -64,6 +64,16 @@ def plot_curves(history, path):
     _save_png(fig, path)
 
 
+def plot_history(history, path):
+    """plot_curves for a Keras-style History (model.fit's): its "loss", "accuracy",
+    "val_loss" and "val_accuracy" lists (or the History's .history dict)."""
+    h = getattr(history, "history", history)
+    epochs = len(h["loss"])
+    plot_curves({"epoch": list(range(1, epochs + 1)), "train_loss": h["loss"],
+                 "train_acc": h.get("accuracy"), "val_loss": h.get("val_loss"),
+                 "val_acc": h.get("val_accuracy")}, path)
+
+
 def plot_confusion(confusion, class_names, path, normalize=True):
     """A heatmap of a (K, K) confusion matrix, rows = true class, columns = predicted.
 

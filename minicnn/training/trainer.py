@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 import minicnn
-from minicnn import implementation
+from minicnn import augment, implementation
 from minicnn.datasets import loading as datasets
 from minicnn.parallel import data_parallel
 from minicnn.nn import optim
@@ -60,7 +60,10 @@ HYPERPARAMETERS = {
                             "(x0.1 after a third epoch in a row without val-loss "
                             "improvement: PyTorch's ReduceLROnPlateau, patience 2)"),
     "label_smoothing": (None, float, "cross-entropy label smoothing, 0 to switch off"),
-    "augment": (None, str, "none, or crop, flip and cutout joined by '+' (e.g. crop+flip)"),
+    "augment": (None, str, "none, or joined by '+': crop, flip, cutout and ImageDataGenerator's "
+                           "transforms rotation=DEG, shift=F, wshift=F, hshift=F, shear=DEG, "
+                           "zoom=F, hflip, vflip, fill=nearest|reflect|wrap|constant "
+                           "(e.g. crop+flip or rotation=15+zoom=0.1+hflip)"),
     "seed": (0, int, "seed of every random generator (init, split, order, augmentation)"),
     "backend": ("numpy", str, "numpy (CPU) or cupy (GPU)"),
     "implementation": ("fast", str, "reference (minicnn.reference: the textbook maths, slow), "
@@ -186,12 +189,17 @@ def _validate(s):
 
 
 def parse_augment(spec):
-    """"crop+flip" -> dict(crop_padding=4, flip=True, cutout_size=0)."""
-    parts = set() if spec in ("none", "") else set(spec.split("+"))
-    if not parts <= {"crop", "flip", "cutout"}:
-        raise ValueError(f"--augment takes none or crop, flip, cutout joined by '+', got {spec!r}.")
+    """"crop+flip+rotation=15" -> dict(crop_padding=4, flip=True, cutout_size=0,
+    warp=ImageDataGenerator(rotation_range=15) or None): crop, flip and cutout, and
+    ImageDataGenerator's transforms (minicnn.augment.parse_spec)."""
+    try:
+        warp, words = augment.parse_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"--augment: {e}") from None
+    parts = set(words)
     return dict(crop_padding=4 if "crop" in parts else 0, flip="flip" in parts,
-                cutout_size=8 if "cutout" in parts else 0)
+                cutout_size=8 if "cutout" in parts else 0,
+                warp=augment.ImageDataGenerator(**warp) if warp else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -405,7 +413,7 @@ def _train(loop, stop):
         try:
             for i, (xb, yb) in enumerate(batches.start_at(info["step"]), start=info["step"]):
                 xb = datasets.normalize(xb, d["mean"], d["std"], xp)
-                xb = datasets.augment(xb, loop["rng_augment"], **aug)
+                xb = _augmented(xb, loop["rng_augment"], aug)
                 yb_dev = xp.asarray(yb)
                 # forward, loss, backward: model.grads (the batch split over the cores)
                 loss, logits = data_parallel.train_step(model, xb, yb_dev, loss_fn)
@@ -438,6 +446,16 @@ def _train(loop, stop):
         if status:
             return status
     return "finished"
+
+
+def _augmented(xb, rng, aug):
+    """The batch cropped, flipped, cut out, and warped by ImageDataGenerator's transforms,
+    all drawn from rng (the run's augmentation generator, which checkpoints keep)."""
+    xb = datasets.augment(xb, rng, aug["crop_padding"], aug["flip"], aug["cutout_size"])
+    if aug["warp"] is None:
+        return xb
+    params = [aug["warp"].get_random_transform(xb.shape[1:], seed=rng) for _ in range(len(xb))]
+    return augment.apply_transforms(xb, params, aug["warp"].fill_mode, aug["warp"].cval)
 
 
 def _diverged(loop, xb, yb, loss_fn, loss, epoch, step):
