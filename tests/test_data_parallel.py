@@ -19,7 +19,7 @@ import minicnn
 from minicnn.parallel import data_parallel
 from minicnn.parallel import workers
 from minicnn.parallel import processes
-from minicnn.nn import BatchNorm1D, Dense, Dropout, Flatten, Layer, ReLU
+from minicnn.nn import BatchNorm1D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU
 from minicnn.nn.losses import SoftmaxCrossEntropy
 from minicnn.nn.containers import Sequential
 from minicnn.nn.zoo import keras_tutorial, resnet_small
@@ -30,7 +30,19 @@ def _models():
     return {"keras-tutorial": lambda: keras_tutorial(rng=np.random.default_rng(1),
                                                      dtype=np.float64),
             "resnet-small": lambda: resnet_small(rng=np.random.default_rng(1), dtype=np.float64,
-                                                 widths=(8, 8, 16))}
+                                                 widths=(8, 8, 16)),
+            "dropout-net": dropout_net}
+
+
+def dropout_net():
+    """A small CNN with Dropout on conv features (N, C, H, W) and on Dense features (N, F),
+    float64, every generator seeded."""
+    d = dict(rng=np.random.default_rng(1), dtype=np.float64)
+    return Sequential([Conv2D(3, 8, 3, **d), ReLU(), MaxPool2D(2),               # (8, 15, 15)
+                       Dropout(0.25, rng=np.random.default_rng(2)),
+                       Conv2D(8, 16, 3, **d), ReLU(), MaxPool2D(2), Flatten(),  # (16 * 6 * 6,)
+                       Dense(16 * 6 * 6, 32, **d), ReLU(),
+                       Dropout(0.5, rng=np.random.default_rng(3)), Dense(32, 10, **d)])
 
 
 @pytest.fixture(params=["processes", "threads"])
@@ -60,7 +72,7 @@ def _plain_step(model, x, labels, loss_fn):
     return loss, logits
 
 
-@pytest.mark.parametrize("name", ["keras-tutorial", "resnet-small"])
+@pytest.mark.parametrize("name", ["keras-tutorial", "resnet-small", "dropout-net"])
 @pytest.mark.parametrize("k, n", [(2, 12), (3, 11)])     # 3 workers: parts of 4, 4 and 3
 def test_split_step_equals_one_model_on_the_whole_batch(name, k, n, kind):
     rng = np.random.default_rng(0)
@@ -126,7 +138,7 @@ def test_falls_back_to_the_plain_step_where_a_split_cannot_work(kind):
 
     with thread_workers(2):
         assert not _runs_plain(net(), x, labels)
-        assert _runs_plain(net(Dropout(0.5, rng=np.random.default_rng(0))), x, labels)
+        assert not _runs_plain(net(Dropout(0.5)), x, labels)  # each image's own mask: splits
         assert not _runs_plain(net(Dropout(0.5)), x)          # inference: Dropout is identity
         assert _runs_plain(net(Doubled()), x, labels)
         assert _runs_plain(net(), x[:3], labels[:3])           # under two images a worker

@@ -531,3 +531,25 @@ def test_a_bad_augment_spec_is_one_sentence(folder, tmp_path, capsys, spec, mess
     assert train.main(_train_args(folder, tmp_path / "run", "--augment", spec)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --augment") and message in err[0]
+
+
+def test_the_dropout_net_trains_on_bigger_folder_images_and_predict_resizes(tmp_path, capsys,
+                                                                           monkeypatch):
+    """--model keras-dropout --image-size 48x40: the folder's images are resized to 48x40, the
+    net's Dense layer is sized for them, the checkpoint keeps the size, and predict resizes a
+    32x32 image to it."""
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
+    folder = make_folder(tmp_path / "shapes", per_class=8)
+    out = tmp_path / "run"
+    assert train.main(["--data", str(folder), "--out", str(out), "--model", "keras-dropout",
+                       "--image-size", "48x40", "--epochs", "1", "--batch-size", "8",
+                       "--val-split", "0.25"]) == 0
+    model = minicnn.load(out / "last.npz")
+    assert model.forward(np.zeros((1, 3, 48, 40), np.float32)).shape == (1, 3)
+    capsys.readouterr()
+    image = next(folder.rglob("*.png"))
+    assert predict.main(["--checkpoint", str(out / "last.npz"), str(image)]) == 0
+    assert image.name in capsys.readouterr().out
+    assert train.main(["--data", str(folder), "--out", str(tmp_path / "bad"),
+                       "--image-size", "48y40"]) == 2
+    assert "--image-size takes H or HxW" in capsys.readouterr().err

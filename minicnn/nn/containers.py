@@ -294,8 +294,7 @@ def _output_size(layer, size):
     size (H, W); None for any other layer."""
     if type(layer) is ReLU:
         return size
-    if type(layer) in (MaxPool2D, AvgPool2D) or (type(layer) is Conv2D
-                                                 and layer.padding in ("valid", (0, 0))):
+    if type(layer) in (MaxPool2D, AvgPool2D, Conv2D) and layer.padding in ("valid", (0, 0)):
         return tuple(conv_output_size(n, k, s, 0, 0)
                      for n, k, s in zip(size, layer.kernel_size, layer.stride))
     return None

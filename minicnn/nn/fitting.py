@@ -209,16 +209,20 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None, validat
 
 def evaluate(model, x, y, batch_size=32, return_dict=False, verbose=0):
     """The loss and metrics on x, y in inference mode -> [loss, *metrics] (the loss alone
-    without metrics), or a dict {"loss": ..., "accuracy": ...} with return_dict=True."""
+    without metrics), or a dict {"loss": ..., "accuracy": ...} with return_dict=True.
+    verbose: 0 silent, 1 a progress bar, 2 one line with the results (Keras's)."""
     _compiled(model, "evaluate")
     y = _labels(y, len(x), "evaluate")
     means = _Means(model.metrics)
-    for lo in tqdm(range(0, len(x), batch_size), desc="evaluate", leave=False, disable=not verbose):
+    for lo in tqdm(range(0, len(x), batch_size), desc="evaluate", leave=False,
+                   disable=None if verbose == 1 else True):
         logits = data_parallel.predict(model, _as_input(model, x[lo:lo + batch_size]))
         labels = y[lo:lo + batch_size]
         loss, _ = model.loss(logits, array_module(logits).asarray(labels))
         means.add(loss, logits, labels)
     values = means.logs()
+    if verbose == 2:
+        tqdm.write("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     if return_dict:
         return values
     return values["loss"] if not model.metrics else list(values.values())

@@ -154,6 +154,29 @@ def _uniform(rng, bound, shape, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
+INITIALIZERS = ("pytorch", "glorot_uniform")
+
+
+def _initial_params(layer, shape, fan_in, fan_out, bias, initializer, rng):
+    """Add weight (shape) and bias (shape[0],) to layer, drawn as initializer says:
+    "pytorch" (None): PyTorch's Conv2d/Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both;
+    "glorot_uniform": Keras's default, U(-sqrt(6 / (fan_in + fan_out)), ...) and zero bias."""
+    if initializer not in (None, *INITIALIZERS):
+        raise ValueError(f"kernel_initializer must be one of {', '.join(INITIALIZERS)}, got "
+                         f"{initializer!r}.")
+    rng = _rng(rng)
+    if initializer == "glorot_uniform":
+        layer._add_param("weight", _uniform(rng, math.sqrt(6.0 / (fan_in + fan_out)), shape,
+                                            layer.dtype))
+        if bias:
+            layer._add_param("bias", np.zeros(shape[0], dtype=layer.dtype))
+        return
+    bound = 1.0 / math.sqrt(fan_in)
+    layer._add_param("weight", _uniform(rng, bound, shape, layer.dtype))
+    if bias:
+        layer._add_param("bias", _uniform(rng, bound, (shape[0],), layer.dtype))
+
+
 def _rng(rng):
     return rng if rng is not None else np.random.default_rng()
 
@@ -161,11 +184,12 @@ def _rng(rng):
 class Conv2D(Layer):
     """2-D convolution, weight (out, in, kh, kw), bias (out,); padding int, pair, "same" or "valid".
 
-    Initialised as PyTorch's Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+    Initialised as PyTorch's Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias;
+    kernel_initializer="glorot_uniform" draws them as Keras's Conv2D does (zero bias).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 dtype=np.float32, rng=None):
+                 dtype=np.float32, rng=None, kernel_initializer=None):
         super().__init__()
         self.in_channels = _positive_int(in_channels, "Conv2D in_channels")
         self.out_channels = _positive_int(out_channels, "Conv2D out_channels")
@@ -180,12 +204,9 @@ class Conv2D(Layer):
         self.padding = padding
         self.dtype = np.dtype(dtype)
         kh, kw = self.kernel_size
-        fan_in = in_channels * kh * kw
-        rng = _rng(rng)
-        bound = 1.0 / math.sqrt(fan_in)
-        self._add_param("weight", _uniform(rng, bound, (out_channels, in_channels, kh, kw), self.dtype))
-        if bias:
-            self._add_param("bias", _uniform(rng, bound, (out_channels,), self.dtype))
+        self.kernel_initializer = kernel_initializer
+        _initial_params(self, (out_channels, in_channels, kh, kw), in_channels * kh * kw,
+                        out_channels * kh * kw, bias, kernel_initializer, rng)
 
     def _padding_for(self, h, w):
         """((top, bottom), (left, right)) for an input of size h x w."""
@@ -243,7 +264,8 @@ class _Pool2D(Layer):
     outputs, the odd extra row or column after (minicnn.ops.im2col.same_padding). Padding is
     not a value: a window pools its real pixels only (max: -inf padding; average: the mean of
     the real pixels, PyTorch's count_include_pad=False for explicit padding too, which is
-    TensorFlow's "same"). Under minicnn.use("raw") a padded max-pool runs minicnn.ops's.
+    TensorFlow's "same"). Under minicnn.use("raw") a padded max-pool, or one of a window of
+    more than 256 taps, runs minicnn.ops's (the CUDA kernel takes neither).
     """
     op = None                  # "maxpool2d" or "avgpool2d": the op's functions' prefix
 
@@ -273,11 +295,15 @@ class _Pool2D(Layer):
         return (ph, ph), (pw, pw)
 
     def _fns(self, x, pad):
-        """The op module for x: the active implementation's, but minicnn.ops's for a padded pool
-        under "raw" (the CUDA max-pool kernel has no padding)."""
-        if pad != NO_PADDING and implementation.name_for(x) == "raw":
+        """The op module for x: the active implementation's, but minicnn.ops's under "raw" for a
+        padded pool or a window of more than 256 taps (the CUDA max-pool kernel takes no padding
+        and keeps the winning tap in a byte)."""
+        if self._raw_cannot(pad) and implementation.name_for(x) == "raw":
             return ops
         return implementation.ops_for(x)
+
+    def _raw_cannot(self, pad):
+        return pad != NO_PADDING or self.kernel_size[0] * self.kernel_size[1] > 256
 
     def forward(self, x, training=False):
         self._check_input(x, 4)
@@ -297,8 +323,8 @@ class _Pool2D(Layer):
     def path(self, x):
         name = implementation.name_for(x)
         pad = self._padding_for(*x.shape[2:])
-        # no raw avg-pool, and no padding in the raw max-pool: minicnn.ops runs those
-        if name == "fast" or (name == "raw" and (self.op == "avgpool2d" or pad != NO_PADDING)):
+        # no raw avg-pool, and no padding or large window in the raw max-pool: minicnn.ops's
+        if name == "fast" or (name == "raw" and (self.op == "avgpool2d" or self._raw_cannot(pad))):
             return "fast: " + ops.pool2d_path(self.op[:3], self.kernel_size, self.stride, pad)
         return "raw: CUDA kernel" if name == "raw" else name
 
@@ -341,18 +367,18 @@ class GlobalAveragePooling2D(Layer):
 
 
 class Dense(Layer):
-    """Fully connected: y = x @ weight.T + bias, weight (out, in). PyTorch's Linear init."""
+    """Fully connected: y = x @ weight.T + bias, weight (out, in). PyTorch's Linear init, or
+    Keras's with kernel_initializer="glorot_uniform"."""
 
-    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None,
+                 kernel_initializer=None):
         super().__init__()
         self.in_features = _positive_int(in_features, "Dense in_features")
         self.out_features = _positive_int(out_features, "Dense out_features")
         self.dtype = np.dtype(dtype)
-        rng = _rng(rng)
-        bound = 1.0 / math.sqrt(in_features)
-        self._add_param("weight", _uniform(rng, bound, (out_features, in_features), self.dtype))
-        if bias:
-            self._add_param("bias", _uniform(rng, bound, (out_features,), self.dtype))
+        self.kernel_initializer = kernel_initializer
+        _initial_params(self, (out_features, in_features), in_features, out_features, bias,
+                        kernel_initializer, rng)
 
     def forward(self, x, training=False):
         self._check_input(x, 2, self.in_features, self.dtype)
@@ -426,7 +452,10 @@ class Softmax(Layer):
 class Dropout(Layer):
     """Inverted dropout with probability p in training mode; the identity at inference.
 
-    rng: the numpy Generator that draws the masks (part of a checkpoint's state).
+    rng: the numpy Generator that decides the masks (part of a checkpoint's state): one seed a
+    training forward, and each image's mask from that seed and the image's index in the whole
+    batch (minicnn.reference.activations.image_generators), so that a data-parallel step, each
+    worker's model copy drawing from a copy of rng, drops what one model on the batch drops.
     """
 
     def __init__(self, p=0.5, rng=None):
@@ -445,7 +474,7 @@ class Dropout(Layer):
         if self.p == 0:
             self._keep((fns.dropout_backward, 1), True, x)   # nothing dropped: a mask of ones
             return x
-        y, mask = fns.dropout_forward(x, self.p, self.rng)
+        y, mask = fns.dropout_forward(x, self.p, self.rng, first=workers.first_image())
         self._keep((fns.dropout_backward, mask), training, y)
         return y
 

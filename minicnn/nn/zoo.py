@@ -1,33 +1,64 @@
-"""Model presets, by name: the classic Keras-tutorial CNN and a stronger residual net."""
+"""Model presets, by name: the classic Keras-tutorial CNN, a stronger residual net, and the
+Keras cats-vs-dogs tutorial's dropout net. Each takes image_size=(H, W) and sizes the layers
+that depend on it (a Dense layer after Flatten, a final global pool) for that size."""
 import numpy as np
 
 from minicnn.nn.containers import Residual, Sequential
-from minicnn.nn.layers import BatchNorm2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from minicnn.nn.layers import BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from minicnn.ops.im2col import conv_output_size, to_pair
 
 
-def keras_tutorial(num_classes=10, in_channels=3, rng=None, dtype=np.float32):
-    """The TensorFlow/Keras CNN tutorial's net for 32x32 images (122,570 parameters):
+def _image_size(image_size):
+    """An int or a pair -> (H, W), positive Python ints."""
+    return to_pair(image_size, "image_size", minimum=1)
+
+
+def _output_size(layers, image_size, name):
+    """(OH, OW) after the unpadded convs and pools among layers (others keep the size), as
+    conv_output_size counts them; ValueError naming the preset when the image is too small."""
+    h, w = size = _image_size(image_size)
+    for layer in layers:
+        if isinstance(layer, (Conv2D, MaxPool2D)):
+            assert layer.padding in ("valid", (0, 0)), layer     # the arithmetic is unpadded
+            h, w = (conv_output_size(n, k, s, 0, 0)
+                    for n, k, s in zip((h, w), layer.kernel_size, layer.stride))
+            if min(h, w) < 1:
+                raise ValueError(f"{name} needs larger images than {size[0]}x{size[1]}.")
+    return h, w
+
+
+def keras_tutorial(num_classes=10, in_channels=3, rng=None, dtype=np.float32,
+                   image_size=(32, 32)):
+    """The TensorFlow/Keras CNN tutorial's net (122,570 parameters for 32x32 images):
     Conv 32 - MaxPool - Conv 64 - MaxPool - Conv 64 - Dense 64 - Dense 10, 3x3 valid convs, ReLU.
+    The first Dense layer's input is 64 * OH * OW, the last conv's output size for image_size
+    (4x4 for 32x32); at least 18x18.
     """
     rng = rng if rng is not None else np.random.default_rng()
     d = dict(rng=rng, dtype=dtype)
-    return Sequential([
-        Conv2D(in_channels, 32, 3, **d), ReLU(), MaxPool2D(2),      # (32, 15, 15)
+    features = [
+        Conv2D(in_channels, 32, 3, **d), ReLU(), MaxPool2D(2),      # (32, 15, 15) for 32x32
         Conv2D(32, 64, 3, **d), ReLU(), MaxPool2D(2),               # (64, 6, 6)
         Conv2D(64, 64, 3, **d), ReLU(),                             # (64, 4, 4)
-        Flatten(), Dense(64 * 4 * 4, 64, **d), ReLU(), Dense(64, num_classes, **d),
+    ]
+    oh, ow = _output_size(features, image_size, "keras-tutorial")
+    return Sequential(features + [
+        Flatten(), Dense(64 * oh * ow, 64, **d), ReLU(), Dense(64, num_classes, **d),
     ])
 
 
-def resnet_small(num_classes=10, in_channels=3, rng=None, dtype=np.float32, widths=(32, 64, 128)):
+def resnet_small(num_classes=10, in_channels=3, rng=None, dtype=np.float32, widths=(32, 64, 128),
+                 image_size=(32, 32)):
     """A ResNet-9-style net (Page, "How to train your ResNet", 2018) slimmed for a 2-core CPU
-    (408,746 parameters).
+    (408,746 parameters, whatever the image size).
 
     Three stages that each downsample with conv -> max-pool -> BN -> ReLU (pooling before BN and
     ReLU does their work on a quarter of the pixels, as airbench does); stages 1 and 3 add a
-    residual block of two conv-BN-ReLU. Global max-pool, one Dense layer. Measured here: the
-    first stage at full 32x32 resolution (a 3->16 stem, then 16->32) trained 1.5x slower per
-    image for the same parameter count, so the stem convolution itself downsamples.
+    residual block of two conv-BN-ReLU. Global max-pool (a MaxPool2D whose window is the last
+    stage's whole map, H//8 x W//8: 4x4 for 32x32 images; at least 8x8), one Dense layer.
+    Measured here: the first stage at full 32x32 resolution (a 3->16 stem, then 16->32) trained
+    1.5x slower per image for the same parameter count, so the stem convolution itself
+    downsamples.
     """
     rng = rng if rng is not None else np.random.default_rng()
     w1, w2, w3 = widths
@@ -39,17 +70,53 @@ def resnet_small(num_classes=10, in_channels=3, rng=None, dtype=np.float32, widt
     def residual(c):
         return Residual(conv_bn(c, c) + conv_bn(c, c))
 
+    # the padded 3x3 convs keep the size; the three 2x2 pools each halve it, rounding down
+    h, w = _image_size(image_size)
+    final = (h // 8, w // 8)
+    if min(final) < 1:
+        raise ValueError(f"resnet-small needs larger images than {h}x{w}.")
     return Sequential(
-        conv_bn(in_channels, w1, pool=True) + [residual(w1)]       # (w1, 16, 16)
+        conv_bn(in_channels, w1, pool=True) + [residual(w1)]       # (w1, 16, 16) for 32x32
         + conv_bn(w1, w2, pool=True)                                # (w2, 8, 8)
         + conv_bn(w2, w3, pool=True) + [residual(w3)]               # (w3, 4, 4)
-        + [MaxPool2D(4), Flatten(), Dense(w3, num_classes, rng=rng, dtype=dtype)])
+        + [MaxPool2D(final), Flatten(), Dense(w3, num_classes, rng=rng, dtype=dtype)])
 
 
-MODELS = {"keras-tutorial": keras_tutorial, "resnet-small": resnet_small}
+def keras_dropout(num_classes=10, in_channels=3, rng=None, dtype=np.float32,
+                  image_size=(150, 150), widths=(32, 64, 128)):
+    """The dropout net of the Keras cats-vs-dogs tutorials for 150x150 images:
+    Conv 32 - MaxPool - Conv 64 - MaxPool - Conv 128 - MaxPool - Flatten - Dense 512 -
+    Dropout(0.5) - Dense, 3x3 valid convs, 2x2 pools, ReLU.
+
+    Google's ML Practicum exercise "Cat vs. Dog Image Classification: Reducing Overfitting"
+    (the convnet of part 1 with dropout before the classifier) has this layer list with
+    widths (16, 32, 64) and one sigmoid output; pass widths=(16, 32, 64) for its sizes. The
+    Dense layer's input is widths[2] * OH * OW for image_size (17x17 for 150x150, 2x2 for
+    32x32; at least 22x22). The Dropout layer draws its masks from a Generator seeded from rng,
+    so a seeded build drops the same units.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    d = dict(rng=rng, dtype=dtype)
+    w1, w2, w3 = widths
+    features = [
+        Conv2D(in_channels, w1, 3, **d), ReLU(), MaxPool2D(2),     # (32, 74, 74) for 150x150
+        Conv2D(w1, w2, 3, **d), ReLU(), MaxPool2D(2),              # (64, 36, 36)
+        Conv2D(w2, w3, 3, **d), ReLU(), MaxPool2D(2),              # (128, 17, 17)
+    ]
+    oh, ow = _output_size(features, image_size, "keras-dropout")
+    return Sequential(features + [
+        Flatten(), Dense(w3 * oh * ow, 512, **d), ReLU(),
+        Dropout(0.5, rng=np.random.default_rng(rng.integers(2**63))),
+        Dense(512, num_classes, **d),
+    ])
 
 
-def build_model(name, num_classes=10, rng=None, dtype=np.float32):
+MODELS = {"keras-tutorial": keras_tutorial, "resnet-small": resnet_small,
+          "keras-dropout": keras_dropout}
+
+
+def build_model(name, num_classes=10, rng=None, dtype=np.float32, image_size=(32, 32)):
+    """The preset called name, for num_classes classes and images of image_size (H, W)."""
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(MODELS)}.")
-    return MODELS[name](num_classes=num_classes, rng=rng, dtype=dtype)
+    return MODELS[name](num_classes=num_classes, rng=rng, dtype=dtype, image_size=image_size)

@@ -5,6 +5,8 @@ Reference: minicnn.reference.dense, .activations, .batchnorm and .loss.
 The elementwise passes over activations (ReLU, BatchNorm) run on minicnn.parallel's workers, each
 on its share of the batch: NumPy would run each of them on one core.
 """
+import numpy as np
+
 from minicnn.parallel import workers
 from minicnn.backend import array_module
 
@@ -111,19 +113,24 @@ def softmax_backward(dy, y):
 
 
 # ---- dropout -------------------------------------------------------------------------------
-def dropout_forward(x, p, rng):
+def dropout_forward(x, p, rng, first=0):
     """Inverted dropout, as PyTorch: zero each value with probability p, scale the rest by 1/(1-p).
 
-    rng: a numpy Generator; the mask is drawn on the CPU and moved to x's device.
+    x (N, ...); rng: a numpy Generator, one seed drawn from it a call; image n's mask from a
+    generator of rng's kind seeded [seed, first + n], first: x[0]'s index in the whole batch (a
+    worker's part of it), else 0. The mask is drawn on the CPU and moved to x's device.
     cache: the scaled mask.
 
-    Reference: minicnn.reference.dropout_forward.
-    Differs: nothing (the same draws: the same rng gives the same mask).
+    Reference: minicnn.reference.dropout_forward (its image_generators is the seeding rule).
+    Differs: each image's draws go straight into one float32 buffer (no array an image).
     """
     xp = array_module(x)
-    keep = rng.random(x.shape, dtype="float32") >= p
+    seed, bit_generator = int(rng.integers(2**63)), type(rng.bit_generator)
+    draws = np.empty(x.shape, dtype=np.float32)                   # x's shape, host
+    for n, row in enumerate(draws.reshape(len(x), draws[:1].size)):   # row: image n's, flat
+        np.random.Generator(bit_generator([seed, first + n])).random(dtype="float32", out=row)
     scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
-    mask = xp.asarray(keep, dtype=x.dtype) * x.dtype.type(scale)
+    mask = xp.asarray(draws >= p, dtype=x.dtype) * x.dtype.type(scale)
     return x * mask, mask
 
 

@@ -1,9 +1,12 @@
-"""Max and average pooling over KH x KW windows, vectorised over the batch.
+"""Max and average pooling over KH x KW windows, vectorised over the batch; global average
+pooling.
 
 Reference: minicnn.reference.pool (im2col of each channel + a reduction, NCHW).
 
 As in im2col, the only Python loop runs over the KH*KW offsets inside a window; each step
-handles a strided view of the whole batch. Windows may overlap (stride < kernel).
+handles a strided view of the whole batch. Windows may overlap (stride < kernel). Padding
+((top, bottom), (left, right)) pools a padded copy of the input (-inf around it for max, zeros
+for the average, which then divides by each window's count of real pixels) and crops dx.
 
 Every function here works on any memory order (NCHW, or the NHWC memory that minicnn.ops.conv
 hands on): the taps are strided views, and NumPy's elementwise ops keep their input's order.
@@ -13,6 +16,8 @@ import numpy as np
 from minicnn.parallel import workers
 from minicnn.backend import array_module
 from minicnn.ops.im2col import conv_output_size, to_pair
+
+NO_PADDING = ((0, 0), (0, 0))
 
 
 def _windows(shape, kernel, stride):
@@ -31,14 +36,70 @@ def _halving(kernel, stride):
     return tuple(kernel) == tuple(stride) == (2, 2)
 
 
-def pool2d_path(op, kernel, stride):
+def _as_padding(padding):
+    """An int, a pair (ph, pw) or ((top, bottom), (left, right)) -> the last form, Python ints."""
+    if isinstance(padding, (tuple, list)) and len(padding) == 2 \
+            and all(isinstance(p, (tuple, list)) for p in padding):
+        return tuple(to_pair(p, "padding", minimum=0) for p in padding)
+    ph, pw = to_pair(padding, "padding", minimum=0)
+    return (ph, ph), (pw, pw)
+
+
+def _padded(padding):
+    return _as_padding(padding) != NO_PADDING
+
+
+def pool2d_path(op, kernel, stride, padding=0):
     """The path a pooling layer takes, in words: "2x2 halving steps" for a 2x2, stride-2
-    max-pool, else "strided taps" (one strided view of the batch per window tap).
-    op: "max" or "avg"; kernel, stride: an int or a pair."""
+    max-pool, else "strided taps" (one strided view of the batch per window tap); "... of a
+    padded copy" when padded.
+    op: "max" or "avg"; kernel, stride: an int or a pair; padding: an int, a pair or
+    ((top, bottom), (left, right)), as the layer resolved it for its input."""
     if op not in ("max", "avg"):
         raise ValueError(f"op must be 'max' or 'avg', got {op!r}.")
     kernel, stride = to_pair(kernel, "kernel"), to_pair(stride, "stride")
-    return "2x2 halving steps" if op == "max" and _halving(kernel, stride) else "strided taps"
+    path = "2x2 halving steps" if op == "max" and _halving(kernel, stride) else "strided taps"
+    return path + " of a padded copy" if _padded(padding) else path
+
+
+def _pad(x, padding, value):
+    """x (N, C, H, W) with value around it, padding ((top, bottom), (left, right)), in x's
+    memory order (a channels-last input stays channels-last)."""
+    xp = array_module(x)
+    (pt, pb), (pl, pr) = padding
+    n, c, h, w = x.shape
+    out = _empty_like_layout((n, c, h + pt + pb, w + pl + pr), x.strides, x.dtype, xp)
+    out[:, :, :pt], out[:, :, pt + h:] = value, value
+    out[:, :, pt:pt + h, :pl], out[:, :, pt:pt + h, pl + w:] = value, value
+    out[:, :, pt:pt + h, pl:pl + w] = x
+    return out
+
+
+def _crop(dxpad, x_shape, padding):
+    """The inverse of _pad for a gradient: the (N, C, H, W) middle of dxpad, a compact copy in
+    dxpad's memory order."""
+    xp = array_module(dxpad)
+    (pt, _), (pl, _) = padding
+    h, w = x_shape[2:]
+    dx = _empty_like_layout(x_shape, dxpad.strides, dxpad.dtype, xp)
+    dx[...] = dxpad[:, :, pt:pt + h, pl:pl + w]
+    return dx
+
+
+def _padded_shape(x_shape, padding):
+    (pt, pb), (pl, pr) = padding
+    n, c, h, w = x_shape
+    return n, c, h + pt + pb, w + pl + pr
+
+
+def _real_counts(x_shape, kernel, stride, padding, dtype, xp):
+    """(OH, OW): how many real pixels (not padding) each window holds, the product of the
+    counts along each axis."""
+    counts = []
+    for size, k, s, (before, after) in zip(x_shape[2:], kernel, stride, padding):
+        start = xp.arange(conv_output_size(size, k, s, before, after)) * s - before
+        counts.append(xp.minimum(start + k, size) - xp.maximum(start, 0))
+    return (counts[0][:, None] * counts[1][None, :]).astype(dtype)
 
 
 def _tiles(kernel, stride):
@@ -46,18 +107,26 @@ def _tiles(kernel, stride):
     return tuple(kernel) == tuple(stride)
 
 
-def maxpool2d_forward(x, kernel, stride, training=True):
+def maxpool2d_forward(x, kernel, stride, training=True, padding=NO_PADDING):
     """x (N, C, H, W) -> out (N, C, OH, OW), the max of each window.
 
     Reference: minicnn.reference.maxpool2d_forward.
     Differs: strided taps in x's memory order, a uint8 winner, 2x2 in halving steps on workers.
 
-    cache: the input shape and, per output pixel, which tap of its window won (uint8).
+    cache: the input shape and, per output pixel, which tap of its window won (uint8; int32 for
+    a window of more than 256 taps).
     Ties: the first maximum in row-major window order wins, as in PyTorch.
     training=False: the max only, cache None (inference has no backward, and finding the
     winners is about half of the work).
+    padding ((top, bottom), (left, right)): the same paths on a copy of x with -inf around it;
+    cache ("padded", x's shape, padding, the copy's cache).
     """
     xp = array_module(x)
+    padding = _as_padding(padding)
+    if padding != NO_PADDING:
+        # -inf: a padded tap never wins (every window holds a real pixel); backward crops dx
+        out, cache = maxpool2d_forward(_pad(x, padding, -xp.inf), kernel, stride, training)
+        return out, ("padded", x.shape, padding, cache) if training else None
     if _halving(kernel, stride):
         return _maxpool2x2_forward(x, training)
     # The max of the taps is one np.maximum per tap (no masks, no where); the winner index is
@@ -69,7 +138,7 @@ def maxpool2d_forward(x, kernel, stride, training=True):
         xp.maximum(out, tap, out=out)
     if not training:
         return out, None
-    argmax = xp.zeros(out.shape, dtype=xp.uint8)
+    argmax = xp.zeros(out.shape, dtype=xp.uint8 if len(taps) <= 256 else xp.int32)
     for k, tap in reversed(taps):
         xp.copyto(argmax, k, where=tap == out)
     return out, (x.shape, x.strides, argmax, kernel, stride)
@@ -90,6 +159,9 @@ def maxpool2d_backward(dout, cache):
 
     dx has the memory order of the forward's input, so a channels-last net stays channels-last.
     """
+    if cache[0] == "padded":               # the padded copy's gradient, then its middle
+        _, x_shape, padding, padded_cache = cache
+        return _crop(maxpool2d_backward(dout, padded_cache), x_shape, padding)
     if cache[0] == "2x2":
         return _maxpool2x2_backward(dout, cache)
     x_shape, x_strides, argmax, kernel, stride = cache
@@ -195,30 +267,66 @@ def _maxpool2x2_backward(dout, cache):
     return dx
 
 
-def avgpool2d_forward(x, kernel, stride, training=True):
-    """x (N, C, H, W) -> out (N, C, OH, OW), the mean of each window. cache: the input shape
-    (kept whether training or not: it costs nothing).
+def avgpool2d_forward(x, kernel, stride, training=True, padding=NO_PADDING):
+    """x (N, C, H, W) -> out (N, C, OH, OW), the mean of each window's real pixels. cache: the
+    input shape, kernel, stride, padding and, when padded, the (OH, OW) counts of real pixels
+    (kept whether training or not: they cost little).
 
     Reference: minicnn.reference.avgpool2d_forward.
-    Differs: a sum of strided taps in x's memory order instead of im2col + mean.
+    Differs: a sum of strided taps in x's memory order (of a zero-padded copy) instead of im2col.
     """
+    xp = array_module(x)
+    padding = _as_padding(padding)
+    x_shape = x.shape
+    count = None
+    if padding != NO_PADDING:
+        x = _pad(x, padding, 0)
+        count = _real_counts(x_shape, kernel, stride, padding, x.dtype, xp)   # (OH, OW)
     out = None
     for _, rows, cols in _windows(x.shape, kernel, stride):
         out = x[:, :, rows, cols].copy() if out is None else out + x[:, :, rows, cols]
-    out *= 1.0 / (kernel[0] * kernel[1])
-    return out, (x.shape, kernel, stride)
+    if count is None:
+        out *= 1.0 / (kernel[0] * kernel[1])
+    else:
+        out /= count
+    return out, (x_shape, kernel, stride, padding, count)
 
 
 def avgpool2d_backward(dout, cache):
-    """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's gradient shared equally by its taps.
+    """dout (N, C, OH, OW) -> dx (N, C, H, W): each window's gradient shared equally by its
+    real pixels.
 
     Reference: minicnn.reference.avgpool2d_backward.
-    Differs: the share added tap by tap into strided views instead of col2im.
+    Differs: the share added tap by tap into strided views (of a padded dx, cropped) not col2im.
     """
-    x_shape, kernel, stride = cache
+    x_shape, kernel, stride, padding, count = cache
     xp = array_module(dout)
-    dx = xp.zeros(x_shape, dtype=dout.dtype)
-    share = dout * (1.0 / (kernel[0] * kernel[1]))
-    for _, rows, cols in _windows(x_shape, kernel, stride):
+    dx = xp.zeros(_padded_shape(x_shape, padding), dtype=dout.dtype)
+    share = dout * (1.0 / (kernel[0] * kernel[1])) if count is None else dout / count
+    for _, rows, cols in _windows(dx.shape, kernel, stride):
         dx[:, :, rows, cols] += share
+    return dx if count is None else _crop(dx, x_shape, padding)
+
+
+def global_avgpool2d_forward(x):
+    """x (N, C, H, W) -> out (N, C), the mean of each channel. cache: the input's shape and
+    memory order.
+
+    Reference: minicnn.reference.global_avgpool2d_forward.
+    Differs: dx in the memory order of the forward's input (the mean is the reference's: NumPy
+    reduces an NCHW view of channels-last memory as fast as channels-last rows of it).
+    """
+    return x.mean(axis=(2, 3)), (x.shape, x.strides)
+
+
+def global_avgpool2d_backward(dout, cache):
+    """dout (N, C) -> dx (N, C, H, W) = dout / (H*W) at every pixel of its channel.
+
+    Reference: minicnn.reference.global_avgpool2d_backward.
+    Differs: dx in the memory order of the forward's input, so a channels-last net stays so.
+    """
+    x_shape, x_strides = cache
+    xp = array_module(dout)
+    dx = _empty_like_layout(x_shape, x_strides, dout.dtype, xp)
+    dx[...] = (dout * (1.0 / (x_shape[2] * x_shape[3])))[:, :, None, None]
     return dx

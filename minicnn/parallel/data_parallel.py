@@ -23,13 +23,21 @@ gradients equal the one-model step's up to float rounding (tests/test_data_paral
 the same split gives the same bits every time (a resumed training run is bitwise the one that
 was not stopped).
 
+Dropout draws each image's mask from a generator of its own, seeded from one draw of the
+layer's generator and the image's index in the whole batch
+(minicnn.reference.activations.image_generators). Each copy's Dropout layers draw from copies
+of the model's generators as they were before the step, and each part tells its first image's
+index (workers.batch_part): every copy drops what one model on the whole batch would drop,
+with any number of workers, and the model's generators (which a training checkpoint keeps)
+advance as in the one-model step.
+
 The step falls back to the plain one (each op split over the workers) on CuPy arrays, with one
-worker, with fewer than two images a worker, and, in training, for a model with Dropout (its
-masks come from the layer's one generator, which a training checkpoint keeps) or with a
-layer minicnn cannot rebuild from its config. A loss function that cannot be pickled into a
-message (a lambda) keeps the split on threads, and so does a process that cannot fork.
+worker, with fewer than two images a worker, and for a model with a layer minicnn cannot
+rebuild from its config. A loss function that cannot be pickled into a message (a lambda)
+keeps the split on threads, and so does a process that cannot fork.
 """
 import weakref
+from copy import deepcopy
 
 import numpy as np
 
@@ -52,15 +60,13 @@ def _split(x, k):
     return [x[lo:hi] for lo, hi in workers.split(len(x), k)]
 
 
-def _split_config(model, x, training):
+def _split_config(model, x):
     """model's config when the step on x splits over workers.threads() workers (the copies
     are made from it, or checked against it); None for the plain step."""
     k = workers.threads()
     if k < 2 or array_module(x) is not np or len(x) < 2 * k or workers.in_worker():
         return None
     if implementation.active() == "reference":      # the reference runs as written: one model
-        return None
-    if training and any(isinstance(layer, Dropout) for layer in walk(model)):
         return None
     try:
         return layer_config(model)
@@ -108,24 +114,36 @@ def train_step(model, x, labels, loss_fn):
     get the whole batch's gradients (the first layer's input gradient is skipped, as
     model.backward(..., input_grad=False) does). -> (loss, logits). loss_fn must average over
     the batch, as SoftmaxCrossEntropy does."""
-    config = _split_config(model, x, training=True)
+    config = _split_config(model, x)
     if config is None:
         return _part_step(model, x, labels, loss_fn, 1.0)
-    n, k = len(x), workers.threads()
-    parts = [((a, b), (loss_fn, len(a) / n)) for a, b in zip(_split(x, k), _split(labels, k))]
+    n, rngs = len(x), [layer.rng for layer in _dropout_layers(model)]
+    parts = [((x[lo:hi], labels[lo:hi]),
+              (loss_fn, (hi - lo) / n, lo, None if lo == 0 else deepcopy(rngs)))
+             for lo, hi in workers.split(n, workers.threads())]
     results = _run_split(model, config, _part_step, parts, grads=True)
     return (sum(loss * len(a) for (loss, _), ((a, _), _) in zip(results, parts)) / n,
             np.concatenate([logits for _, logits in results]))
 
 
-def _part_step(copy, x, labels, loss_fn, share):
+def _part_step(copy, x, labels, loss_fn, share, first=0, dropout_rngs=None):
     """Forward, loss and backward of one model copy on its part of the batch, share = its
-    images / the batch's (the loss is a mean: the part's dlogits count that much).
+    images / the batch's (the loss is a mean: the part's dlogits count that much), first = the
+    index of its first image in the batch. dropout_rngs: for the copy's Dropout layers, copies
+    of the model's generators as they were before the step (None: the copy is the model).
     -> (the part's loss, its logits)."""
-    logits = copy.forward(x, training=True)
+    for layer, rng in zip(_dropout_layers(copy), dropout_rngs or ()):
+        layer.rng = rng
+    with workers.batch_part(first):
+        logits = copy.forward(x, training=True)
     loss, dlogits = loss_fn(logits, labels)
     copy.backward(dlogits * share, input_grad=False)
     return loss, logits
+
+
+def _dropout_layers(model):
+    """model's Dropout layers in walk order (the same in every copy)."""
+    return [layer for layer in walk(model) if isinstance(layer, Dropout)]
 
 
 def _forward(copy, x):
@@ -135,7 +153,7 @@ def _forward(copy, x):
 def predict(model, x):
     """model.forward(x) in inference mode, each worker's part of the batch through its own
     model copy at once."""
-    config = _split_config(model, x, training=False)
+    config = _split_config(model, x)
     if config is None:
         return model.forward(x)
     parts = [((part,), ()) for part in _split(x, workers.threads())]

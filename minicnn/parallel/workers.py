@@ -24,6 +24,10 @@ for the process, and set_threads(1) gives it its threads back.
     workers.member(group, rank)   a block in which this thread is a group's member: the worker
                                   processes' groups (minicnn.parallel.processes) join all_sum
                                   this way
+    workers.batch_part(first)     a block in which this thread works on the part of a batch
+                                  that starts at the batch's image `first`, and
+    workers.first_image()         that index (0 outside): Dropout keys each image's mask by its
+                                  place in the whole batch (minicnn.parallel.data_parallel)
 
 CuPy arrays always run in the calling thread: on a GPU one stream does the work.
 """
@@ -205,6 +209,26 @@ def member(group, rank):
 def rank():
     """This worker's index inside together() or a member() block (0 outside them)."""
     return getattr(_local, "rank", 0)
+
+
+@contextlib.contextmanager
+def batch_part(first):
+    """Inside: the calling thread runs a model on the part of a batch whose first image is image
+    `first` of the whole batch (a data-parallel step's part; in a worker thread or process, or
+    rank 0's own part). Dropout reads it (first_image()) to give each image the mask one model
+    on the whole batch would give it."""
+    before = first_image()
+    _local.first = first
+    try:
+        yield
+    finally:
+        _local.first = before
+
+
+def first_image():
+    """The index in the whole batch of the first image this thread's model runs on: the
+    batch_part() block's `first`, 0 outside one (the whole batch)."""
+    return getattr(_local, "first", 0)
 
 
 def all_sum(*values):

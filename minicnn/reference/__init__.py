@@ -7,7 +7,8 @@ proves the two equal. The array module is taken from the arrays: NumPy or CuPy a
 
     conv.py        im2col, col2im, conv2d_forward/backward (one GEMM), conv_output_size,
                    same_padding
-    pool.py        maxpool2d_forward/backward, avgpool2d_forward/backward (im2col + reduce)
+    pool.py        maxpool2d_forward/backward, avgpool2d_forward/backward (im2col + reduce,
+                   optional padding), global_avgpool2d_forward/backward (a mean per channel)
     dense.py       dense_forward/backward
     activations.py relu_forward/backward, softmax, log_softmax, softmax_backward,
                    dropout_forward/backward
@@ -19,7 +20,8 @@ proves the two equal. The array module is taken from the arrays: NumPy or CuPy a
 from minicnn.reference.conv import (conv_output_size, same_padding, im2col, col2im,
                                     conv2d_forward, conv2d_backward)
 from minicnn.reference.pool import (maxpool2d_forward, maxpool2d_backward,
-                                    avgpool2d_forward, avgpool2d_backward)
+                                    avgpool2d_forward, avgpool2d_backward,
+                                    global_avgpool2d_forward, global_avgpool2d_backward)
 from minicnn.reference.dense import dense_forward, dense_backward
 from minicnn.reference.activations import (relu_forward, relu_backward, softmax, log_softmax,
                                            softmax_backward, dropout_forward, dropout_backward)
@@ -32,6 +34,7 @@ from minicnn.reference.loops import conv2d_loops, pool2d_loops
 __all__ = [
     "conv_output_size", "same_padding", "im2col", "col2im", "conv2d_forward", "conv2d_backward",
     "maxpool2d_forward", "maxpool2d_backward", "avgpool2d_forward", "avgpool2d_backward",
+    "global_avgpool2d_forward", "global_avgpool2d_backward",
     "dense_forward", "dense_backward",
     "relu_forward", "relu_backward", "softmax", "log_softmax", "softmax_backward",
     "dropout_forward", "dropout_backward",

@@ -42,18 +42,37 @@ def softmax_backward(dy, y):
     return y * (dy - (dy * y).sum(axis=1, keepdims=True))
 
 
-def dropout_forward(x, p, rng):
+def dropout_forward(x, p, rng, first=0):
     """Inverted dropout, as PyTorch: y = x * keep / (1 - p), keep ~ Bernoulli(1 - p).
 
-    x any shape, p in [0, 1] (p >= 1 drops everything), rng a numpy Generator.
-    The mask is drawn on the CPU as the fast version draws it (the same rng gives the same
-    mask) and moved to x's device. cache: the scaled mask keep / (1 - p), x's shape and dtype.
+    x (N, ...), p in [0, 1] (p >= 1 drops everything), rng a numpy Generator; first: the index
+    of x[0] in the whole batch when x is a part of it (a data-parallel worker's), else 0.
+    Image n's mask comes from its own generator, image_generators(rng, N, first)[n], drawn on
+    the CPU as the fast version draws it (the same rng gives the same mask) and moved to x's
+    device. cache: the scaled mask keep / (1 - p), x's shape and dtype.
     """
     xp = array_module(x)
-    keep = rng.random(x.shape, dtype="float32") >= p              # x's shape, bool, host
+    keep = [image_rng.random(x.shape[1:], dtype="float32") >= p    # image n's, bool, host
+            for image_rng in image_generators(rng, len(x), first)]
     scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
-    mask = xp.asarray(keep, dtype=x.dtype) * x.dtype.type(scale)  # x's shape, x's device
+    mask = xp.asarray(keep, dtype=x.dtype).reshape(x.shape) * x.dtype.type(scale)  # x's device
     return x * mask, mask
+
+
+def image_generators(rng, count, first=0):
+    """Dropout's seeding rule: [the Generator of the mask of image first + i, for i < count]:
+    one seed drawn from rng a call, then image b's own generator, of rng's kind, seeded with
+    [seed, b] (np.random.default_rng([seed, b]) when rng is a default_rng).
+
+    Why one an image, keyed by its place b in the whole batch: a batch split over workers
+    (minicnn.parallel.data_parallel), each part drawing from a copy of rng and passing its
+    first image's index, then gets exactly the masks one model draws on the whole batch, with
+    any number of workers; and rng alone (which a training checkpoint saves) still decides every
+    mask, so a resumed run is bitwise the one that was not stopped.
+    """
+    seed = int(rng.integers(2**63))
+    generator, bit_generator = type(rng), type(rng.bit_generator)   # default_rng: PCG64
+    return [generator(bit_generator([seed, first + i])) for i in range(count)]
 
 
 def dropout_backward(dy, mask):

@@ -65,6 +65,8 @@ HYPERPARAMETERS = {
                            "zoom=F, hflip, vflip, fill=nearest|reflect|wrap|constant "
                            "(e.g. crop+flip or rotation=15+zoom=0.1+hflip)"),
     "seed": (0, int, "seed of every random generator (init, split, order, augmentation)"),
+    "image_size": ("32", str, "H or HxW: the size image-folder images are resized to (the "
+                              "checkpoint keeps it; evaluate and predict resize to it)"),
     "backend": ("numpy", str, "numpy (CPU) or cupy (GPU)"),
     "implementation": ("fast", str, "reference (minicnn.reference: the textbook maths, slow), "
                                     "fast (minicnn.ops; on a GPU CuPy's operations and cuBLAS) or "
@@ -92,6 +94,11 @@ MODEL_DEFAULTS = {
     # smoothing, crop + flip, flip test-time augmentation.
     "resnet-small": dict(epochs=11, batch_size=128, optimizer="sgd", lr=0.2, weight_decay=5e-4,
                          schedule="onecycle", label_smoothing=0.2, augment="crop+flip", tta=True),
+    # The Keras small-data tutorial's dropout net (meant for 150x150 folder images): its recipe,
+    # Adam 1e-3 with its ImageDataGenerator augmentation.
+    "keras-dropout": dict(epochs=15, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                          schedule="none", label_smoothing=0.0,
+                          augment="rotation=40+shift=0.2+shear=0.2+zoom=0.2+hflip", tta=False),
 }
 
 # Settings that may differ between a run and its --resume without changing the result (the
@@ -186,6 +193,16 @@ def _validate(s):
         if not ok:
             raise ValueError(message)
     parse_augment(s["augment"])
+    parse_image_size(s["image_size"])
+
+
+def parse_image_size(text):
+    """"150" -> (150, 150); "150x120" -> (150, 120) (height x width)."""
+    parts = str(text).lower().split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        h, w = int(parts[0]), int(parts[-1])
+        return h, w
+    raise ValueError(f"--image-size takes H or HxW in pixels (e.g. 150 or 150x120), got {text!r}.")
 
 
 def parse_augment(spec):
@@ -221,7 +238,12 @@ def code_version():
 # ---- the pieces of a run ---------------------------------------------------------------------
 def prepare_data(settings):
     """-> dict with train/val/test uint8 arrays, classes, mean/std of the training split."""
-    ds = datasets.load_dataset(settings["data"])
+    size = parse_image_size(settings["image_size"])
+    ds = datasets.load_dataset(settings["data"], image_size=size)
+    if ds.x_train.shape[2:] != size:
+        raise DataError(f"{settings['data'] or 'CIFAR-10'} holds {ds.x_train.shape[2]}x"
+                        f"{ds.x_train.shape[3]} images; --image-size resizes image folders "
+                        f"only: leave it out for CIFAR-10.")
     seed = settings["seed"]
     x, y = ds.x_train, ds.y_train
     if settings["limit"]:
@@ -343,6 +365,7 @@ def fit(**overrides):
                                              for n, bufs in buffers.items()}})
     else:
         model = build_model(s["model"], num_classes=len(d["classes"]),
+                            image_size=tuple(d["x_train"].shape[2:]),
                             rng=np.random.default_rng([seed, 0])).to(s["backend"])
         for i, layer in enumerate(_dropout_layers(model)):
             layer.rng = np.random.default_rng([seed, 4, i])
