@@ -121,7 +121,7 @@ def dropout_forward(x, p, rng, first=0):
     worker's part of it), else 0. The mask is drawn on the CPU and moved to x's device.
     cache: the scaled mask.
 
-    Reference: minicnn.reference.dropout_forward (its image_generators is the seeding rule).
+    Reference: minicnn.reference.dropout_forward. (Its image_generators is the seeding rule.)
     Differs: each image's draws go straight into one float32 buffer (no array an image).
     """
     xp = array_module(x)
