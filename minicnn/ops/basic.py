@@ -119,9 +119,9 @@ def dropout_forward(x, p, rng, first=0):
     x (N, ...); rng: a numpy Generator, one seed drawn from it a call; image n's mask from a
     generator of rng's kind seeded [seed, first + n], first: x[0]'s index in the whole batch (a
     worker's part of it), else 0. The mask is drawn on the CPU and moved to x's device.
-    cache: the scaled mask.
+    cache: the scaled mask. The seeding rule is minicnn.reference's image_generators.
 
-    Reference: minicnn.reference.dropout_forward. (Its image_generators is the seeding rule.)
+    Reference: minicnn.reference.dropout_forward.
     Differs: each image's draws go straight into one float32 buffer (no array an image).
     """
     xp = array_module(x)
