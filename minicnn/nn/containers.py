@@ -55,11 +55,13 @@ class Container(Layer, abstract=True):
 
     def fit(self, x, y=None, batch_size=32, epochs=1, validation_data=None,
             validation_split=0.0, callbacks=None, shuffle=True, verbose=1, initial_epoch=0,
-            seed=None):
+            seed=None, validation_batch_size=None, initial_state=None):
         """Train on arrays x (N, C, H, W), y (N,), or on ImageDataGenerator.flow(...);
-        -> History (.history["loss"], ["accuracy"], ["val_loss"], ...). Keras's arguments."""
+        -> History (.history["loss"], ["accuracy"], ["val_loss"], ...). Keras's arguments,
+        and minicnn.nn.fitting.fit's seed and initial_state (resuming inside an epoch)."""
         return fitting.fit(self, x, y, batch_size, epochs, validation_data, validation_split,
-                           callbacks, shuffle, verbose, initial_epoch, seed)
+                           callbacks, shuffle, verbose, initial_epoch, seed,
+                           validation_batch_size, initial_state)
 
     def evaluate(self, x, y, batch_size=32, return_dict=False, verbose=0):
         """[loss, *metrics] on x, y (or a dict with return_dict=True)."""

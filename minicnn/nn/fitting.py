@@ -84,16 +84,23 @@ def _on_device(model, a):
     return a if params is None else array_module(params).asarray(a)
 
 
-def _array_batches(x, y, batch_size, shuffle, rng):
-    """One epoch of (x, y) batches from arrays, in a fresh random order when shuffle."""
+def _array_batches(x, y, batch_size, shuffle, rng, start=0):
+    """One epoch of (x, y) batches from arrays, in a fresh random order when shuffle, from
+    batch start on."""
     order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
-    for lo in range(0, len(x), batch_size):
+    for lo in range(start * batch_size, len(x), batch_size):
         take = np.sort(order[lo:lo + batch_size]) if shuffle else order[lo:lo + batch_size]
         yield x[take], y[take]
 
 
 def _epochs_of(x, y, batch_size, shuffle, seed):
-    """-> (steps per epoch, a function giving one epoch's batches)."""
+    """-> (steps per epoch, epoch_batches(epoch, start): that epoch's batches from batch start).
+
+    x: arrays (with y); an iterator with len() (ImageDataGenerator.flow), whose next batches
+    make each epoch; or a batch source, an object with len() and epoch_batches(epoch, start)
+    (python -m minicnn.train's, which replays an epoch's order to resume inside it)."""
+    if hasattr(x, "epoch_batches"):
+        return len(x), x.epoch_batches
     if hasattr(x, "__next__") or (hasattr(x, "__iter__") and not hasattr(x, "shape")):
         if y is not None:
             raise ValueError("fit takes y only with array x; a generator yields (x, y) itself.")
@@ -103,30 +110,38 @@ def _epochs_of(x, y, batch_size, shuffle, seed):
             raise ValueError("fit needs to know how many batches an epoch has: give an "
                              "iterator with len(), such as ImageDataGenerator.flow(...).") from None
         stream = iter(x)
-        return steps, lambda: (next(stream) for _ in range(steps))
+        return steps, lambda epoch, start: (next(stream) for _ in range(start, steps))
     if y is None:
         raise ValueError("fit takes labels: model.fit(x, y, ...).")
     y = _labels(y, len(x), "fit")
     rng = np.random.default_rng(seed)
-    return -(-len(x) // batch_size), lambda: _array_batches(x, y, batch_size, shuffle, rng)
+    return (-(-len(x) // batch_size),
+            lambda epoch, start: _array_batches(x, y, batch_size, shuffle, rng, start))
 
 
 # ---- running means of the loss and the metrics ----------------------------------------------
 class _Means:
     """The epoch's loss and metrics so far, weighted by batch size (Keras's running means)."""
 
-    def __init__(self, metrics):
-        self.metrics, self.seen, self.sums = metrics, 0, dict.fromkeys(["loss", *metrics], 0.0)
+    def __init__(self, metrics, seen=0, sums=None):
+        self.metrics, self.seen = metrics, seen
+        self.sums = {**dict.fromkeys(["loss", *metrics], 0.0), **(sums or {})}
 
     def add(self, loss, logits, labels):
         n = len(labels)
         self.seen += n
         self.sums["loss"] += loss * n
-        if self.metrics:
+        if self.metrics == ["accuracy"]:                    # one device-to-host copy of (N,)
+            hits = to_numpy(logits.argmax(axis=1)) == labels
+            self.sums["accuracy"] += float(hits.sum())
+        elif self.metrics:
             top = np.argsort(-to_numpy(logits), axis=1)[:, :5]
             for name in self.metrics:
                 k = METRICS[name]
                 self.sums[name] += float((top[:, :k] == labels[:, None]).any(axis=1).sum())
+
+    def state(self):
+        return {"seen": self.seen, "sums": dict(self.sums)}
 
     def logs(self, prefix=""):
         return {prefix + k: v / max(self.seen, 1) for k, v in self.sums.items()}
@@ -150,11 +165,15 @@ def table_row(epoch, logs, seconds):
 
 
 def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None, validation_split=0.0,
-        callbacks=None, shuffle=True, verbose=1, initial_epoch=0, seed=None):
+        callbacks=None, shuffle=True, verbose=1, initial_epoch=0, seed=None,
+        validation_batch_size=None, initial_state=None):
     """Train model for epochs (from initial_epoch) on x, y; -> History. See the module's doc.
 
     validation_split: the last fraction of x, y (before shuffling) held out, as Keras does.
     seed: the shuffling's generator seed (None: a fresh one).
+    initial_state: resume inside epoch initial_epoch: {"step": batches done, "seen": images
+    done, "sums": {"loss": ..., "accuracy": ...}}, what params["progress"] held when a callback
+    saved it. Callbacks see the running state in self.params["progress"] after every batch.
     """
     _compiled(model, "fit")
     if not 0.0 <= validation_split < 1.0:
@@ -166,45 +185,59 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None, validat
         validation_data, x, y = (x[cut:], y[cut:]), x[:cut], y[:cut]
     steps, epoch_batches = _epochs_of(x, y, batch_size, shuffle, seed)
     history = History()
-    params = {"epochs": epochs, "steps": steps, "verbose": verbose}
+    params = {"epochs": epochs, "steps": steps, "verbose": verbose, "progress": None}
     calls = CallbackList([*(callbacks or []), history], model, params)
     model.stop_training, logs = False, {}
     calls.on_train_begin(logs)
     if verbose:
         tqdm.write(table_header())
     for epoch in range(initial_epoch, epochs):
+        state = initial_state if epoch == initial_epoch and initial_state else {"step": 0}
+        means = _Means(model.metrics, state.get("seen", 0), state.get("sums"))
         calls.on_epoch_begin(epoch, {})
-        started, means = time.perf_counter(), _Means(model.metrics)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="batch", leave=False,
-                   dynamic_ncols=True, disable=None if verbose == 1 else True)
-        try:
-            for step, (xb, yb) in enumerate(epoch_batches()):
-                calls.on_train_batch_begin(step, {})
-                yb = _labels(yb, len(xb), "fit")
-                loss, logits = data_parallel.train_step(model, _as_input(model, xb),
-                                                        _on_device(model, yb), model.loss)
-                model.optimizer.step()
-                means.add(loss, logits, yb)
-                logs = means.logs()
-                calls.on_train_batch_end(step, logs)
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
-                if model.stop_training:
-                    break
-        finally:
-            bar.close()
-        logs = means.logs()
+        logs = _train_epoch(model, epoch, epoch_batches(epoch, state["step"]), state["step"],
+                            means, calls, params, verbose)
         if validation_data is not None:
-            values = evaluate(model, *validation_data, batch_size=batch_size, return_dict=True)
+            values = evaluate(model, *validation_data, return_dict=True,
+                              batch_size=validation_batch_size or batch_size)
             logs.update({f"val_{k}": v for k, v in values.items()})
         logs["lr"] = model.optimizer.lr
-        calls.on_epoch_end(epoch, logs)
         if verbose:
-            tqdm.write(table_row(epoch + 1, logs, time.perf_counter() - started))
+            tqdm.write(table_row(epoch + 1, logs, logs.pop("seconds")))
+        logs.pop("seconds", None)
+        calls.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
     calls.on_train_end(logs)
     return history
+
+
+def _train_epoch(model, epoch, batches, start, means, calls, params, verbose):
+    """One epoch's steps, from batch start: forward, loss, backward (the batch split over the
+    cores), optimizer step, the callbacks; -> the epoch's logs, with its "seconds"."""
+    started, seen_before = time.perf_counter(), means.seen
+    bar = tqdm(total=params["steps"], initial=start, desc=f"epoch {epoch + 1}", unit="batch",
+               leave=False, dynamic_ncols=True, disable=None if verbose == 1 else True)
+    try:                                   # the bar is closed before any error is printed
+        for step, (xb, yb) in enumerate(batches, start=start):
+            calls.on_train_batch_begin(step, {})
+            yb = _labels(yb, len(xb), "fit")
+            loss, logits = data_parallel.train_step(model, _as_input(model, xb),
+                                                    _on_device(model, yb), model.loss)
+            model.optimizer.step()
+            means.add(loss, logits, yb)
+            params["progress"] = {"epoch": epoch, "step": step + 1, **means.state()}
+            logs = means.logs()
+            calls.on_train_batch_end(step, logs)
+            bar.update(1)
+            img_s = (means.seen - seen_before) / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix({**{k: f"{v:.4f}" for k, v in logs.items()}, "img_s": f"{img_s:.0f}"},
+                            refresh=False)
+            if model.stop_training:
+                break
+    finally:
+        bar.close()
+    return {**means.logs(), "seconds": time.perf_counter() - started}
 
 
 def evaluate(model, x, y, batch_size=32, return_dict=False, verbose=0):

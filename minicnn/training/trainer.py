@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 import minicnn
 from minicnn import augment, implementation
+from minicnn.callbacks import Callback
+from minicnn.nn import fitting
 from minicnn.datasets import loading as datasets
-from minicnn.parallel import data_parallel
 from minicnn.nn import optim
-from minicnn.backend import get_backend, to_device, to_numpy
+from minicnn.backend import get_backend, to_device
 from minicnn.training.checkpoint import load_checkpoint, predict_logits, save_checkpoint
 from minicnn.training.cli import run
 from minicnn.errors import CheckpointError, DataError, MinicnnError
@@ -418,57 +419,96 @@ def fit(**overrides):
 
 
 def _train(loop, stop):
-    s, d, xp, model, info = loop["s"], loop["d"], loop["xp"], loop["model"], loop["info"]
-    loss_fn = SoftmaxCrossEntropy(s["label_smoothing"])
-    aug = parse_augment(s["augment"])
-    batches = datasets.BatchIterator(d["x_train"], d["y_train"], s["batch_size"],
-                                     rng=loop["rng_order"])
-    while info["epoch"] < s["epochs"]:
-        epoch = info["epoch"] + 1
-        if info["step"] == 0:     # the epoch's order is drawn from this state: keep it
+    """The run's epochs through model.fit (minicnn.nn.fitting, the one training loop), with
+    this tool's batches and its bookkeeping as a callback -> "finished", "early-stopped" or
+    "interrupted"."""
+    s, d, model, info = loop["s"], loop["d"], loop["model"], loop["info"]
+    model.compile(loop["optimizer"], SoftmaxCrossEntropy(s["label_smoothing"]), ["accuracy"])
+    source = _Batches(loop)
+    run = _RunCallback(loop, stop, source)
+    p = info["partial"]
+    resume = ({"step": info["step"], "seen": p["seen"],
+               "sums": {"loss": p["loss_sum"], "accuracy": p["correct"]}}
+              if info["step"] else None)
+    x_val = datasets.normalize(d["x_val"], d["mean"], d["std"], loop["xp"])
+    try:
+        model.fit(source, epochs=s["epochs"], initial_epoch=info["epoch"], initial_state=resume,
+                  validation_data=(x_val, d["y_val"]), validation_batch_size=500,
+                  callbacks=[run], verbose=1)
+    except _Interrupted:
+        return _interrupted(loop, stop)
+    return run.status
+
+
+class _Batches:
+    """The training batches fit takes (a batch source: len() and epoch_batches): the epoch's
+    order drawn from the run's order generator (replayed to resume inside an epoch), each
+    batch normalised and augmented with the run's augmentation generator."""
+
+    def __init__(self, loop):
+        s, d = loop["s"], loop["d"]
+        self.loop, self.aug = loop, parse_augment(s["augment"])
+        self.iterator = datasets.BatchIterator(d["x_train"], d["y_train"], s["batch_size"],
+                                               rng=loop["rng_order"])
+        self.last = None                  # the last batch handed out, for the divergence report
+
+    def __len__(self):
+        return len(self.iterator)
+
+    def epoch_batches(self, epoch, start):
+        loop, info = self.loop, self.loop["info"]
+        if start == 0:          # the epoch's order is drawn from this state: keep it
             info["rng"]["order"] = loop["rng_order"].bit_generator.state
-        else:                     # resuming mid-epoch: replay the order, skip the done steps
+        else:                   # resuming mid-epoch: replay the order, skip the done steps
             loop["rng_order"].bit_generator.state = info["rng"]["order"]
-        p = info["partial"]
-        started = time.perf_counter()
-        bar = tqdm(total=loop["steps_per_epoch"], initial=info["step"], desc=f"epoch {epoch}",
-                   unit="batch", leave=False, dynamic_ncols=True, disable=None)
-        try:
-            for i, (xb, yb) in enumerate(batches.start_at(info["step"]), start=info["step"]):
-                xb = datasets.normalize(xb, d["mean"], d["std"], xp)
-                xb = _augmented(xb, loop["rng_augment"], aug)
-                yb_dev = xp.asarray(yb)
-                # forward, loss, backward: model.grads (the batch split over the cores)
-                loss, logits = data_parallel.train_step(model, xb, yb_dev, loss_fn)
-                if not math.isfinite(loss):
-                    raise TrainingStopped(_diverged(loop, xb, yb_dev, loss_fn, loss, epoch, i + 1))
-                loop["optimizer"].step()
-                if loop["schedule_unit"] == "batch":
-                    loop["schedule"].step()
-                p["loss_sum"] += loss * len(yb)
-                p["correct"] += int((to_numpy(logits.argmax(axis=1)) == yb).sum())
-                p["seen"] += len(yb)
-                info["step"] = i + 1
-                elapsed = time.perf_counter() - started
-                bar.update(1)
-                bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
-                                acc=f"{p['correct'] / p['seen']:.4f}",
-                                img_s=f"{p['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
-                every = s["checkpoint_every"]
-                if stop.signum is not None or (every and info["step"] % every == 0
-                                               and info["step"] < loop["steps_per_epoch"]):
-                    _save(loop, "last.npz")
-                    if stop.signum is not None:
-                        bar.close()
-                        return _interrupted(loop, stop)
-        finally:                       # also before an error (a diverged loss, a lost worker,
-            bar.close()                # a second Ctrl-C) is printed
-        status = _end_of_epoch(loop, time.perf_counter() - started)
-        if stop.signum is not None:
-            return _interrupted(loop, stop)
+        d, xp = loop["d"], loop["xp"]
+        for xb, yb in self.iterator.start_at(start):
+            xb = datasets.normalize(xb, d["mean"], d["std"], xp)
+            xb = _augmented(xb, loop["rng_augment"], self.aug)
+            self.last = (xb, xp.asarray(yb))
+            yield xb, yb
+
+
+class _Interrupted(Exception):
+    """Raised by the run's callback after saving, on SIGINT or SIGTERM: fit stops at once."""
+
+
+class _RunCallback(Callback):
+    """The training tool's part of each step and epoch: what a resume needs (info), the
+    learning-rate schedule, checkpoints (every N steps, on a signal, each epoch's last and
+    best), a diverged loss reported in one sentence, history files and plots, early stopping."""
+
+    def __init__(self, loop, stop, source):
+        super().__init__()
+        self.loop, self.stop, self.source, self.status = loop, stop, source, "finished"
+
+    def on_train_batch_end(self, step, logs=None):
+        loop, info, s = self.loop, self.loop["info"], self.loop["s"]
+        if not math.isfinite(logs["loss"]):
+            raise TrainingStopped(_diverged(loop, *self.source.last, self.model.loss,
+                                            logs["loss"], info["epoch"] + 1, step + 1))
+        if loop["schedule_unit"] == "batch":
+            loop["schedule"].step()
+        progress = self.params["progress"]
+        info["step"] = progress["step"]
+        info["partial"] = dict(loss_sum=progress["sums"]["loss"], seen=progress["seen"],
+                               correct=int(progress["sums"]["accuracy"]))
+        every = s["checkpoint_every"]
+        if self.stop.signum is not None or (every and info["step"] % every == 0
+                                            and info["step"] < loop["steps_per_epoch"]):
+            _save(loop, "last.npz")
+            if self.stop.signum is not None:
+                raise _Interrupted
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        status = _end_of_epoch(self.loop, logs, time.perf_counter() - self.started)
+        if self.stop.signum is not None:
+            raise _Interrupted
         if status:
-            return status
-    return "finished"
+            self.status, self.model.stop_training = status, True
 
 
 def _augmented(xb, rng, aug):
@@ -520,22 +560,21 @@ def _saved_when(info):
             else f"at epoch {info['epoch'] + 1}, step {info['step']}")
 
 
-def _end_of_epoch(loop, seconds):
-    """Validate, record, step the schedule, checkpoint; -> "early-stopped" or None."""
-    s, d, info = loop["s"], loop["d"], loop["info"]
-    p, h = info["partial"], info["history"]
-    logits = predict_logits(loop["model"], d["x_val"], d["mean"], d["std"], loop["xp"])
-    val_loss, _ = SoftmaxCrossEntropy()(logits, d["y_val"])
-    val_acc = float((logits.argmax(axis=1) == d["y_val"]).mean())
+def _end_of_epoch(loop, logs, seconds):
+    """Record the epoch fit finished, step the schedule, checkpoint; -> "early-stopped" or None."""
+    s, info = loop["s"], loop["info"]
+    h = info["history"]
     epoch = info["epoch"] + 1
-    row = dict(epoch=epoch, train_loss=p["loss_sum"] / p["seen"], train_acc=p["correct"] / p["seen"],
-               val_loss=val_loss, val_acc=val_acc, lr=loop["optimizer"].lr, seconds=round(seconds, 2))
+    row = dict(epoch=epoch, train_loss=logs["loss"], train_acc=logs["accuracy"],
+               val_loss=logs["val_loss"], val_acc=logs["val_accuracy"], lr=logs["lr"],
+               seconds=round(seconds, 2))
     for k, v in row.items():
         h[k].append(v)
     if loop["schedule_unit"] == "epoch":
         loop["schedule"].step()
     elif loop["schedule_unit"] == "metric":
-        loop["schedule"].step(val_loss)
+        loop["schedule"].step(logs["val_loss"])
+    val_acc = logs["val_accuracy"]
     improved = val_acc > info["best_val_acc"]
     info["best_val_acc"] = max(val_acc, info["best_val_acc"])
     info["bad_epochs"] = 0 if improved else info["bad_epochs"] + 1
@@ -545,7 +584,6 @@ def _end_of_epoch(loop, seconds):
     _save(loop, "last.npz")
     _write_history(loop["out"], h)
     plot_curves(h, loop["out"] / "curves.png")
-    tqdm.write(_table_row(row))
     patience = s["early_stopping"]
     if patience and info["bad_epochs"] >= patience and epoch < s["epochs"]:
         epochs = "1 epoch" if patience == 1 else f"{patience} epochs"
@@ -664,13 +702,7 @@ def _write_history(out, history):
     atomic_write(out / "history.csv", lambda f: f.write(text.getvalue().encode("utf-8")))
 
 
-TABLE_HEADER = (f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8} "
-                f"{'lr':>9} {'seconds':>8}")
-
-
-def _table_row(r):
-    return (f"{r['epoch']:>5d} {r['train_loss']:>10.4f} {r['train_acc']:>9.4f} {r['val_loss']:>9.4f} "
-            f"{r['val_acc']:>8.4f} {r['lr']:>9.2e} {r['seconds']:>8.1f}")
+TABLE_HEADER = fitting.table_header()       # fit prints it, then a row an epoch
 
 
 _IMPLEMENTATION_NOTE = {"fast": "", "raw": " (raw CUDA kernels)",
@@ -686,7 +718,6 @@ def _print_header(s, d, model):
     print(f"optimizer {s['optimizer']} lr {s['lr']} wd {s['weight_decay']} schedule {s['schedule']} "
           f"| batch {s['batch_size']} | epochs {s['epochs']} | augment {s['augment']} | "
           f"label smoothing {s['label_smoothing']} | seed {s['seed']} | out {s['out']}")
-    print(TABLE_HEADER)
 
 
 def final_report(loop):
