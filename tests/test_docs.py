@@ -24,7 +24,34 @@ def _cpu_blocks():
     """The README's ```python blocks that run without a GPU, in order (later ones use the names
     of earlier ones, as a reader typing them into one session would)."""
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    return [b for b in blocks if "x_gpu" not in b]
+    return [b for b in blocks if "x_gpu" not in b and "load_data()" not in b]
+
+
+def _keras_block():
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "load_data()" in b]
+    return block
+
+
+# CIFAR-10 stood in for by 64 + 32 random images (no download in a test)
+SMALL_CIFAR = """
+import numpy as np
+import minicnn.datasets.cifar10 as cifar10
+_rng = np.random.default_rng(0)
+_split = lambda n: (_rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), _rng.integers(0, 10, n))
+cifar10.load_data = lambda path=None: (_split(64), _split(32))
+"""
+
+
+def test_readme_keras_workflow_runs_as_printed(tmp_path):
+    """The README's Keras program, on 64 small random images instead of CIFAR-10: it trains
+    its 10 epochs, prints the epoch table and the evaluation, and plots the history."""
+    result = _run(["-c", SMALL_CIFAR + _keras_block() + "\nprint('accuracy', test_acc)"],
+                  tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(1, 11))
+    assert "evaluate: loss" in result.stdout and "accuracy" in result.stdout
+    assert (tmp_path / "history.png").stat().st_size > 1000
 
 
 def test_readme_python_blocks_run_and_print_what_the_readme_shows(tmp_path):
