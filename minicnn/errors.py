@@ -15,3 +15,12 @@ class CheckpointError(MinicnnError, ValueError):
 
 class BackendError(MinicnnError, RuntimeError):
     """A backend (CuPy, a GPU) that was asked for and is not available."""
+
+
+class UsageError(MinicnnError, ValueError):
+    """A setting or argument that cannot be used: an unknown model, a number out of range, an
+    unreadable --augment or --image-size. A ValueError too, so `except ValueError` still works."""
+
+
+class FolderInUseError(MinicnnError, RuntimeError):
+    """An --out folder that another training run holds (its lock file names that process)."""

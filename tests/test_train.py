@@ -553,3 +553,51 @@ def test_the_dropout_net_trains_on_bigger_folder_images_and_predict_resizes(tmp_
     assert train.main(["--data", str(folder), "--out", str(tmp_path / "bad"),
                        "--image-size", "48y40"]) == 2
     assert "--image-size takes H or HxW" in capsys.readouterr().err
+
+
+USER_MODEL = '''
+import numpy as np
+from minicnn import Sequential
+from minicnn.nn import Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+
+
+def small_net(num_classes, image_size, rng):
+    h, w = image_size
+    return Sequential([Conv2D(3, 6, 3, padding=1, rng=rng), ReLU(), MaxPool2D(2),
+                       Flatten(), Dropout(0.3, rng=np.random.default_rng(rng.integers(2**31))),
+                       Dense(6 * (h // 2) * (w // 2), num_classes, rng=rng)])
+
+
+def not_a_model():
+    return "a string"
+'''
+
+
+def test_a_model_from_the_users_file_trains_and_resumes_bitwise_equal(folder, tmp_path,
+                                                                      monkeypatch, capsys):
+    """--model file.py:function: the user's Sequential (with Dropout) trains; a run stopped by
+    SIGTERM mid-epoch and resumed (without the file: the checkpoint holds the architecture)
+    ends bitwise equal to an uninterrupted one."""
+    source = tmp_path / "my_models.py"
+    source.write_text(USER_MODEL)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = dict(data=str(folder), batch_size=16, val_split=0.25, epochs=2,
+                  model=f"{source}:small_net")
+    assert train.fit(out=str(whole), **common)["status"] == "finished"
+    _sigterm_after(6, monkeypatch, train.datasets, "augment")          # in epoch 2
+    assert train.fit(out=str(split), **common)["status"] == "interrupted"
+    monkeypatch.undo()
+    source.unlink()                                    # resume needs only the checkpoint
+    train.fit(out=str(split), resume=True, **common)
+    a, b = (minicnn.load(d / "last.npz") for d in (whole, split))
+    assert any(type(layer).__name__ == "Dropout" for layer in a)
+    for name, value in a.params.items():
+        np.testing.assert_array_equal(value, b.params[name])
+    capsys.readouterr()
+    source.write_text(USER_MODEL)
+    for spec, message in [(f"{source}:not_a_model", "returned str, not a model"),
+                          (f"{source}:missing", "has no function missing"),
+                          (f"{tmp_path / 'nope.py'}:small_net", "there is no file")]:
+        assert train.main(_train_args(folder, tmp_path / "bad", "--model", spec)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

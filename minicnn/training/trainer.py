@@ -9,23 +9,34 @@ Everything the run writes goes to --out DIR:
     history.json/.csv       per-epoch metrics;  settings.json   the settings and code version
     curves.png              loss and accuracy per epoch, train vs val
     report.json, confusion.png, predictions.png     the final evaluation
+    .minicnn.lock           only while the run goes on: its pid (one run at a time per --out)
 """
 import argparse
+import contextlib
 import csv
 import functools
+import importlib.util
+import inspect
 import io
 import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:            # Windows: no flock, so --out is not locked (see hold_out)
+    fcntl = None
 
 import minicnn
 from minicnn import augment, implementation
@@ -36,13 +47,14 @@ from minicnn.nn import optim
 from minicnn.backend import get_backend, to_device
 from minicnn.training.checkpoint import load_checkpoint, predict_logits, save_checkpoint
 from minicnn.training.cli import run
-from minicnn.errors import CheckpointError, DataError, MinicnnError
+from minicnn.errors import CheckpointError, DataError, FolderInUseError, MinicnnError, UsageError
 from minicnn.nn.layers import Dropout, walk
 from minicnn.nn.losses import SoftmaxCrossEntropy
 from minicnn.training.metrics import classification_report, format_report
 from minicnn.training.plots import plot_confusion, plot_curves, plot_predictions
 from minicnn.parallel.processes import WorkerError
 from minicnn.nn.serialization import atomic_write, is_temporary_of
+from minicnn.nn.model import layer_config
 from minicnn.nn.zoo import MODELS, build_model
 
 # One readable dict of hyperparameters, turned into flags (name: default, type, help).
@@ -50,7 +62,8 @@ from minicnn.nn.zoo import MODELS, build_model
 HYPERPARAMETERS = {
     "data": (None, str, "CIFAR-10 archive, extracted batch directory or image folder "
                         "(default: download CIFAR-10 into $MINICNN_DATA or ~/.cache/minicnn)"),
-    "model": ("keras-tutorial", str, f"model preset: {', '.join(MODELS)}"),
+    "model": ("keras-tutorial", str, f"model preset: {', '.join(MODELS)}; or your own, "
+                                     f"path/to/file.py:function (a function returning the model)"),
     "epochs": (None, int, "passes over the training split"),
     "batch_size": (None, int, "images per step"),
     "optimizer": (None, str, "sgd (Nesterov momentum 0.9), adam or adamw"),
@@ -95,6 +108,10 @@ MODEL_DEFAULTS = {
     # smoothing, crop + flip, flip test-time augmentation.
     "resnet-small": dict(epochs=11, batch_size=128, optimizer="sgd", lr=0.2, weight_decay=5e-4,
                          schedule="onecycle", label_smoothing=0.2, augment="crop+flip", tta=True),
+    # A model from the user's file (--model file.py:function): Keras's defaults, Adam 1e-3,
+    # batch 32, no schedule, no augmentation.
+    "user": dict(epochs=10, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                 schedule="none", label_smoothing=0.0, augment="none", tta=False),
     # The Keras small-data tutorial's dropout net (meant for 150x150 folder images): its recipe,
     # Adam 1e-3 with its ImageDataGenerator augmentation.
     "keras-dropout": dict(epochs=15, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0,
@@ -146,21 +163,23 @@ def resolve_settings(overrides):
     """Defaults, then the model preset, then what the user gave -> the settings dict."""
     unknown = set(overrides) - set(HYPERPARAMETERS) - {"debug"}
     if unknown:
-        raise ValueError(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
+        raise UsageError(f"Unknown setting(s): {', '.join(sorted(unknown))}.")
     settings = {name: default for name, (default, _, _) in HYPERPARAMETERS.items()}
     settings.update({k: v for k, v in overrides.items() if v is not None and k != "debug"})
-    if settings["model"] not in MODELS:
-        raise ValueError(f"Unknown model {settings['model']!r}; choose one of: {', '.join(MODELS)}.")
-    for k, v in MODEL_DEFAULTS[settings["model"]].items():
+    user_model = _user_model_spec(settings["model"])
+    if settings["model"] not in MODELS and user_model is None:
+        raise UsageError(f"Unknown model {settings['model']!r}; choose one of: {', '.join(MODELS)}, "
+                         f"or give your own as path/to/file.py:function.")
+    for k, v in MODEL_DEFAULTS["user" if user_model else settings["model"]].items():
         if settings.get(k) is None:
             settings[k] = v
     settings["resume"], settings["force"] = bool(settings["resume"]), bool(settings["force"])
     settings["tta"] = bool(settings["tta"])
     if settings["out"] is None:
-        settings["out"] = os.path.join("runs", settings["model"])
+        settings["out"] = os.path.join("runs", user_model[1] if user_model else settings["model"])
     if settings["data"] is not None:
         if not str(settings["data"]).strip():
-            raise ValueError("--data is empty; give a path, or leave it out to download CIFAR-10.")
+            raise UsageError("--data is empty; give a path, or leave it out to download CIFAR-10.")
         settings["data"] = os.path.abspath(settings["data"])
     _validate(settings)
     return settings
@@ -192,7 +211,7 @@ def _validate(s):
     ]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise UsageError(message)
     parse_augment(s["augment"])
     parse_image_size(s["image_size"])
 
@@ -203,7 +222,7 @@ def parse_image_size(text):
     if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) >= 1 for p in parts):
         h, w = int(parts[0]), int(parts[-1])
         return h, w
-    raise ValueError(f"--image-size takes H or HxW in pixels (e.g. 150 or 150x120), got {text!r}.")
+    raise UsageError(f"--image-size takes H or HxW in pixels (e.g. 150 or 150x120), got {text!r}.")
 
 
 def parse_augment(spec):
@@ -212,12 +231,12 @@ def parse_augment(spec):
     ImageDataGenerator's transforms (minicnn.augment.parse_spec)."""
     try:
         warp, words = augment.parse_spec(spec)
-    except ValueError as e:
-        raise ValueError(f"--augment: {e}") from None
+        generator = augment.ImageDataGenerator(**warp) if warp else None
+    except ValueError as e:          # augment's words for the user, raised as plain ValueError
+        raise UsageError(f"--augment: {e}") from None
     parts = set(words)
     return dict(crop_padding=4 if "crop" in parts else 0, flip="flip" in parts,
-                cutout_size=8 if "cutout" in parts else 0,
-                warp=augment.ImageDataGenerator(**warp) if warp else None)
+                cutout_size=8 if "cutout" in parts else 0, warp=generator)
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,6 +291,17 @@ def prepare_data(settings):
     test = (ds.x_test, ds.y_test) if ds.x_test is not None else (x_val, y_val)
     return dict(x_train=x, y_train=y, x_val=x_val, y_val=y_val, x_test=test[0], y_test=test[1],
                 classes=list(ds.classes), mean=mean, std=std, has_test=ds.x_test is not None)
+
+
+def _build_model(settings, **kwargs):
+    """The preset settings["model"] (zoo.build_model); the ValueError of an image size the
+    preset cannot take is the user's, raised as a UsageError naming --image-size."""
+    if _user_model_spec(settings["model"]):
+        return build_user_model(settings["model"], **kwargs)
+    try:
+        return build_model(settings["model"], **kwargs)
+    except ValueError as e:
+        raise UsageError(f"--image-size {settings['image_size']}: {e}") from None
 
 
 def make_optimizer(settings, model):
@@ -335,9 +365,16 @@ def fit(**overrides):
     "history", "report", "out" and "status" ("finished", "early-stopped" or "interrupted").
 
     resume=True continues --out's last.npz with the settings that run was started with; the
-    settings given here must agree with them (or force=True)."""
+    settings given here must agree with them (or force=True). One run at a time per --out:
+    another process (or thread) training into it makes this raise FolderInUseError."""
     given = {k: v for k, v in overrides.items() if v is not None and k != "debug"}
     s = resolve_settings(given)
+    with hold_out(Path(s["out"]), s["force"]):      # before anything in --out is read
+        return _fit(s, given)
+
+
+def _fit(s, given):
+    """fit's run, --out held."""
     out = Path(s["out"])
     last_path = out / "last.npz"
     if s["resume"]:
@@ -365,9 +402,9 @@ def fit(**overrides):
                                    "state": {n: {b: to_device(v, s["backend"]) for b, v in bufs.items()}
                                              for n, bufs in buffers.items()}})
     else:
-        model = build_model(s["model"], num_classes=len(d["classes"]),
-                            image_size=tuple(d["x_train"].shape[2:]),
-                            rng=np.random.default_rng([seed, 0])).to(s["backend"])
+        model = _build_model(s, num_classes=len(d["classes"]),
+                             image_size=tuple(d["x_train"].shape[2:]),
+                             rng=np.random.default_rng([seed, 0])).to(s["backend"])
         for i, layer in enumerate(_dropout_layers(model)):
             layer.rng = np.random.default_rng([seed, 4, i])
         optimizer = make_optimizer(s, model)
@@ -384,6 +421,7 @@ def fit(**overrides):
             layer.rng.bit_generator.state = state
         print(f"Resuming {last_path} at epoch {info['epoch'] + 1}, step {info['step']}.")
     out.mkdir(parents=True, exist_ok=True)
+    # (LOCK_FILE is not among RUN_FILES: --force never deletes the lock this run holds)
     for path in out.iterdir():
         if s["force"] and not s["resume"] and path.name in RUN_FILES:   # the old run's files
             path.unlink()
@@ -615,11 +653,139 @@ def _interrupted(loop, stop):
     return "interrupted"
 
 
-def _check_out(out, s):
-    """Refuse an --out that cannot hold the run's files, or (without --resume or --force) that
-    holds another run's: running the same command twice must not replace a finished run."""
+# ---- one run per --out ----------------------------------------------------------------------
+LOCK_FILE = ".minicnn.lock"      # in --out while a run holds it; not one of the RUN_FILES
+_held_lock_fds = set()           # the lock files this process holds open
+
+
+def _close_held_locks():
+    """In a process forked from this one (the data-parallel workers): close its copies of the
+    held locks' files, so that a worker still alive for a moment after its trainer was killed
+    does not keep the lock. (A flock belongs to the open file, which the parent still holds:
+    closing a copy leaves the parent's lock as it was.)"""
+    for fd in _held_lock_fds:
+        os.close(fd)
+    _held_lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks)
+
+
+@contextlib.contextmanager
+def hold_out(out, force=False):
+    """Hold the folder out for one run, from before anything in it is read until the run ends.
+
+    An exclusive flock on out/LOCK_FILE, which holds this process's pid, host and start time
+    (for the message another run gets). The operating system releases a flock when its process
+    ends, however it ends: a run killed with SIGKILL leaves the file but no lock, so --resume
+    goes on at once. Another run on out (another process, or fit in another thread) raises
+    FolderInUseError at once, --force or not. Creates out and its missing parents; at the end
+    removes the lock file, then the folders it created if nothing else was written into them.
+
+    Where flock is not available (Windows; a file system without locks) the run goes on
+    unlocked, after a one-line warning: two runs on one --out are then not refused.
+    """
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a directory.")
+    created, folder = [], out.absolute()
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)                   # innermost first
+        folder = folder.parent
+    fd = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = _lock(out, force) if fcntl is not None else None
+        if fd is None:
+            warnings.warn(f"{out} cannot be locked on this system: make sure no other run uses "
+                          f"it while this one does.")
+        yield
+    finally:
+        if fd is not None:
+            # removed while still held: a run that opens it now finds it gone once it has the
+            # lock (_lock's same-file check), and tries again with a new file
+            with contextlib.suppress(OSError):
+                os.unlink(out / LOCK_FILE)
+            _held_lock_fds.discard(fd)
+            os.close(fd)
+        for folder in created:
+            try:
+                os.rmdir(folder)                # only an empty folder
+            except OSError:
+                break
+
+
+def _lock(out, force):
+    """-> the descriptor of out/LOCK_FILE, flock'ed exclusively and holding this process's
+    pid, host and start time; FolderInUseError when another run holds it; None when this
+    file system cannot lock."""
+    path = out / LOCK_FILE
+    for _ in range(100):     # a run that ends removes its lock file: then try its successor's
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:               # out was removed after mkdir: try again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderInUseError(_in_use(out, _holder(path), force)) from None
+        except OSError:                         # no locks here (ENOLCK, EOPNOTSUPP...)
+            os.close(fd)
+            return None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:                            # its last holder removed it meanwhile
+            os.close(fd)
+            continue
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder + "\n").encode("utf-8"), 0)
+        except OSError as e:                    # a full disk: name the file
+            os.close(fd)
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        _held_lock_fds.add(fd)
+        return fd
+    raise FolderInUseError(f"{out} is in use by runs that keep starting and stopping: try again.")
+
+
+def _holder(path):
+    """{"pid", "host", "started"} from a held lock file, or None when it cannot be read. (Its
+    holder writes them just after taking the lock: give it a moment.)"""
+    for _ in range(40):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            if text.endswith("\n"):
+                return json.loads(text)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.025)
+    return None
+
+
+def _in_use(out, holder, force):
+    """The sentence for an --out another run holds."""
+    who = "another training run"
+    if isinstance(holder, dict) and "pid" in holder:
+        host = holder.get("host")
+        where = f" on {host}" if host and host != socket.gethostname() else ""
+        mine = " (this process)" if not where and holder["pid"] == os.getpid() else ""
+        who += f" (pid {holder['pid']}{where}{mine}, started {holder.get('started', '?')})"
+    rule = ", and --force does not take a folder from a running run" if force else ""
+    return f"{out} is in use by {who}{rule}: wait for it to end or stop it, or choose another --out."
+
+
+def _check_out(out, s):
+    """Refuse an --out that cannot hold the run's files, or (without --resume or --force) that
+    holds another run's: running the same command twice must not replace a finished run.
+    (hold_out, before it, has refused an --out that is a file, and one another run holds; its
+    lock file is not a run's file.)"""
     for name in RUN_FILES:
         if (out / name).is_dir():
             raise DataError(f"{out / name} is a directory; the run writes a file there: "
@@ -654,6 +820,45 @@ def _restore_lr(s, info, optimizer, schedule, unit, steps_per_epoch):
         schedule.load_state_dict(dict(state, base_lr=s["lr"]))   # sets optimizer.lr
 
 
+def _user_model_spec(name):
+    """(file, function) for --model path/to/file.py:function, else None."""
+    file, sep, function = str(name).rpartition(":")
+    return (file, function) if sep and file.endswith(".py") and function.isidentifier() else None
+
+
+def build_user_model(spec, num_classes, image_size, rng):
+    """The model function(...) in the user's file returns: called with those of num_classes,
+    image_size, in_channels and rng that it takes. It must be a minicnn model (one that
+    minicnn can save and rebuild) whose outputs are num_classes wide for such images."""
+    file, function = _user_model_spec(spec)
+    if not os.path.isfile(file):
+        raise UsageError(f"--model {spec}: there is no file {file}.")
+    module_spec = importlib.util.spec_from_file_location(f"minicnn_user_model_{function}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)                     # the user's own code, as given
+    make = getattr(module, function, None)
+    if not callable(make):
+        raise UsageError(f"--model {spec}: {file} has no function {function}.")
+    offered = dict(num_classes=num_classes, image_size=image_size, in_channels=3, rng=rng)
+    takes = inspect.signature(make).parameters
+    model = make(**{k: v for k, v in offered.items() if k in takes})
+    try:
+        layer_config(model)
+    except (ValueError, AttributeError):
+        raise UsageError(f"--model {spec}: {function}() returned {type(model).__name__}, not a "
+                         f"model of minicnn's layers (a Sequential, say).") from None
+    try:
+        probe = model.forward(np.zeros((1, 3) + tuple(image_size), dtype=np.float32))
+    except ValueError as e:                    # the layers' own sentence about shapes
+        raise UsageError(f"--model {spec}: {function}()'s model cannot take "
+                         f"{image_size[0]}x{image_size[1]} images: {e}") from None
+    if probe.shape != (1, num_classes):
+        raise UsageError(f"--model {spec}: {function}() gives outputs of shape "
+                         f"{tuple(probe.shape[1:])} for {image_size[0]}x{image_size[1]} images; "
+                         f"the data has {num_classes} classes.")
+    return model
+
+
 def _check_model(saved, given, path):
     """A run goes on with its own model, --force or not."""
     if "model" in given and given["model"] != saved.get("model"):
@@ -677,7 +882,8 @@ def _check_resume(info, settings, classes, path):
 
 def _names(classes, shown=4):
     """"3 classes (circle, cross, stripes)", the first few names of a long list."""
-    names = ", ".join(list(classes)[:shown]) + (", ..." if len(classes) > shown else "")
+    names = (", ".join(datasets.printable(c) for c in list(classes)[:shown])
+             + (", ..." if len(classes) > shown else ""))
     return f"{len(classes)} classes ({names})"
 
 
@@ -721,15 +927,25 @@ def _print_header(s, d, model):
 
 
 def final_report(loop):
-    """Evaluate on the test split (or validation split), print and save the report and plots."""
+    """Evaluate on the test split (or validation split), print and save the report and plots.
+
+    Class names and paths in the report are printable text (datasets.printable/display_name:
+    bytes that are not UTF-8 as \\xNN, a newline as \\n), so report.json is valid UTF-8 JSON
+    whatever the folder names, and the printout survives any stdout encoding (what it cannot
+    encode becomes \\u escapes)."""
     s, d, out = loop["s"], loop["d"], loop["out"]
+
+    def say(text):
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
     split = "test" if d["has_test"] else "validation"
     logits = predict_logits(loop["model"], d["x_test"], d["mean"], d["std"], loop["xp"], tta=s["tta"])
     report = classification_report(logits, d["y_test"], d["classes"])
-    report.update(split=split, tta=s["tta"], checkpoint=str(out / "last.npz"))
-    print(f"\nEvaluation on the {split} split ({len(d['y_test']):,} images"
-          f"{', flip TTA' if s['tta'] else ''}):")
-    print(format_report(report))
+    report.update(split=split, tta=s["tta"], checkpoint=datasets.display_name(out / "last.npz"))
+    say(f"\nEvaluation on the {split} split ({len(d['y_test']):,} images"
+        f"{', flip TTA' if s['tta'] else ''}):")
+    say(format_report(report))
     _write_json(out / "report.json", report)
     plot_confusion(np.array(report["confusion"]), d["classes"], out / "confusion.png")
     # 25 images drawn at random (seeded): the split is ordered by class
@@ -737,8 +953,8 @@ def final_report(loop):
                                                                  replace=False))
     plot_predictions(d["x_test"][show], d["y_test"][show], logits[show].argmax(axis=1),
                      d["classes"], out / "predictions.png", probs=_softmax_np(logits[show]))
-    print(f"Wrote {out}/: last.npz best.npz history.json history.csv settings.json curves.png "
-          f"report.json confusion.png predictions.png")
+    say(f"Wrote {datasets.display_name(out)}/: last.npz best.npz history.json history.csv "
+        f"settings.json curves.png report.json confusion.png predictions.png")
     return report
 
 
