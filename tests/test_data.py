@@ -2,6 +2,9 @@
 import hashlib
 import os
 import pickle
+import re
+import subprocess
+import sys
 import tarfile
 import time
 import warnings
@@ -101,26 +104,38 @@ def test_python_version_archive_loads(tmp_path, batches, dumps):
     assert_matches(data.load_cifar10(archive), batches)
 
 
-class _RunsShellCommand:
+class _OpensAFile:
+    """Unpickled by pickle.loads, this creates (opens for writing) the file `marker`."""
+
     def __init__(self, marker):
-        self.marker = marker
+        self.marker = str(marker)
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return (open, (self.marker, "w"))
 
 
-def test_pickle_naming_a_forbidden_global_is_refused_and_not_run(tmp_path, batches):
+@pytest.mark.parametrize("packed", ["directory", "archive"])
+def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, batches, packed):
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_OpensAFile(control), protocol=2)).close()
+    assert control.exists()                              # the payload is real: plain pickle runs it
     marker = tmp_path / "pwned"
     files = python_files(batches)
-    files["data_batch_3"] = pickle.dumps({b"data": _RunsShellCommand(marker)}, protocol=3)
+    files["data_batch_3"] = pickle.dumps({"batch_label": "x", "data": _OpensAFile(marker),
+                                          "labels": [0]}, protocol=2)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     for name, raw in files.items():
         (folder / name).write_bytes(raw)
+    source = folder if packed == "directory" else write_tar_gz(
+        tmp_path / "py.tar.gz", "cifar-10-batches-py", files)
 
-    with pytest.raises(DataError, match="system"):
-        data.load_cifar10(folder)
+    with pytest.raises(DataError) as error:
+        data.load_cifar10(source)
     assert not marker.exists()
+    message = str(error.value)
+    assert re.search(r"refers to (io|builtins)\.open, ", message) and "\n" not in message
+    assert message.endswith("it was not loaded, so use the official archive.")
 
 
 def test_truncated_archive_raises(tmp_path, batches):
@@ -496,17 +511,51 @@ def test_real_cifar10_jpeg_folder_loads_and_caches(cifar_jpeg_folder):
     np.testing.assert_array_equal(again.x_train, dataset.x_train)
 
 
-def test_an_unwritable_cache_only_costs_a_warning(tmp_path, monkeypatch):
+# The load runs in a child whose files may not grow past 64 kB (RLIMIT_FSIZE), with SIGXFSZ
+# ignored: the cache write then fails with a real EFBIG, as on a full disk it fails with ENOSPC.
+_LOAD_WITH_SMALL_FILES = """
+import sys
+from minicnn.datasets import loading
+dataset = loading.load_image_folder(sys.argv[1])
+print(dataset.x_train.shape, dataset.classes)
+"""
+
+
+def _limit_file_size():
+    import resource
+    import signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_cache_that_cannot_be_written_only_costs_a_warning(tmp_path):
+    root = tmp_path / "pets"
+    for i in range(20):                  # 40 images: a 123 kB cache, over the 64 kB limit
+        save_image(root / "dog" / f"{i}.png", "RGB", (32, 32), (10, 20, i))
+        save_image(root / "cat" / f"{i}.png", "RGB", (32, 32), (1, 2, i))
+    cache = tmp_path / "cache"
+    env = dict(os.environ, MINICNN_DATA=str(cache), PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([sys.executable, "-c", _LOAD_WITH_SMALL_FILES, str(root)], env=env,
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=_limit_file_size)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(40, 3, 32, 32) ['cat', 'dog']"
+    [line] = [l for l in done.stderr.splitlines() if "UserWarning: Cannot cache" in l]
+    assert re.search(rf"Cannot cache the decoded images in {re.escape(str(cache))}/folder-"
+                     rf"[0-9a-f]{{20}}\.npz \(File too large\); going on without the cache", line)
+    assert os.listdir(cache) == []                     # no partial cache, no temporary file
+
+
+def test_a_file_where_the_cache_folder_should_be_only_costs_a_warning(tmp_path, monkeypatch):
     root = tmp_path / "pets"
     save_image(root / "dog" / "a.png", "RGB", (32, 32), (10, 20, 30))
-    save_image(root / "cat" / "b.png", "RGB", (32, 32), (1, 2, 3))
-
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(data.tempfile, "mkstemp", read_only)
-    with pytest.warns(UserWarning, match="Cannot cache the decoded images .*Permission denied"):
+    (tmp_path / "not-a-folder").write_text("the user's file")
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "not-a-folder"))
+    with pytest.warns(UserWarning, match=r"Cannot cache the decoded images in .*not-a-folder/"
+                                         r"folder-.*\.npz \(File exists\)"):
         dataset = data.load_image_folder(root)
-    assert dataset.classes == ["cat", "dog"] and len(dataset.x_train) == 2
+    assert dataset.classes == ["dog"] and dataset.x_train[0, :, 0, 0].tolist() == [10, 20, 30]
+    assert (tmp_path / "not-a-folder").read_text() == "the user's file"
 
 
 def test_a_channel_that_never_changes_gets_a_spread_of_one_grey_level():

@@ -15,6 +15,7 @@ import http.client
 import io
 import os
 import pickle
+import stat
 import sys
 import tarfile
 import tempfile
@@ -51,7 +52,7 @@ class Dataset:
 
     x_train: uint8 (N, 3, H, W)     y_train: int64 (N,)
     x_test:  uint8 (M, 3, H, W)     y_test:  int64 (M,)
-    classes: class names; label k is classes[k].
+    classes: class names (printable text); label k is classes[k].
     """
     x_train: np.ndarray
     y_train: np.ndarray
@@ -63,6 +64,39 @@ class Dataset:
 def cache_dir():
     """Where downloads and decoded arrays are kept: $MINICNN_DATA, else ~/.cache/minicnn."""
     return Path(os.environ.get("MINICNN_DATA") or Path.home() / ".cache" / "minicnn")
+
+
+def display_name(name):
+    r"""A file, folder or class name (str, bytes or path) as one printable line, told apart
+    from every other name: printable() of the name with each backslash doubled.
+
+    Names may hold any bytes the filesystem allows; bytes that are not UTF-8 (which
+    os.fsdecode turns into the surrogates U+DC80..U+DCFF) are shown as \xNN, a newline as \n, a
+    backslash as \\, and a name that needs none of this is shown as it is. The training tool's
+    class names are the display names of their folders.
+    """
+    text = os.fsdecode(name) if isinstance(name, (bytes, os.PathLike)) else str(name)
+    return printable(text.replace("\\", "\\\\"))
+
+
+def printable(text):
+    r"""text as one printable line of valid Unicode, to print, draw or write to JSON: a byte
+    that os.fsdecode could not decode (a surrogate U+DC80..U+DCFF) becomes \xNN, any other
+    character that is not printable is written as Python writes it (\n, \t, \x1b, \u200b);
+    everything else (é, 中, an emoji, a backslash) stays, so printable text is left as it is."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:                         # os.fsdecode's escape of a byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(repr(char)[1:-1])                     # '\n' -> \n, '\x07' -> \x07
+    return "".join(out)
 
 
 # ---------------------------------------------------------------- download
@@ -143,7 +177,9 @@ def _cached(kind, key_parts, build):
     """Return build()'s Dataset, from cache_dir()/<kind>-<hash of key_parts>.npz when present.
 
     The file is written to a temporary name and renamed, so a crash leaves no partial cache;
-    a cache file that cannot be read is ignored and rebuilt.
+    a cache file that cannot be read is ignored and rebuilt. The cache only saves time: when
+    it cannot be written (a full disk, a read-only folder, a file where the folder should be)
+    a warning names it and the reason, and the data is returned all the same.
     """
     key = hashlib.sha256(repr(key_parts).encode()).hexdigest()[:20]
     path = cache_dir() / f"{kind}-{key}.npz"
@@ -162,20 +198,21 @@ def _cached(kind, key_parts, build):
     arrays = dict(x_train=data.x_train, y_train=data.y_train, classes=np.array(data.classes))
     if data.x_test is not None:
         arrays.update(x_test=data.x_test, y_test=data.y_test)
+    part = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, part = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    except OSError as e:             # the cache only saves time: go on without it
-        warnings.warn(f"Cannot cache the decoded images in {path.parent} ({e.strerror}); "
-                      f"the next run decodes them again (set MINICNN_DATA to a writable folder).")
-        return data
-    try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(part, path)
+    except OSError as e:
+        warnings.warn(f"Cannot cache the decoded images in {display_name(path)} "
+                      f"({e.strerror or e}); going on without the cache, so the next run decodes "
+                      f"them again (set MINICNN_DATA to a writable folder).")
     finally:
-        if os.path.exists(part):
-            os.remove(part)
+        if part is not None and os.path.exists(part):
+            with contextlib.suppress(OSError):
+                os.remove(part)
     return data
 
 
@@ -183,6 +220,30 @@ def _cached(kind, key_parts, build):
 
 _TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 _RECORD_BYTES = 1 + 3 * 32 * 32      # binary format: label byte, then R, G, B planes row-major
+_BATCH_RECORDS = 10000               # images in each of the six batches
+# The most bytes each file of the two formats can hold, checked before a file is read: a
+# binary batch is exactly 10000 records (30,730,000 bytes); a python batch is the 30,720,000
+# pixel bytes plus the pickled labels and file names (31,035,704 bytes in the official
+# data_batch_1), given 128 bytes an image; the class-name files are 61 and 158 bytes.
+_BINARY_BATCH_BUDGET = _BATCH_RECORDS * _RECORD_BYTES
+_PYTHON_BATCH_BUDGET = _BATCH_RECORDS * (3 * 32 * 32 + 128)
+_META_BUDGET = 1 << 16
+_MAX_TAR_MEMBERS = 10000             # the official archives hold 8
+
+
+def _size_budget(name):
+    """The most bytes the CIFAR-10 file called name may hold (see above)."""
+    if name.startswith("batches.meta"):
+        return _META_BUDGET
+    return _BINARY_BATCH_BUDGET if name.endswith(".bin") else _PYTHON_BATCH_BUDGET
+
+
+def _check_size(name, size, source):
+    """DataError, before anything is read, when file name declares more bytes than it can hold."""
+    if size > _size_budget(name):
+        raise DataError(f"{source} holds a {name} of {size:,} bytes, more than a CIFAR-10 "
+                        f"{name} can hold ({_size_budget(name):,} bytes): it is corrupt or not a "
+                        f"CIFAR-10 archive, so use the official one.")
 
 
 def load_cifar10(path=None, url=CIFAR10_BINARY_URL, md5=CIFAR10_BINARY_MD5):
@@ -191,7 +252,8 @@ def load_cifar10(path=None, url=CIFAR10_BINARY_URL, md5=CIFAR10_BINARY_MD5):
     path None: download the archive at url into cache_dir() (unless it is there already
     with the right MD5). Otherwise path is the binary or the python-version .tar.gz, or an
     extracted cifar-10-batches-bin/ or cifar-10-batches-py/ directory. Archives are read
-    in place, without extracting them.
+    in place, without extracting them; every file's size is checked against what the format
+    can hold before it is read (a binary batch: 30,730,000 bytes).
     """
     if path is None:
         path = cache_dir() / url.rsplit("/", 1)[-1]
@@ -201,41 +263,88 @@ def load_cifar10(path=None, url=CIFAR10_BINARY_URL, md5=CIFAR10_BINARY_MD5):
     else:
         path = Path(path)
         if not path.exists():
-            raise DataError(f"Data path {path} does not exist.")
+            raise DataError(f"Data path {display_name(path)} does not exist.")
         expected_md5 = OFFICIAL_MD5.get(path.name)
     if path.is_dir():
         signature = [_file_signature(f) for f in sorted(path.iterdir()) if f.is_file()]
         return _cached("cifar10", (str(path.resolve()), signature),
-                       lambda: _parse_cifar_files(_read_batch_dir(path), path))
+                       lambda: _parse_cifar_files(_read_batch_dir(path), display_name(path)))
     return _cached("cifar10", _file_signature(path),
                    lambda: _parse_cifar_archive(path, expected_md5))
 
 
+def _cifar_file_names():
+    return ([n + s for n in _TRAIN_BATCHES + ["test_batch"] for s in ("", ".bin")]
+            + ["batches.meta", "batches.meta.txt"])
+
+
+class _BoundedReads(io.RawIOBase):
+    """A seekable binary stream that refuses any single read of more than `limit` bytes.
+
+    tarfile reads a pax or GNU long-name header whole, in one read of the size the header
+    declares; through this wrapper a forged size is one DataError, not a huge allocation.
+    """
+
+    def __init__(self, stream, limit, source):
+        super().__init__()
+        self.stream, self.limit, self.source = stream, limit, source
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def read(self, size=-1):
+        if size is None or size < 0 or size > self.limit:
+            raise DataError(f"{self.source} holds a tar entry of more than {self.limit:,} bytes, "
+                            f"more than any CIFAR-10 file: it is corrupt or not a CIFAR-10 "
+                            f"archive, so use the official one.")
+        return self.stream.read(size)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.stream.seek(offset, whence)
+
+    def tell(self):
+        return self.stream.tell()
+
+
 def _parse_cifar_archive(path, expected_md5):
-    """Read the batch files out of a CIFAR-10 .tar.gz and decode them into a Dataset."""
+    """Read the batch files out of a CIFAR-10 .tar.gz and decode them into a Dataset.
+
+    Each member's declared size is checked against the format's budget before it is read.
+    """
+    source = display_name(path)
     if expected_md5 is not None and file_md5(path) != expected_md5:
-        raise DataError(f"{path} does not have the official MD5 {expected_md5}: it is truncated "
+        raise DataError(f"{source} does not have the official MD5 {expected_md5}: it is truncated "
                         f"or corrupt; delete it and download it again.")
-    wanted = {name + suffix for name in _TRAIN_BATCHES + ["test_batch"] for suffix in ("", ".bin")}
-    wanted |= {"batches.meta", "batches.meta.txt"}
+    wanted = set(_cifar_file_names())
     files = {}
     try:
-        with tarfile.open(path, "r:gz") as tar:
-            for member in tar:
-                name = Path(member.name).name
+        with gzip.open(path, "rb") as unzipped, tarfile.open(
+                fileobj=_BoundedReads(unzipped, _PYTHON_BATCH_BUDGET, source), mode="r:") as tar:
+            for count, member in enumerate(tar, 1):
+                if count > _MAX_TAR_MEMBERS:
+                    raise DataError(f"{source} holds more than {_MAX_TAR_MEMBERS:,} files; the "
+                                    f"CIFAR-10 archive holds 8, so it is not one.")
+                name = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and name in wanted:
-                    files[name] = tar.extractfile(member).read()
+                    _check_size(name, member.size, source)
+                    files[name] = tar.extractfile(member).read(member.size)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise DataError(f"{path} is truncated or corrupt ({error}); "
+        raise DataError(f"{source} is truncated or corrupt ({error}); "
                         f"delete it and download it again.") from error
-    return _parse_cifar_files(files, path)
+    return _parse_cifar_files(files, source)
 
 
 def _read_batch_dir(path):
     """{file name: bytes} for the CIFAR-10 batch files in an extracted directory."""
-    names = [n + s for n in _TRAIN_BATCHES + ["test_batch"] for s in ("", ".bin")]
-    names += ["batches.meta", "batches.meta.txt"]
-    return {n: (path / n).read_bytes() for n in names if (path / n).is_file()}
+    files = {}
+    for name in _cifar_file_names():
+        if (path / name).is_file():
+            _check_size(name, (path / name).stat().st_size, display_name(path))
+            files[name] = (path / name).read_bytes()
+    return files
 
 
 def _parse_cifar_files(files, source):
@@ -320,6 +429,9 @@ def _unpickle(raw, source):
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
         raise DataError(f"{source} holds a batch that cannot be unpickled ({error}): "
                         f"it is truncated or corrupt.") from error
+    except MemoryError:             # a length field that declares more bytes than there are
+        raise DataError(f"{source} holds a batch that declares more data than it holds: "
+                        f"it is truncated or corrupt.") from None
     if not isinstance(obj, dict):
         raise DataError(f"{source} holds a batch that is not a dict; "
                         f"it is not a CIFAR-10 python archive.")
@@ -334,121 +446,256 @@ def load_image_folder(root, image_size=(32, 32)):
 
     Layouts: root/<class>/<image> (no test split), or root/train/<class>/<image> with an
     optional root/test/<class>/<image> whose classes are a subset of train's. Classes are
-    the sorted folder names; images are converted to RGB and resized to image_size = (H, W)
-    bilinearly when their size differs. Hidden files are ignored; unreadable files are
-    skipped with one warning. Limit: a class folder named "train" selects the second layout.
+    the sorted folder names; every file below a class folder counts, in subfolders too, as
+    Keras's image_dataset_from_directory (links to files are read, links to folders are not
+    followed, as its follow_links=False). Images become 8-bit RGB (decode_image) and are
+    resized to image_size = (H, W) bilinearly when their size differs. Hidden files and folders
+    are ignored; files that do not decode and entries that are not regular files (link loops,
+    dangling links, links to folders, fifos, sockets) are skipped with one warning. Names may
+    hold any bytes the filesystem allows: the class names are the folders' display_name
+    (printable text, the folder name itself unless it holds bytes that are not UTF-8, control
+    characters or backslashes), so they print and go into JSON and checkpoints as they are;
+    labels follow the sorted folder names. Limit: a class folder named "train" selects the
+    second layout.
     """
     root = Path(root)
     if not root.exists():
-        raise DataError(f"Data path {root} does not exist.")
+        raise DataError(f"Data path {display_name(root)} does not exist.")
     if not root.is_dir():
-        raise DataError(f"{root} is not a directory; give a folder of class folders.")
+        raise DataError(f"{display_name(root)} is not a directory; give a folder of class "
+                        f"folders.")
     split_layout = (root / "train").is_dir()
     train_dir = root / "train" if split_layout else root
     test_dir = root / "test"
     has_test = split_layout and test_dir.is_dir()
-    listing = _list_class_files(train_dir)
-    classes = sorted(listing)
-    test_listing = _list_class_files(test_dir) if has_test else {}
-    unknown = sorted(set(test_listing) - set(classes))
+    listing, skipped = _list_class_files(train_dir)
+    folders = sorted(listing)
+    classes = [display_name(f) for f in folders]            # = folders, unless names are odd
+    test_listing, test_skipped = _list_class_files(test_dir) if has_test else ({}, [])
+    unknown = sorted(set(test_listing) - set(folders))
     if unknown:
-        raise DataError(f"{test_dir} has class folders {unknown} that {train_dir} lacks; "
-                        f"give the test split only classes the training split has.")
+        raise DataError(f"{display_name(test_dir)} has class folders "
+                        f"({', '.join(display_name(c) for c in unknown)}) that "
+                        f"{display_name(train_dir)} lacks; give the test split only classes "
+                        f"the training split has.")
     key = (str(root.resolve()), tuple(image_size), _signature_of_listing(train_dir, listing),
            _signature_of_listing(test_dir, test_listing) if has_test else None)
 
     def build():
-        x_train, y_train = _decode_class_files(train_dir, listing, classes, image_size)
+        x_train, y_train = _decode_class_files(train_dir, listing, folders, image_size, skipped)
         if not has_test:
             return Dataset(x_train, y_train, None, None, classes)
-        x_test, y_test = _decode_class_files(test_dir, test_listing, classes, image_size)
+        x_test, y_test = _decode_class_files(test_dir, test_listing, folders, image_size,
+                                             test_skipped)
         return Dataset(x_train, y_train, x_test, y_test, classes)
 
     return _cached("folder", key, build)
 
 
+def class_folders(root):
+    """-> (sorted names of the class folders directly under root, skipped): links to folders
+    count (Keras follows them at this level), hidden names do not; skipped lists the paths of
+    links that lead nowhere (dangling, or a loop), which might have been class folders. Other
+    files at this level are not classes and are ignored. OSError if root cannot be listed."""
+    names, skipped = [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    names.append(entry.name)
+                elif entry.is_symlink() and not entry.is_file():
+                    skipped.append(entry.path)                   # dangling
+            except OSError:                                      # ELOOP: a link loop
+                skipped.append(entry.path)
+    return sorted(names), skipped
+
+
+def files_below(folder):
+    """-> (files, skipped) of a class folder, walked as Keras walks it (follow_links=False).
+
+    files: every regular file below folder, subfolders included, as sorted paths relative to
+    folder (a folder's own files before its subfolders'); links to files count. Hidden files
+    and folders (".name") are left out. skipped: the paths of the entries that are not read:
+    link loops, dangling links, links to folders (not followed), fifos, sockets, devices, and
+    subfolders that cannot be listed or were seen before (a bind-mount loop). folder itself
+    must be listable: its OSError propagates.
+    """
+    files, skipped, seen = [], [], set()
+    pending = [""]                                   # relative paths of folders still to list
+    while pending:
+        relative = pending.pop()
+        path = os.path.join(folder, relative) if relative else os.fspath(folder)
+        try:
+            info = os.stat(path)
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            if not relative:
+                raise
+            skipped.append(path)
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            skipped.append(path)
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = os.path.join(relative, entry.name) if relative else entry.name
+            try:
+                if entry.is_file():                          # follows a link to a file
+                    files.append(name)
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(name)
+                    continue
+            except OSError:                                  # ELOOP: a link loop
+                pass
+            skipped.append(entry.path)
+        pending += reversed(subfolders)                      # popped in sorted order
+    return files, skipped
+
+
 def _list_class_files(folder):
-    """{class name: sorted non-hidden file names} for the class folders directly under folder."""
-    classes = {entry.name: sorted(f.name for f in os.scandir(entry.path)
-                                  if f.is_file() and not f.name.startswith("."))
-               for entry in os.scandir(folder)
-               if entry.is_dir() and not entry.name.startswith(".")}
-    if not classes:
-        raise DataError(f"{folder} has no class folders; put images in {folder}/<class>/.")
-    for name, files in classes.items():
+    """-> ({class name: sorted relative paths of its files (files_below)}, skipped paths) for
+    the class folders directly under folder."""
+    names, skipped = class_folders(folder)
+    if not names:
+        raise DataError(f"{display_name(folder)} has no class folders; put images in "
+                        f"{display_name(folder)}/<class>/.")
+    classes = {}
+    for name in names:
+        files, unread = files_below(os.path.join(folder, name))
         if not files:
-            raise DataError(f"Class folder {Path(folder) / name} has no images; "
-                            f"add images or remove the folder.")
-    return classes
+            raise DataError(f"Class folder {display_name(Path(folder) / name)} has no "
+                            f"{'readable ' if unread else ''}images; add images or remove "
+                            f"the folder.")
+        classes[name] = files
+        skipped += unread
+    return classes, skipped
 
 
 def _signature_of_listing(folder, listing):
-    """Sorted (relative path, size, mtime) of every listed file: cheap to compute, and it
-    changes when any image is added, removed or rewritten."""
+    """Sorted (relative path, size, mtime) of every listed file, nested ones included: cheap to
+    compute, and it changes when any image is added, removed or rewritten."""
     signature = []
     for name in sorted(listing):
         base = os.path.join(folder, name)     # strings, not Path: 50,000 files in 0.24 s, not 1.1
         for file_name in listing[name]:
-            stat = os.stat(os.path.join(base, file_name))
-            signature.append((f"{name}/{file_name}", stat.st_size, stat.st_mtime_ns))
+            try:
+                info = os.stat(os.path.join(base, file_name))
+                signature.append((f"{name}/{file_name}", info.st_size, info.st_mtime_ns))
+            except OSError:                   # gone since the listing: decoding skips it
+                signature.append((f"{name}/{file_name}", -1, -1))
     return signature
 
 
 def decode_image(path, image_size=(32, 32)):
-    """One image file -> uint8 (3, H, W): converted to RGB (from grayscale, RGBA, palette...) and
-    resized bilinearly to image_size = (H, W) when its size differs. DataError if unreadable."""
+    """One image file -> uint8 (3, H, W) RGB, resized bilinearly to image_size = (H, W) when its
+    size differs. DataError if it cannot be read (open_image: also before decoding an image of
+    more than Image.MAX_IMAGE_PIXELS pixels, or a file that is not a regular file).
+
+    Every mode Pillow reads becomes 8-bit RGB (rgb8). Resizing happens after that conversion,
+    as Keras's load_img does.
+    """
     height, width = image_size
     with open_image(path) as image:
-        rgb = image.convert("RGB")                  # Pillow decodes here: a truncated file fails
-        if rgb.size != (width, height):                                     # PIL sizes are (W, H)
-            rgb = rgb.resize((width, height), Image.BILINEAR)
+        rgb = rgb8(image)                           # Pillow decodes here: a truncated file fails
+    if rgb.size != (width, height):                                         # PIL sizes are (W, H)
+        rgb = rgb.resize((width, height), Image.BILINEAR)
     return np.asarray(rgb).transpose(2, 0, 1)                               # (H,W,3) -> (3,H,W)
+
+
+def rgb8(image):
+    """A Pillow image of any mode -> an 8-bit "RGB" Pillow image.
+
+    16-bit grey (I;16, I;16B, I;16L) and 32-bit integer (I, read as 16-bit data, as PNG and
+    TIFF give it: clipped to 0..65535) keep their high byte, v >> 8, so 65535 -> 255 and
+    32768 -> 128: the reduction Pillow itself applies to 16-bit RGB, RGBA and grey+alpha PNGs,
+    so one 16-bit picture gives the same bytes in every mode. Float (F) is taken as 0..1 (the
+    convention of tf.image.convert_image_dtype): clipped, times 255, rounded; NaN -> 0.
+    Everything else goes through Pillow's convert("RGB"), as Keras's load_img(color_mode="rgb")
+    does: the alpha of RGBA, LA and PA and a palette's transparency are dropped (no
+    compositing), grey is copied to R, G and B, 1-bit gives 0 or 255, CMYK and YCbCr use
+    Pillow's formulas (no colour profile).
+    """
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image)                                  # (H, W) uint16 or int32
+        grey = (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))        # (H, W, 3)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)  # (H, W)
+        grey = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))        # (H, W, 3)
+    if mode in ("P", "PA"):
+        # Through RGBA: the same colours as convert("RGB"), without Pillow's warning about
+        # transparency given as bytes.
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 @contextlib.contextmanager
 def open_image(path):
     """Image.open(path) as a context in which every way of failing to read the image is one
-    DataError: a missing file, one Pillow cannot read (when opening, or when the block makes it
-    decode), and Pillow's decompression-bomb guard (more than Image.MAX_IMAGE_PIXELS pixels: a
-    warning, twice that: an error)."""
-    if not os.path.exists(path):
-        raise DataError(f"Image {path} does not exist.")
+    DataError: a missing file, one that is not a regular file (a fifo, which would block, a
+    device, a folder), one Pillow cannot read (when opening, or when the block makes it
+    decode), and Pillow's decompression-bomb guard, checked on the header before any pixel is
+    decoded (more than Image.MAX_IMAGE_PIXELS pixels: a warning, twice that: an error)."""
+    shown = display_name(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                yield image
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise DataError(f"Cannot read {path} as an image: it has more than "
-                        f"{Image.MAX_IMAGE_PIXELS:,} pixels.") from None
-    except (OSError, SyntaxError, ValueError) as e:   # not an image, or a truncated one
-        raise DataError(f"Cannot read {path} as an image ({type(e).__name__}).") from None
+        # O_NONBLOCK: opening a fifo must not wait for a writer; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise DataError(f"Image {shown} does not exist.") from None
+    except (OSError, ValueError) as e:                  # ELOOP, EACCES, a NUL in the name...
+        raise DataError(f"Cannot read {shown} as an image "
+                        f"({getattr(e, 'strerror', None) or e}).") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise DataError(f"Cannot read {shown} as an image: it is not a regular file.")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as image:
+                    yield image
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise DataError(f"Cannot read {shown} as an image: it has more than "
+                            f"{Image.MAX_IMAGE_PIXELS:,} pixels.") from None
+        except (OSError, SyntaxError, ValueError) as e:   # not an image, or a truncated one
+            raise DataError(f"Cannot read {shown} as an image ({type(e).__name__}).") from None
 
 
-def _decode_class_files(folder, listing, classes, image_size):
-    """Decode every listed image -> uint8 (N, 3, H, W) and int64 labels (N,)."""
+def _decode_class_files(folder, listing, folders, image_size, skipped=()):
+    """Decode every listed image -> uint8 (N, 3, H, W) and int64 labels (N,), label k for the
+    class folder folders[k]; one warning counts the files that do not decode and the entries
+    the listing skipped."""
     height, width = image_size
-    paths = [(Path(folder) / c / n, classes.index(c)) for c in sorted(listing) for n in listing[c]]
+    paths = [(os.path.join(folder, c, n), folders.index(c), c)
+             for c in sorted(listing) for n in listing[c]]
     images = np.empty((len(paths), 3, height, width), dtype=np.uint8)       # (N, 3, H, W)
     labels = np.empty(len(paths), dtype=np.int64)                           # (N,)
-    count, skipped, per_class = 0, [], dict.fromkeys(listing, 0)
-    for path, label in tqdm(paths, desc=f"decoding {folder}", unit="img",
-                            disable=not sys.stderr.isatty()):
+    count, skipped, per_class = 0, list(skipped), dict.fromkeys(listing, 0)
+    for path, label, name in tqdm(paths, desc=f"decoding {display_name(folder)}", unit="img",
+                                  disable=not sys.stderr.isatty()):
         try:
             images[count] = decode_image(path, image_size)
         except DataError:
             skipped.append(path)
             continue
         labels[count] = label
-        per_class[path.parent.name] += 1
+        per_class[name] += 1
         count += 1
     if skipped:
-        warnings.warn(f"Skipped {len(skipped)} unreadable or non-image files under {folder} "
-                      f"(the first is {skipped[0]}).")
+        warnings.warn(f"Skipped {len(skipped)} unreadable or non-image files under "
+                      f"{display_name(folder)} (the first is {display_name(skipped[0])}).")
     for name, n in per_class.items():
         if n == 0:
-            raise DataError(f"Class folder {Path(folder) / name} has no readable images; "
-                            f"add images or remove the folder.")
+            raise DataError(f"Class folder {display_name(Path(folder) / name)} has no readable "
+                            f"images; add images or remove the folder.")
     return images[:count], labels[:count]
 
 
@@ -460,11 +707,11 @@ def load_dataset(path=None, image_size=(32, 32)):
         return load_cifar10()
     path = Path(path)
     if not path.exists():
-        raise DataError(f"Data path {path} does not exist.")
+        raise DataError(f"Data path {display_name(path)} does not exist.")
     if path.is_file():
         if path.name.endswith((".tar.gz", ".tgz")):
             return load_cifar10(path)
-        raise DataError(f"{path} is neither a .tar.gz archive nor a directory; "
+        raise DataError(f"{display_name(path)} is neither a .tar.gz archive nor a directory; "
                         f"give the CIFAR-10 archive or a folder of class folders.")
     if (path / "data_batch_1.bin").is_file() or (path / "data_batch_1").is_file():
         return load_cifar10(path)

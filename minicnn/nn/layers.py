@@ -154,6 +154,17 @@ def _uniform(rng, bound, shape, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
+def padding_for(padding, kernel, stride, h, w):
+    """((top, bottom), (left, right)) of a window layer's padding ("valid", "same" as
+    TensorFlow's, or a pair (ph, pw) for both sides) on an input of size h x w."""
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding == "same":
+        return (same_padding(h, kernel[0], stride[0]), same_padding(w, kernel[1], stride[1]))
+    ph, pw = padding
+    return (ph, ph), (pw, pw)
+
+
 INITIALIZERS = ("pytorch", "glorot_uniform")
 
 
@@ -209,14 +220,7 @@ class Conv2D(Layer):
                         out_channels * kh * kw, bias, kernel_initializer, rng)
 
     def _padding_for(self, h, w):
-        """((top, bottom), (left, right)) for an input of size h x w."""
-        if self.padding == "valid":
-            return (0, 0), (0, 0)
-        if self.padding == "same":
-            return (same_padding(h, self.kernel_size[0], self.stride[0]),
-                    same_padding(w, self.kernel_size[1], self.stride[1]))
-        ph, pw = self.padding
-        return (ph, ph), (pw, pw)
+        return padding_for(self.padding, self.kernel_size, self.stride, h, w)
 
     def forward(self, x, training=False):
         self._check_input(x, 4, self.in_channels, self.dtype)
@@ -285,14 +289,7 @@ class _Pool2D(Layer):
         self.padding = padding
 
     def _padding_for(self, h, w):
-        """((top, bottom), (left, right)) for an input of size h x w."""
-        if self.padding == "valid":
-            return (0, 0), (0, 0)
-        if self.padding == "same":
-            return (same_padding(h, self.kernel_size[0], self.stride[0]),
-                    same_padding(w, self.kernel_size[1], self.stride[1]))
-        ph, pw = self.padding
-        return (ph, ph), (pw, pw)
+        return padding_for(self.padding, self.kernel_size, self.stride, h, w)
 
     def _fns(self, x, pad):
         """The op module for x: the active implementation's, but minicnn.ops's under "raw" for a

@@ -5,7 +5,18 @@ A checkpoint is a minicnn model file (so minicnn.load returns the model) whose h
 the settings, epoch and step, history, optimiser and schedule state, the state of every random
 generator, the class names and the normalisation statistics; the optimiser's per-parameter
 buffers are stored as arrays named "optim:<param>:<buffer>". Written atomically, never unpickled.
+
+Nothing read is trusted before it is checked: minicnn.nn.serialization checks the file (sizes,
+dtypes, the JSON), minicnn.nn.model the model's description and its arrays; load_checkpoint and
+load_for_inference check the rest of the header here, before the model is built: the class
+names (distinct, one per output of the model for images of input_shape), the
+normalisation statistics (3 finite numbers each, std > 0), input_shape ([3, H, W]), and in a
+training checkpoint everything a resumed run reads back (epoch, step, history, settings,
+optimiser, schedule and random-generator states) and the optimiser buffers. Each problem is a
+CheckpointError of one sentence, "<path>: <what is wrong>."
 """
+import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -14,8 +25,34 @@ from minicnn.datasets import loading as datasets
 from minicnn.parallel import data_parallel
 from minicnn.backend import get_backend, to_numpy
 from minicnn.errors import CheckpointError
-from minicnn.nn.model import model_from_archive, save_model
-from minicnn.nn.serialization import read_archive
+from minicnn.nn.model import check_archive, model_from_archive, save_model
+from minicnn.nn.schema import SchemaError, output_shape
+from minicnn.nn.serialization import open_archive, show
+
+MAX_CLASSES = 100_000        # class names in a checkpoint
+MAX_NAME = 1024              # characters in a class name (a folder name: any text)
+MAX_IMAGE_SIDE = 4096        # pixels on a side of the model's input images
+MAX_TEXT = 4096              # characters in a setting's text
+MAX_COUNT = 2**62            # epochs, steps, images counted
+
+# The settings a checkpoint records and a resumed run reads back: the names and types of
+# minicnn.training.trainer.HYPERPARAMETERS (the tests hold the two equal), an int also for
+# image_size, which Python callers give as one. Each may be null (the setting's default).
+SETTING_TYPES = {"data": (str,), "model": (str,), "epochs": (int,), "batch_size": (int,),
+                 "optimizer": (str,), "lr": (float,), "weight_decay": (float,),
+                 "schedule": (str,), "label_smoothing": (float,), "augment": (str,),
+                 "seed": (int,), "image_size": (str, int), "backend": (str,),
+                 "implementation": (str,), "out": (str,), "resume": (bool,), "force": (bool,),
+                 "early_stopping": (int,), "val_split": (float,), "checkpoint_every": (int,),
+                 "limit": (int,), "tta": (bool,)}
+# The columns of a checkpoint's history (minicnn.training.trainer.HISTORY_KEYS).
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+# The buffers each optimiser keeps per parameter: none yet, SGD's, Adam's and AdamW's.
+OPTIMIZER_BUFFER_SETS = ((), ("momentum",), ("exp_avg", "exp_avg_sq"))
+# The state each schedule of --schedule saves (minicnn.nn.optim's state_dict()).
+SCHEDULE_FIELDS = {"none": None, "step": ("base_lr", "last_step"),
+                   "cosine": ("base_lr", "last_step"), "onecycle": ("base_lr", "last_step"),
+                   "plateau": ("best", "bad_epochs", "cooldown_left")}
 
 
 def save_checkpoint(path, model, optimizer, info):
@@ -32,19 +69,22 @@ def save_checkpoint(path, model, optimizer, info):
 def load_checkpoint(path):
     """-> (model, info dict, optimizer buffers {param: {buffer: numpy array}}).
 
-    Raises CheckpointError when the file is not a training checkpoint.
+    Raises CheckpointError when the file is not a training checkpoint, or anything in it is not
+    what minicnn.train writes (the module docstring lists the checks).
     """
-    header, arrays = read_archive(path)
-    model = model_from_archive(path, header, arrays)
-    info = header.get("extra", {})
-    if info.get("kind") != "checkpoint":
-        raise CheckpointError(f"{path} holds a model but not a training checkpoint "
-                              f"(no optimiser state, history or normalisation statistics).")
-    buffers = {}
-    for key, value in arrays.items():
-        if key.startswith("optim:"):
-            _, name, buf = key.split(":", 2)
-            buffers.setdefault(name, {})[buf] = value
+    with open_archive(path) as archive:
+        header = archive.header
+        check_archive(path, header, archive)
+        info = _extra(path, header)
+        if info.get("kind") != "checkpoint":
+            raise CheckpointError(f"{path} holds a model but not a training checkpoint "
+                                  f"(no optimiser state, history or normalisation statistics).")
+        _check_training_info(path, info)
+        _check_inference_info(path, header, info)
+        members = _optimizer_members(path, archive)
+        model = model_from_archive(path, header, archive)
+        buffers = {name: {buf: archive[member] for buf, member in bufs.items()}
+                   for name, bufs in members.items()}
     return model, info, buffers
 
 
@@ -62,17 +102,19 @@ class Inference(NamedTuple):
 def load_for_inference(path, backend="numpy"):
     """-> Inference(...) from a checkpoint written by minicnn.train, the model moved to backend."""
     xp = get_backend(backend)                       # a missing CuPy/GPU fails before the read
-    header, arrays = read_archive(path)
-    model = model_from_archive(path, header, arrays)
-    info = header.get("extra", {})
-    if "classes" not in info or "norm" not in info:
-        raise CheckpointError(f"{path} has no class names or normalisation statistics; "
-                              f"give a checkpoint written by python -m minicnn.train.")
+    with open_archive(path) as archive:
+        header = archive.header
+        check_archive(path, header, archive)
+        info = _extra(path, header)
+        if "classes" not in info or "norm" not in info:
+            raise CheckpointError(f"{path} has no class names or normalisation statistics; "
+                                  f"give a checkpoint written by python -m minicnn.train.")
+        size = _check_inference_info(path, header, info)
+        model = model_from_archive(path, header, archive)
     model.to(backend)
     return Inference(model, list(info["classes"]),
                      np.asarray(info["norm"]["mean"], dtype=np.float32),
-                     np.asarray(info["norm"]["std"], dtype=np.float32),
-                     tuple(info.get("input_shape", (3, 32, 32))[1:]), xp)
+                     np.asarray(info["norm"]["std"], dtype=np.float32), size, xp)
 
 
 def predict_logits(model, x_uint8, mean, std, xp, batch_size=500, tta=False):
@@ -89,10 +131,168 @@ def predict_logits(model, x_uint8, mean, std, xp, batch_size=500, tta=False):
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def finite_logits(logits, path):
+def finite_logits(logits, path, classes=None):
     """logits, unless some are nan or inf: then the checkpoint at path is unusable (its weights
-    overflowed in training), and a CheckpointError says so."""
+    overflowed in training), and a CheckpointError says so; with classes, also unless logits
+    has another number of columns than there are class names."""
+    if classes is not None and (logits.ndim != 2 or logits.shape[1] != len(classes)):
+        raise CheckpointError(f"{path} gives {show(logits.shape[1:])} outputs per image for its "
+                              f"{len(classes)} class names; use a checkpoint written by "
+                              f"python -m minicnn.train.")
     if not np.isfinite(logits).all():
         raise CheckpointError(f"{path} gives non-finite outputs (its weights diverged in "
                               f"training); use another checkpoint, e.g. best.npz.")
     return logits
+
+
+# ---- checking the header ---------------------------------------------------------------------
+def _fail(path, field, what, value):
+    raise CheckpointError(f"{path}: its {field} must be {what}, got {show(value)}.")
+
+
+def _is_int(v, low=0, high=MAX_COUNT):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_number(v, finite=True):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (math.isfinite(v) or not finite))
+
+
+def _extra(path, header):
+    """The header's "extra" dict (the checkpoint's info); {} when there is none."""
+    info = header.get("extra", {})
+    if not isinstance(info, dict):
+        _fail(path, "extra header", "a JSON object", info)
+    return info
+
+
+def _check_inference_info(path, header, info):
+    """Check classes, norm and input_shape, and that the model gives one output per class for
+    images of input_shape -> the images' (H, W)."""
+    classes = info.get("classes")
+    if not (isinstance(classes, list) and 1 <= len(classes) <= MAX_CLASSES):
+        _fail(path, "classes", f"a list of 1 to {MAX_CLASSES:,} class names", classes)
+    for name in classes:
+        if not (isinstance(name, str) and 1 <= len(name) <= MAX_NAME):
+            _fail(path, "classes", f"names of 1 to {MAX_NAME} characters", name)
+    if len(set(classes)) != len(classes):
+        _fail(path, "classes", "distinct names", classes)
+    norm = info.get("norm")
+    if not isinstance(norm, dict):
+        _fail(path, "norm", 'a JSON object of "mean" and "std"', norm)
+    for key in ("mean", "std"):
+        value = norm.get(key)
+        if not (isinstance(value, list) and len(value) == 3 and all(map(_is_number, value))
+                and (key == "mean" or min(value) > 0)):
+            _fail(path, f"norm {key}", "3 finite numbers" + (", each above 0" if key == "std"
+                                                            else ""), value)
+    shape = info.get("input_shape", [3, 32, 32])
+    if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3
+            and all(_is_int(n, 1, MAX_IMAGE_SIDE) for n in shape)):
+        _fail(path, "input_shape", f"[3, H, W] with H and W from 1 to {MAX_IMAGE_SIDE}", shape)
+    try:
+        out, _ = output_shape(header["model"], shape)
+    except SchemaError as e:
+        raise CheckpointError(f"{path} holds a model that cannot classify its own "
+                              f"{shape[1]}x{shape[2]} images ({e}).") from None
+    if out != (len(classes),):
+        raise CheckpointError(f"{path} names {len(classes)} classes, but its model gives "
+                              f"{show(out)} outputs per image.")
+    return tuple(shape[1:])
+
+
+def _is_generator_state(v):
+    """A numpy PCG64 bit_generator.state, which a resumed run assigns to its generators."""
+    return (isinstance(v, dict) and set(v) == {"bit_generator", "state", "has_uint32", "uinteger"}
+            and v["bit_generator"] == "PCG64" and isinstance(v["state"], dict)
+            and set(v["state"]) == {"state", "inc"}
+            and all(_is_int(n, 0, 2**128 - 1) for n in v["state"].values())
+            and _is_int(v["has_uint32"], 0, 1) and _is_int(v["uinteger"], 0, 2**32 - 1))
+
+
+def _is_fields(v, names, ok):
+    """A JSON object of exactly these fields, each ok."""
+    return isinstance(v, dict) and set(v) == set(names) and all(ok(v[n]) for n in names)
+
+
+def _check_training_info(path, info):
+    """Check what a resumed run (minicnn.training.trainer.fit) reads back from info."""
+    for field in ("epoch", "step", "bad_epochs"):
+        if not _is_int(info.get(field)):
+            _fail(path, field, "a whole number >= 0", info.get(field))
+    if not _is_number(info.get("best_val_acc")):
+        _fail(path, "best_val_acc", "a finite number", info.get("best_val_acc"))
+    history = info.get("history")
+    if not (isinstance(history, dict) and all(isinstance(history.get(k), list) for k in HISTORY_KEYS)
+            and len({len(history[k]) for k in HISTORY_KEYS}) == 1
+            and all(_is_number(v, finite=False) for k in HISTORY_KEYS for v in history[k])):
+        _fail(path, "history", f"lists of numbers of one length named {', '.join(HISTORY_KEYS)}",
+              history)
+    partial = info.get("partial")
+    if not (isinstance(partial, dict) and _is_number(partial.get("loss_sum"))
+            and _is_int(partial.get("correct")) and _is_int(partial.get("seen"))):
+        _fail(path, "partial", "loss_sum, correct and seen, numbers >= 0", partial)
+    rng = info.get("rng")
+    if not (isinstance(rng, dict) and _is_generator_state(rng.get("order"))
+            and _is_generator_state(rng.get("augment")) and isinstance(rng.get("dropout"), list)
+            and all(map(_is_generator_state, rng["dropout"]))):
+        _fail(path, "rng", "the states of numpy PCG64 generators (order, augment, dropout)", rng)
+    optimizer = info.get("optimizer")
+    if not (isinstance(optimizer, dict) and _is_number(optimizer.get("lr"))
+            and optimizer["lr"] >= 0 and _is_int(optimizer.get("steps"))):
+        _fail(path, "optimizer", "an lr >= 0 and a count of steps", optimizer)
+    if "code_version" in info and not isinstance(info["code_version"], str):
+        _fail(path, "code_version", "a string", info["code_version"])
+    settings = info.get("settings")
+    if not (isinstance(settings, dict) and all(isinstance(k, str) for k in settings)):
+        _fail(path, "settings", "a JSON object of minicnn.train's settings", settings)
+    for key, value in settings.items():
+        kinds = SETTING_TYPES.get(key, (str, int, float, bool))     # one the run does not read
+        if not (value is None or any(_is_setting(value, kind) for kind in kinds)):
+            words = {str: "a string", bool: "true or false", int: "a whole number",
+                     float: "a finite number"}
+            _fail(path, f"setting {show(key)}", " or ".join(words[k] for k in kinds) + " or null",
+                  value)
+    if not (_is_number(settings.get("lr")) and settings["lr"] > 0):
+        _fail(path, "setting 'lr'", "a number above 0", settings.get("lr"))
+    if settings.get("schedule") not in SCHEDULE_FIELDS:
+        _fail(path, "setting 'schedule'", ", ".join(SCHEDULE_FIELDS), settings.get("schedule"))
+    fields = SCHEDULE_FIELDS[settings["schedule"]]
+    if not _is_schedule_state(info.get("schedule"), fields):
+        _fail(path, "schedule", f"the state of the {settings['schedule']} schedule "
+                                f"({', '.join(fields) if fields else 'null'})", info.get("schedule"))
+
+
+def _is_setting(value, kind):
+    """Whether value, a setting's, is of kind (str, bool, int or float; an int is a float)."""
+    if kind is str:
+        return isinstance(value, str) and len(value) <= MAX_TEXT
+    if kind is bool:
+        return isinstance(value, bool)
+    return _is_int(value, -MAX_COUNT) if kind is int else _is_number(value)
+
+
+def _is_schedule_state(state, fields):
+    """Whether state is what a schedule's state_dict() gives (fields), or None for no schedule."""
+    if fields is None:
+        return state is None
+    return isinstance(state, dict) and set(state) == set(fields) and all(
+        _is_int(state[f]) if f in ("last_step", "bad_epochs", "cooldown_left")
+        else _is_number(state[f], finite=False) and not math.isnan(state[f]) for f in fields)
+
+
+def _optimizer_members(path, archive):
+    """{param: {buffer: member name}} of the optimiser's buffers, which check_archive matched
+    with the params: the same buffers for every param, those of one optimiser."""
+    members = {}
+    for name in archive:
+        if name.startswith("optim:"):
+            param, _, buffer = name[len("optim:"):].rpartition(":")
+            members.setdefault(param, {})[buffer] = name
+    kinds = {tuple(sorted(bufs)) for bufs in members.values()}
+    if len(kinds) > 1 or not kinds <= set(OPTIMIZER_BUFFER_SETS):
+        raise CheckpointError(f"{path}: its optimiser buffers must be the same for every "
+                              f"parameter, those of one optimiser (momentum; or exp_avg and "
+                              f"exp_avg_sq), got {', '.join(sorted({'+'.join(k) for k in kinds}))}.")
+    return members

@@ -51,7 +51,7 @@ def evaluate(checkpoint, data=None, backend="numpy", batch_size=500, tta=False):
                    else (ds.x_train, ds.y_train, "all images"))
     y = relabel(y, ds.classes, net.classes)
     logits = finite_logits(predict_logits(net.model, x, net.mean, net.std, net.xp,
-                                          batch_size=batch_size, tta=tta), checkpoint)
+                                          batch_size=batch_size, tta=tta), checkpoint, net.classes)
     report = classification_report(logits, y, net.classes)
     report.update(split=split, checkpoint=str(checkpoint), tta=tta)
     return report

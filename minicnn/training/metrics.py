@@ -5,6 +5,8 @@ N is the number of samples and K the number of classes throughout.
 """
 import numpy as np
 
+from minicnn.datasets.loading import printable
+
 
 def topk_accuracy(scores, labels, k):
     """Fraction of samples whose label is among the k highest scores.
@@ -87,6 +89,9 @@ def classification_report(logits, labels, class_names):
     unweighted mean over the classes that occur among the labels or the predictions, as
     scikit-learn's classification_report; support = N) and "confusion"
     (K lists of K ints, rows = true class). Predictions are ``argmax`` (first on ties).
+    Class names appear as ``loading.printable`` shows them: one printable line each (bytes of
+    a folder name that are not UTF-8 as \\xNN, a newline as \\n; printable names as they are),
+    so the report prints and writes as valid UTF-8 JSON whatever the names.
     """
     logits = np.asarray(logits)
     labels = np.asarray(labels)
@@ -95,7 +100,7 @@ def classification_report(logits, labels, class_names):
         raise ValueError(f"{len(class_names)} class names given for {num_classes} classes.")
     confusion = confusion_matrix(labels, logits.argmax(axis=1), num_classes)   # (K, K)
     scores = per_class_metrics(confusion)
-    names = [str(name) for name in class_names]
+    names = [printable(name) for name in class_names]           # printable, valid text
     per_class = {
         name: {"precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
                "f1": float(scores["f1"][i]), "support": int(scores["support"][i])}

@@ -6,13 +6,22 @@ temporary file in the same directory, then renamed over ``path`` with ``os.repla
 """
 import os
 import uuid
+import warnings
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from minicnn.datasets.loading import printable
+
 RIGHT, WRONG = "tab:green", "tab:red"
+
+
+def _label(name):
+    """A class name as matplotlib text: loading.printable's one line (bytes that are not UTF-8
+    as \\xNN, a newline as \\n), with "$" escaped so no name is read as mathtext."""
+    return printable(name).replace("$", r"\$")
 
 
 def _save_png(fig, path):
@@ -25,7 +34,9 @@ def _save_png(fig, path):
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     FigureCanvasAgg(fig)                                           # attaches itself to fig
     try:
-        with open(tmp, "xb") as f:
+        with open(tmp, "xb") as f, warnings.catch_warnings():
+            # A class name with a character the font lacks (an emoji) is drawn as a box.
+            warnings.filterwarnings("ignore", message="Glyph .* missing from")
             fig.savefig(f, format="png", dpi=100)
         os.replace(tmp, path)
     finally:
@@ -80,6 +91,7 @@ def plot_confusion(confusion, class_names, path, normalize=True):
     normalize=True colours each row by its fraction of the true class and annotates
     cells with that percentage above the count; otherwise the raw counts are shown.
     Cell annotations are left out above 20 classes, where they would not be legible.
+    Class names may be any string (loading.printable shows them; "$" is not mathtext).
     """
     counts = np.asarray(confusion, dtype=np.int64)                 # (K, K)
     num_classes = counts.shape[0]
@@ -97,8 +109,9 @@ def plot_confusion(confusion, class_names, path, normalize=True):
     image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
     fig.colorbar(image, ax=ax, label="fraction of true class" if normalize else "count")
     ticks = np.arange(num_classes)
-    ax.set_xticks(ticks, labels=class_names, rotation=45, ha="right")
-    ax.set_yticks(ticks, labels=class_names)
+    labels = [_label(name) for name in class_names]
+    ax.set_xticks(ticks, labels=labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if num_classes <= 20:
@@ -153,6 +166,6 @@ def plot_predictions(images, y_true, y_pred, class_names, path, probs=None):
             spine.set_edgecolor(colour)
             spine.set_linewidth(3)
         confidence = f" {100 * probs[i][pred]:.0f}%" if probs is not None else ""
-        ax.set_title(f"{class_names[pred]}{confidence} / {class_names[true]}",
+        ax.set_title(f"{_label(class_names[pred])}{confidence} / {_label(class_names[true])}",
                      color=colour, fontsize=9)
     _save_png(fig, path)

@@ -47,7 +47,7 @@ def predict(checkpoint, images, top=3, backend="numpy", batch_size=256):
     notes = [_describe(path, net.size) for path in images]
     batch = np.stack([datasets.decode_image(path, net.size) for path in images])   # (N, 3, H, W)
     logits = finite_logits(predict_logits(net.model, batch, net.mean, net.std, net.xp,
-                                          batch_size=batch_size), checkpoint)
+                                          batch_size=batch_size), checkpoint, net.classes)
     results = []
     for path, note, p in zip(images, notes, softmax(logits)):
         best = np.argsort(-p, kind="stable")[:max(1, top)]
