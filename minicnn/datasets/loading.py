@@ -5,7 +5,13 @@ turned into float32 by ``normalize`` on the backend that trains (NumPy or CuPy),
 augmented there. Every random choice takes an explicit ``numpy.random.Generator``.
 
 Decoding 50,000 images takes a while, so decoded arrays are cached as ``.npz`` files under
-``cache_dir()``, keyed by the source's path, sizes and modification times.
+``cache_dir()``, keyed by the source's path, sizes and modification times; a cache that cannot
+be written costs a warning, never the run.
+
+Data as users have it: images of every Pillow mode and bit depth become 8-bit RGB (rgb8);
+class folders are walked as Keras walks them (files_below); names may hold any bytes the
+filesystem allows (display_name, printable); archive members and images are checked against
+what they may hold before anything is read or decoded.
 """
 import contextlib
 import dataclasses
@@ -15,6 +21,7 @@ import http.client
 import io
 import os
 import pickle
+import pickletools
 import stat
 import sys
 import tarfile
@@ -371,8 +378,14 @@ def _parse_cifar_files(files, source):
     except UnicodeDecodeError:
         raise DataError(f"{source} has class names that are not text ({meta}): it is "
                         f"truncated or corrupt; download it again.") from None
-    return Dataset(x_train=np.concatenate([x for x, _ in train]),
-                   y_train=np.concatenate([y for _, y in train]),
+    classes = [printable(name) for name in classes]
+    y_train = np.concatenate([y for _, y in train])
+    largest = int(max(y_train.max(initial=0), y_test.max(initial=0)))
+    if len(set(classes)) != len(classes) or "" in classes or largest >= len(classes):
+        raise DataError(f"{source} has labels up to {largest} but {len(classes)} class names "
+                        f"({meta}), or names that repeat: it is truncated or corrupt; download "
+                        f"it again.")
+    return Dataset(x_train=np.concatenate([x for x, _ in train]), y_train=y_train,
                    x_test=x_test, y_test=y_test, classes=classes)
 
 
@@ -390,28 +403,67 @@ def _parse_binary_batch(raw, source):
 def _parse_python_batch(raw, source):
     """One python-version batch: {"data": (n, 3072) uint8, "labels": [n ints]} -> images, labels."""
     batch = _unpickle(raw, source)
-    data, labels = batch.get("data"), batch.get("labels")
-    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
-            or data.shape[1] != 3072 or labels is None or len(labels) != len(data)):
+    data, labels = _pickled_uint8_rows(batch.get("data")), batch.get("labels")
+    if (data is None or data.shape[1] != 3072 or not isinstance(labels, list)
+            or len(labels) != len(data) or not all(type(v) is int and 0 <= v < 256 for v in labels)):
         raise DataError(f"{source} has a batch that is not a CIFAR-10 python batch; "
                         f"download the archive again.")
     return data.reshape(-1, 3, 32, 32).copy(), np.asarray(labels, dtype=np.int64)
 
 
-# The python-version batches are pickles whose "data" is a NumPy array. Unpickling can run
-# any function a pickle names, so only the three globals an ndarray needs are let through.
+# The python-version batches are pickles whose "data" is a NumPy array. Unpickling can run any
+# function a pickle names, so only the three globals an ndarray needs are let through, and not
+# even to NumPy: they build stand-ins that only record what the pickle says (NumPy's own
+# dtype.__setstate__ trusts its input: a damaged state crashed the interpreter). The array is
+# then made from the recorded bytes with np.frombuffer, once shape and dtype are checked.
+class _PickledDtype:
+    """numpy.dtype(spec, align, copy) as a pickle calls it, and the state BUILD gives it."""
+
+    def __init__(self, spec, *args):
+        self.spec, self.state = spec, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _PickledArray:
+    """ndarray's _reconstruct(cls, shape, typecode), then its state
+    (version, shape, dtype, is_fortran, raw bytes) from BUILD."""
+
+    def __init__(self, *args):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
 # ndarray.__reduce__ names the reconstructor (numpy.core in NumPy 1, numpy._core in NumPy 2).
-_RECONSTRUCT = np.empty(0).__reduce__()[0]
 _PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _PickledArray,
+    ("numpy._core.multiarray", "_reconstruct"): _PickledArray,
+    ("numpy", "ndarray"): _PickledArray,
+    ("numpy", "dtype"): _PickledDtype,
 }
 
 
+def _pickled_uint8_rows(obj):
+    """The 2-D uint8 array a pickled ndarray describes, or None if obj is anything else."""
+    state = getattr(obj, "state", None) if isinstance(obj, _PickledArray) else None
+    if not (isinstance(state, tuple) and len(state) == 5):
+        return None
+    _, shape, dtype, fortran, raw = state
+    if (not isinstance(dtype, _PickledDtype) or dtype.spec not in ("u1", b"u1")
+            or fortran is not False or not isinstance(raw, (bytes, bytearray))
+            or not isinstance(shape, tuple) or len(shape) != 2
+            or not all(type(n) is int and 0 <= n <= len(raw) for n in shape)
+            or shape[0] * shape[1] != len(raw)):
+        return None
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)                # (n, 3072)
+
+
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """An Unpickler that builds dicts, lists, strings, numbers and ndarrays, and nothing else."""
+    """An Unpickler that builds dicts, lists, strings, numbers and ndarray stand-ins, and
+    nothing else."""
 
     def find_class(self, module, name):
         if (module, name) not in _PICKLE_GLOBALS:
@@ -421,17 +473,23 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def _unpickle(raw, source):
-    """Load one CIFAR-10 python batch through the restricted Unpickler; keys come back as str."""
+    """Load one CIFAR-10 python batch through the restricted Unpickler; keys come back as str.
+
+    The opcodes are read once first (pickletools.genops), which checks every length field
+    against the bytes that follow: the Unpickler allocates what a length declares before it
+    reads, so a damaged length would ask for up to 2**64 bytes."""
     try:
+        for _ in pickletools.genops(raw):
+            pass
         obj = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except DataError as error:
         raise DataError(f"{source}: {error}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-        raise DataError(f"{source} holds a batch that cannot be unpickled ({error}): "
-                        f"it is truncated or corrupt.") from error
-    except MemoryError:             # a length field that declares more bytes than there are
-        raise DataError(f"{source} holds a batch that declares more data than it holds: "
-                        f"it is truncated or corrupt.") from None
+    # What a damaged pickle can raise: opcodes on the wrong objects, a stack or memo underflow,
+    # a length beyond what the system can hold, or one that is more than the file holds.
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, OverflowError, MemoryError) as error:
+        raise DataError(f"{source} holds a batch that cannot be unpickled "
+                        f"({type(error).__name__}): it is truncated or corrupt.") from None
     if not isinstance(obj, dict):
         raise DataError(f"{source} holds a batch that is not a dict; "
                         f"it is not a CIFAR-10 python archive.")

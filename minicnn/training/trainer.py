@@ -419,7 +419,8 @@ def _fit(s, given):
         rng_augment.bit_generator.state = info["rng"]["augment"]
         for layer, state in zip(_dropout_layers(model), info["rng"]["dropout"]):
             layer.rng.bit_generator.state = state
-        print(f"Resuming {last_path} at epoch {info['epoch'] + 1}, step {info['step']}.")
+        print(f"Resuming {datasets.display_name(last_path)} at epoch {info['epoch'] + 1}, "
+              f"step {info['step']}.")
     out.mkdir(parents=True, exist_ok=True)
     # (LOCK_FILE is not among RUN_FILES: --force never deletes the lock this run holds)
     for path in out.iterdir():
@@ -923,7 +924,8 @@ def _print_header(s, d, model):
           f"{len(d['classes'])} classes")
     print(f"optimizer {s['optimizer']} lr {s['lr']} wd {s['weight_decay']} schedule {s['schedule']} "
           f"| batch {s['batch_size']} | epochs {s['epochs']} | augment {s['augment']} | "
-          f"label smoothing {s['label_smoothing']} | seed {s['seed']} | out {s['out']}")
+          f"label smoothing {s['label_smoothing']} | seed {s['seed']} | "
+          f"out {datasets.display_name(s['out'])}")
 
 
 def final_report(loop):
