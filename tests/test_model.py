@@ -150,16 +150,25 @@ def test_bad_model_files_raise_clear_errors(tmp_path):
 
 
 def test_pickle_payload_is_never_unpickled(tmp_path):
-    import pickle
+    """A real object-dtype .npy whose unpickling creates a file: NumPy runs it when told
+    allow_pickle=True (checked first, so the payload is live); minicnn refuses it unread."""
+    import io
     import zipfile
 
     class Boom:
         def __reduce__(self):
-            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+            return open, (str(tmp_path / "pwned"), "w")
+    payload = np.empty(1, dtype=object)
+    payload[0] = Boom()
+    npy = io.BytesIO()
+    np.save(npy, payload, allow_pickle=True)
+    np.load(io.BytesIO(npy.getvalue()), allow_pickle=True)[0].close()
+    assert (tmp_path / "pwned").exists()
+    (tmp_path / "pwned").unlink()
     path = tmp_path / "evil.npz"
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("__minicnn__.npy", pickle.dumps(Boom()))
-    with pytest.raises(CheckpointError):
+        z.writestr("__minicnn__.npy", npy.getvalue())
+    with pytest.raises(CheckpointError, match="of dtype 'object'; minicnn files hold only numbers"):
         minicnn.load(path)
     assert not (tmp_path / "pwned").exists()
 

@@ -8,7 +8,9 @@ A file's arrays are "param:<name>" and "state:<name>", one for each array of the
 a training checkpoint "optim:<param>:<buffer>" (a buffer of OPTIMIZER_BUFFERS, of its param's
 shape and dtype). model_from_archive checks the description, then that the arrays are exactly
 these, of the shapes and dtypes the description implies, reading only the .npy headers; only
-then does it build the model and copy the arrays in, one at a time.
+then does it build the model and copy the arrays in, one at a time. Memory: the model's
+parameters and gradients (twice its arrays; at the peak three times, while a layer draws its
+initial weights in float64) and the one array being read.
 """
 from minicnn.errors import CheckpointError
 from minicnn.nn.layers import LAYER_TYPES
@@ -58,7 +60,8 @@ def check_archive(path, header, arrays):
     try:
         expected = check_model(header["model"])
     except SchemaError as e:
-        raise CheckpointError(f"{path} describes a model this minicnn cannot build ({e}).") from None
+        raise CheckpointError(f"{path} describes a model this minicnn cannot build "
+                              f"({e}).") from None
     specs = array_specs(arrays)
     for name, spec in specs.items():
         group, _, rest = name.partition(":")
@@ -73,7 +76,7 @@ def check_archive(path, header, arrays):
         if spec.shape != want.shape:
             raise CheckpointError(f"{path} was written by another model: {rest} has shape "
                                   f"{show(spec.shape)}, expected {want.shape}.")
-        if spec.dtype != want.dtype:
+        if spec.dtype.newbyteorder("=") != want.dtype:      # either byte order: copied in
             raise CheckpointError(f"{path} was written by another model: {rest} is "
                                   f"{spec.dtype}, expected {want.dtype}.")
     missing = [name for name in expected if name not in specs]

@@ -13,9 +13,10 @@ problem is a CheckpointError, one sentence naming the file. In this order:
   2. each member's directory entry: a .npy, named once, stored or deflated, not encrypted, and
      declaring at most MAX_DEFLATE_RATIO times its compressed size; the declared sizes together
      at most max_file_bytes() ($MINICNN_MAX_FILE_BYTES, default 4 GiB);
-  3. each .npy header (the first few hundred bytes of its member, nothing more inflated): a
-     plain numeric dtype (bool, int, float: never an object, so never a pickle) and a shape
-     whose bytes, after the header, are exactly the member's declared size;
+  3. each .npy header (the first few hundred bytes of its member, nothing more inflated): at
+     most MAX_NPY_HEADER_BYTES long, a plain numeric dtype (bool, int, float: never an object,
+     so never a pickle) and a shape whose bytes, after the header, are exactly the member's
+     declared size;
   4. the JSON header: at most MAX_HEADER_BYTES, nested at most MAX_JSON_DEPTH deep, format and
      version.
 Only then is an array read: np.lib.format.read_array(allow_pickle=False) into an array of the
@@ -29,6 +30,7 @@ them together at most max_file_bytes(). An Archive reads an array when it is loo
 caller that copies each into place (minicnn.nn.model.load) holds one at a time.
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -54,6 +56,8 @@ MAX_DIRECTORY_BYTES = 2 * 2**20  # the zip's central directory (about 100 bytes 
 MAX_HEADER_BYTES = 4 * 2**20     # the JSON header (a 1,000-epoch history is 150 kB)
 MAX_JSON_DEPTH = 200             # JSON nesting (a model 64 layers deep needs 130)
 MAX_NDIM = 32                    # dimensions of an array
+MAX_NPY_HEADER_BYTES = 10_000    # a .npy header (NumPy's own max_header_size)
+_NPY_HEADER_LENGTH = {(1, 0): "<H", (2, 0): "<I"}    # the header length field of each version
 # Deflate codes at most 258 bytes in 2 bits: no stream inflates to more than 1032 times its size.
 MAX_DEFLATE_RATIO = 1032
 NUMERIC_KINDS = "biuf"           # bool, signed and unsigned int, float: dtypes a file may hold
@@ -147,14 +151,19 @@ def array_specs(arrays):
 
 
 def show(value, limit=40):
-    """A short, one-line description of a value read from a file, for an error message."""
-    if isinstance(value, dict):
-        return f"a JSON object of {len(value)} field(s)"
-    if isinstance(value, list):
-        return f"a list of {len(value)} item(s)"
+    """A short, one-line description of a value read from a file, for an error message: its
+    repr up to limit characters, or what it is (a list of 5 items)."""
+    if isinstance(value, list) and len(value) <= 4 and not any(
+            isinstance(v, (list, dict)) for v in value):
+        text = "[" + ", ".join(show(v, limit) for v in value) + "]"
+        if len(text) <= limit:
+            return text
+    if isinstance(value, (list, dict)):
+        return (f"a JSON object of {len(value)} field(s)" if isinstance(value, dict)
+                else f"a list of {len(value)} item(s)")
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
         return f"a {len(str(abs(value)))}-digit number"
-    text = repr(value)
+    text = repr(value[:limit] if isinstance(value, str) else value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -195,6 +204,8 @@ def open_archive(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if not os.path.isfile(path):          # a directory, or a pipe or device that open() waits on
+        raise CheckpointError(f"Checkpoint {path} is not a file.")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -312,13 +323,20 @@ def _npy_spec(path, zip_file, info):
     name = show(info.filename[:-4])
     with zip_file.open(info) as f:
         version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
+        if version not in _NPY_HEADER_LENGTH:
             raise CheckpointError(f"{path} has an array {name} in .npy format version "
                                   f"{version[0]}.{version[1]}; minicnn reads 1.0 and 2.0.")
+        # NumPy reads as many header bytes as the header says (4 GiB in version 2.0) before it
+        # compares them with its max_header_size: the length is checked here first.
+        length_field = f.read(struct.calcsize(_NPY_HEADER_LENGTH[version]))
+        (length,) = struct.unpack(_NPY_HEADER_LENGTH[version], length_field)
+        if length > MAX_NPY_HEADER_BYTES:
+            raise CheckpointError(f"{path} has an array {name} whose .npy header is {length:,} "
+                                  f"bytes long; NumPy writes at most {MAX_NPY_HEADER_BYTES:,}.")
+        header = io.BytesIO(length_field + f.read(length))
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(header)
         offset = f.tell()
     if (dtype.kind not in NUMERIC_KINDS or dtype.fields is not None
             or dtype.subdtype is not None or dtype.itemsize == 0):

@@ -11,9 +11,10 @@ dtypes, the JSON), minicnn.nn.model the model's description and its arrays; load
 load_for_inference check the rest of the header here, before the model is built: the class
 names (distinct, one per output of the model for images of input_shape), the
 normalisation statistics (3 finite numbers each, std > 0), input_shape ([3, H, W]), and in a
-training checkpoint everything a resumed run reads back (epoch, step, history, settings,
-optimiser, schedule and random-generator states) and the optimiser buffers. Each problem is a
-CheckpointError of one sentence, "<path>: <what is wrong>."
+training checkpoint what a resumed run reads back (epoch, step, history, settings, optimiser,
+schedule and random-generator states: each one the file holds, and with load_checkpoint(path,
+resumable=True) every one) and the optimiser buffers. Each problem is a CheckpointError of one
+sentence, "<path>: <what is wrong>."
 """
 import math
 import numbers
@@ -25,7 +26,7 @@ from minicnn.datasets import loading as datasets
 from minicnn.parallel import data_parallel
 from minicnn.backend import get_backend, to_numpy
 from minicnn.errors import CheckpointError
-from minicnn.nn.model import check_archive, model_from_archive, save_model
+from minicnn.nn.model import check_archive, layer_config, model_from_archive, save_model
 from minicnn.nn.schema import SchemaError, output_shape
 from minicnn.nn.serialization import open_archive, show
 
@@ -34,6 +35,10 @@ MAX_NAME = 1024              # characters in a class name (a folder name: any te
 MAX_IMAGE_SIDE = 4096        # pixels on a side of the model's input images
 MAX_TEXT = 4096              # characters in a setting's text
 MAX_COUNT = 2**62            # epochs, steps, images counted
+# predict_logits' batches: at most this many values in a layer's output or im2col matrix
+# (512 MiB of float32; the Keras-tutorial CNN's largest holds 48,672 values an image, so it
+# keeps its 500 images a batch).
+FORWARD_VALUES = 2**27
 
 # The settings a checkpoint records and a resumed run reads back: the names and types of
 # minicnn.training.trainer.HYPERPARAMETERS (the tests hold the two equal), an int also for
@@ -45,6 +50,10 @@ SETTING_TYPES = {"data": (str,), "model": (str,), "epochs": (int,), "batch_size"
                  "implementation": (str,), "out": (str,), "resume": (bool,), "force": (bool,),
                  "early_stopping": (int,), "val_split": (float,), "checkpoint_every": (int,),
                  "limit": (int,), "tta": (bool,)}
+# What a resumed run reads back from a checkpoint's info: load_checkpoint(resumable=True)
+# requires every one (each present is checked either way).
+RUN_FIELDS = ("epoch", "step", "history", "best_val_acc", "bad_epochs", "partial", "rng",
+              "optimizer", "settings", "schedule")
 # The columns of a checkpoint's history (minicnn.training.trainer.HISTORY_KEYS).
 HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 # The buffers each optimiser keeps per parameter: none yet, SGD's, Adam's and AdamW's.
@@ -66,11 +75,12 @@ def save_checkpoint(path, model, optimizer, info):
                              "optimizer": {"lr": sd["lr"], "steps": sd["steps"]}}, arrays)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, resumable=False):
     """-> (model, info dict, optimizer buffers {param: {buffer: numpy array}}).
 
-    Raises CheckpointError when the file is not a training checkpoint, or anything in it is not
-    what minicnn.train writes (the module docstring lists the checks).
+    Raises CheckpointError when the file is not a training checkpoint, or anything it holds is
+    not what minicnn.train writes (the module docstring lists the checks); resumable=True (for
+    --resume) also when info lacks one of RUN_FIELDS, which a resumed run reads back.
     """
     with open_archive(path) as archive:
         header = archive.header
@@ -79,7 +89,7 @@ def load_checkpoint(path):
         if info.get("kind") != "checkpoint":
             raise CheckpointError(f"{path} holds a model but not a training checkpoint "
                                   f"(no optimiser state, history or normalisation statistics).")
-        _check_training_info(path, info)
+        _check_training_info(path, info, resumable)
         _check_inference_info(path, header, info)
         members = _optimizer_members(path, archive)
         model = model_from_archive(path, header, archive)
@@ -119,7 +129,11 @@ def load_for_inference(path, backend="numpy"):
 
 def predict_logits(model, x_uint8, mean, std, xp, batch_size=500, tta=False):
     """Inference-mode logits (N, K) as NumPy for uint8 images (N, 3, H, W); tta averages the
-    logits of each image and its mirror."""
+    logits of each image and its mirror. batch_size images go through the model at a time, or
+    fewer where that many would make one of its layers hold more than FORWARD_VALUES values
+    (a checkpoint's model may be large per image: the memory stays bounded, the logits the
+    same)."""
+    batch_size = _bounded_batch(model, tuple(x_uint8.shape[1:]), batch_size)
     out = []
     for start in range(0, len(x_uint8), batch_size):
         xb = datasets.normalize(x_uint8[start:start + batch_size], mean, std, xp)
@@ -129,6 +143,15 @@ def predict_logits(model, x_uint8, mean, std, xp, batch_size=500, tta=False):
             logits = 0.5 * (logits + data_parallel.predict(model, mirrored))
         out.append(to_numpy(logits))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _bounded_batch(model, image_shape, batch_size):
+    """batch_size, or fewer images: at most FORWARD_VALUES values in the largest layer."""
+    try:
+        _, peak = output_shape(layer_config(model), image_shape, limit=math.inf)
+    except ValueError:      # not minicnn's layers, or not for this input: forward will say so
+        return batch_size
+    return max(1, min(batch_size, FORWARD_VALUES // max(peak, 1)))
 
 
 def finite_logits(logits, path, classes=None):
@@ -168,9 +191,9 @@ def _extra(path, header):
 
 
 def _check_inference_info(path, header, info):
-    """Check classes, norm and input_shape, and that the model gives one output per class for
-    images of input_shape -> the images' (H, W)."""
-    classes = info.get("classes")
+    """Check classes, norm and input_shape where info has them, and that the model gives one
+    output per class for images of input_shape -> the images' (H, W)."""
+    classes = info.get("classes", ["a class"])
     if not (isinstance(classes, list) and 1 <= len(classes) <= MAX_CLASSES):
         _fail(path, "classes", f"a list of 1 to {MAX_CLASSES:,} class names", classes)
     for name in classes:
@@ -178,7 +201,7 @@ def _check_inference_info(path, header, info):
             _fail(path, "classes", f"names of 1 to {MAX_NAME} characters", name)
     if len(set(classes)) != len(classes):
         _fail(path, "classes", "distinct names", classes)
-    norm = info.get("norm")
+    norm = info.get("norm", {"mean": [0, 0, 0], "std": [1, 1, 1]})
     if not isinstance(norm, dict):
         _fail(path, "norm", 'a JSON object of "mean" and "std"', norm)
     for key in ("mean", "std"):
@@ -191,6 +214,8 @@ def _check_inference_info(path, header, info):
     if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3
             and all(_is_int(n, 1, MAX_IMAGE_SIDE) for n in shape)):
         _fail(path, "input_shape", f"[3, H, W] with H and W from 1 to {MAX_IMAGE_SIDE}", shape)
+    if "classes" not in info:
+        return tuple(shape[1:])
     try:
         out, _ = output_shape(header["model"], shape)
     except SchemaError as e:
@@ -216,35 +241,48 @@ def _is_fields(v, names, ok):
     return isinstance(v, dict) and set(v) == set(names) and all(ok(v[n]) for n in names)
 
 
-def _check_training_info(path, info):
-    """Check what a resumed run (minicnn.training.trainer.fit) reads back from info."""
+def _check_training_info(path, info, resumable):
+    """Check what a resumed run (minicnn.training.trainer) reads back from info: each of its
+    fields info has; with resumable, also that it has every one of RUN_FIELDS."""
+    missing = [field for field in RUN_FIELDS if field not in info] if resumable else []
+    if missing:
+        raise CheckpointError(f"{path}: it has no {missing[0]}, which a resumed run reads back; "
+                              f"give a checkpoint written by python -m minicnn.train.")
     for field in ("epoch", "step", "bad_epochs"):
-        if not _is_int(info.get(field)):
-            _fail(path, field, "a whole number >= 0", info.get(field))
-    if not _is_number(info.get("best_val_acc")):
-        _fail(path, "best_val_acc", "a finite number", info.get("best_val_acc"))
-    history = info.get("history")
-    if not (isinstance(history, dict) and all(isinstance(history.get(k), list) for k in HISTORY_KEYS)
+        if field in info and not _is_int(info[field]):
+            _fail(path, field, "a whole number >= 0", info[field])
+    if "best_val_acc" in info and not _is_number(info["best_val_acc"]):
+        _fail(path, "best_val_acc", "a finite number", info["best_val_acc"])
+    history = info.get("history", {k: [] for k in HISTORY_KEYS})
+    if not (isinstance(history, dict)
+            and all(isinstance(history.get(k), list) for k in HISTORY_KEYS)
             and len({len(history[k]) for k in HISTORY_KEYS}) == 1
             and all(_is_number(v, finite=False) for k in HISTORY_KEYS for v in history[k])):
         _fail(path, "history", f"lists of numbers of one length named {', '.join(HISTORY_KEYS)}",
               history)
-    partial = info.get("partial")
+    partial = info.get("partial", {"loss_sum": 0, "correct": 0, "seen": 0})
     if not (isinstance(partial, dict) and _is_number(partial.get("loss_sum"))
             and _is_int(partial.get("correct")) and _is_int(partial.get("seen"))):
         _fail(path, "partial", "loss_sum, correct and seen, numbers >= 0", partial)
-    rng = info.get("rng")
-    if not (isinstance(rng, dict) and _is_generator_state(rng.get("order"))
-            and _is_generator_state(rng.get("augment")) and isinstance(rng.get("dropout"), list)
-            and all(map(_is_generator_state, rng["dropout"]))):
+    rng = info.get("rng", {})
+    if not (isinstance(rng, dict) and all(_is_generator_state(rng.get(k))
+                                          for k in ("order", "augment") if k in rng or resumable)
+            and isinstance(rng.get("dropout", []), list)
+            and all(map(_is_generator_state, rng.get("dropout", [])))
+            and (not resumable or "dropout" in rng)):
         _fail(path, "rng", "the states of numpy PCG64 generators (order, augment, dropout)", rng)
-    optimizer = info.get("optimizer")
+    optimizer = info.get("optimizer", {"lr": 0, "steps": 0})
     if not (isinstance(optimizer, dict) and _is_number(optimizer.get("lr"))
             and optimizer["lr"] >= 0 and _is_int(optimizer.get("steps"))):
         _fail(path, "optimizer", "an lr >= 0 and a count of steps", optimizer)
     if "code_version" in info and not isinstance(info["code_version"], str):
         _fail(path, "code_version", "a string", info["code_version"])
-    settings = info.get("settings")
+    _check_settings(path, info, resumable)
+
+
+def _check_settings(path, info, resumable):
+    """The run's settings (SETTING_TYPES), and the schedule state that goes with them."""
+    settings = info.get("settings", {})
     if not (isinstance(settings, dict) and all(isinstance(k, str) for k in settings)):
         _fail(path, "settings", "a JSON object of minicnn.train's settings", settings)
     for key, value in settings.items():
@@ -254,14 +292,19 @@ def _check_training_info(path, info):
                      float: "a finite number"}
             _fail(path, f"setting {show(key)}", " or ".join(words[k] for k in kinds) + " or null",
                   value)
-    if not (_is_number(settings.get("lr")) and settings["lr"] > 0):
+    if ("lr" in settings or resumable) and not (_is_number(settings.get("lr"))
+                                                and settings["lr"] > 0):
         _fail(path, "setting 'lr'", "a number above 0", settings.get("lr"))
-    if settings.get("schedule") not in SCHEDULE_FIELDS:
+    if ("schedule" in settings or resumable) and settings.get("schedule") not in SCHEDULE_FIELDS:
         _fail(path, "setting 'schedule'", ", ".join(SCHEDULE_FIELDS), settings.get("schedule"))
-    fields = SCHEDULE_FIELDS[settings["schedule"]]
-    if not _is_schedule_state(info.get("schedule"), fields):
-        _fail(path, "schedule", f"the state of the {settings['schedule']} schedule "
-                                f"({', '.join(fields) if fields else 'null'})", info.get("schedule"))
+    if "schedule" in info:
+        names = [settings["schedule"]] if "schedule" in settings else list(SCHEDULE_FIELDS)
+        if not any(_is_schedule_state(info["schedule"], SCHEDULE_FIELDS[n]) for n in names):
+            fields = SCHEDULE_FIELDS[names[0]]
+            what = (f"the state of the {names[0]} schedule "
+                    f"({', '.join(fields) if fields else 'null'})" if len(names) == 1
+                    else "null or the state of a schedule")
+            _fail(path, "schedule", what, info["schedule"])
 
 
 def _is_setting(value, kind):
@@ -292,7 +335,8 @@ def _optimizer_members(path, archive):
             members.setdefault(param, {})[buffer] = name
     kinds = {tuple(sorted(bufs)) for bufs in members.values()}
     if len(kinds) > 1 or not kinds <= set(OPTIMIZER_BUFFER_SETS):
+        got = ", ".join(sorted("+".join(k) for k in kinds))
         raise CheckpointError(f"{path}: its optimiser buffers must be the same for every "
                               f"parameter, those of one optimiser (momentum; or exp_avg and "
-                              f"exp_avg_sq), got {', '.join(sorted({'+'.join(k) for k in kinds}))}.")
+                              f"exp_avg_sq), got {got}.")
     return members

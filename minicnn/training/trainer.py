@@ -381,7 +381,7 @@ def _fit(s, given):
         if not last_path.exists():
             raise CheckpointError(f"There is no checkpoint to resume from: {last_path} does "
                                   f"not exist.")
-        model, info, buffers = load_checkpoint(last_path)
+        model, info, buffers = load_checkpoint(last_path, resumable=True)
         saved = {k: v for k, v in info["settings"].items()
                  if k in HYPERPARAMETERS and k not in ("resume", "force", "out")}
         _check_model(saved, given, last_path)
@@ -569,7 +569,7 @@ def _diverged(loop, xb, yb, loss_fn, loss, epoch, step):
     lower = f"a lower learning rate than --lr {s['lr']}"
     if not last.exists():
         return f"{head} before any checkpoint was written. Start again with {lower}."
-    model, info, _ = load_checkpoint(last)
+    model, info, _ = load_checkpoint(last, resumable=True)
     model.to(s["backend"])
     finite = math.isfinite(loss_fn(model.forward(xb, training=True), yb)[0])
     when = _saved_when(info)
@@ -588,7 +588,7 @@ def _worker_lost(loop, error):
     head = f"{error} Training stopped in epoch {loop['info']['epoch'] + 1}"
     if not last.exists():
         return f"{head}, before any checkpoint was written: start again."
-    _, info, _ = load_checkpoint(last)
+    _, info, _ = load_checkpoint(last, resumable=True)
     return (f"{head}; the last checkpoint, {last} (saved {_saved_when(info)}), is intact: "
             f"continue from it with python -m minicnn.train --resume --out {out}")
 
