@@ -55,19 +55,41 @@ def folder(tmp_path):
     return make_folder(tmp_path / "shapes")
 
 
-def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(folder, tmp_path):
+USER_MODEL = """
+import numpy as np
+from minicnn import Sequential
+from minicnn.nn import Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+
+
+def small_net(num_classes, image_size, rng):
+    h, w = image_size
+    return Sequential([Conv2D(3, 6, 3, padding=1, rng=rng), ReLU(), MaxPool2D(2), Flatten(),
+                       Dropout(0.3, rng=np.random.default_rng(rng.integers(2**31))),
+                       Dense(6 * (h // 2) * (w // 2), num_classes, rng=rng)])
+"""
+
+
+@pytest.mark.parametrize("model", ["preset", "user's file"])
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(folder, tmp_path, model):
+    """The keras-tutorial preset, and a model with Dropout from the user's file (--model
+    file.py:function): killed and resumed, each ends as its uninterrupted run."""
     env = _env(tmp_path)
+    extra = []
+    if model == "user's file":
+        (tmp_path / "my_models.py").write_text(USER_MODEL)
+        extra = ["--model", f"{tmp_path / 'my_models.py'}:small_net"]
     reference = tmp_path / "reference"
     started = time.monotonic()
-    subprocess.run(TRAIN + _run_args(folder, reference), env=env, check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run(TRAIN + _run_args(folder, reference) + extra, env=env, check=True,
+                   timeout=300, capture_output=True)
     whole_run = time.monotonic() - started          # kill times scale with this machine's speed
     out = tmp_path / "killed"
     rng = np.random.default_rng(1234)
     kills, deadline = 0, time.monotonic() + 240
     while True:
         assert time.monotonic() < deadline, "the killed run did not finish in time"
-        args = TRAIN + _run_args(folder, out) + (["--resume"] if (out / "last.npz").exists() else [])
+        args = (TRAIN + _run_args(folder, out) + extra
+                + (["--resume"] if (out / "last.npz").exists() else []))
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < 4:
             time.sleep(rng.uniform(0.3, 0.9) * whole_run)
