@@ -13,7 +13,7 @@ import numpy as np
 
 from minicnn.errors import BackendError
 
-try:  # CuPy is optional: pip install -e ".[gpu]"
+try:  # CuPy is optional: pip install -e ".[gpu-cuda13]" (or ".[gpu-cuda12]")
     import cupy as _cupy
 except Exception:  # ImportError, or a CuPy that finds no CUDA driver
     _cupy = None
@@ -28,21 +28,102 @@ def array_module(*arrays):
     return np
 
 
+# What to install, by the CUDA major version a CuPy wheel is built for (pyproject.toml's extras).
+INSTALL_HINT = ("install the CuPy that matches your driver's CUDA (nvidia-smi shows it, top right): "
+                "pip install -e \".[gpu-cuda13]\" for CUDA 13, pip install -e \".[gpu-cuda12]\" "
+                "for CUDA 12, never both")
+_checked = {}    # CuPy module -> None (it works) or the one-sentence reason it does not; per process
+
+
+def _cuda_major(cupy):
+    """12 or 13 (the CUDA a CuPy wheel is built for), from its runtime or its wheel's name."""
+    try:
+        return cupy.cuda.runtime.runtimeGetVersion() // 1000
+    except Exception:
+        pass
+    from importlib import metadata
+    for major in (13, 12, 11):
+        try:
+            metadata.version(f"cupy-cuda{major}x")
+            return major
+        except metadata.PackageNotFoundError:
+            continue
+    return 13
+
+
+def _reason(e):
+    """The first line of an exception, short enough for a sentence."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def library_checks(cupy):
+    """[(library, what it is for, fn)]: one tiny operation per CUDA library the cupy backend uses.
+
+    NVRTC compiles every elementwise kernel on first use (CuPy's on-disk kernel cache asks NVRTC
+    its version for the cache key, so even a cached kernel loads it); cuBLAS does the matmuls and
+    the convolutions' GEMMs; cuRAND draws the dropout masks and cupy.random.
+    """
+    def elementwise():
+        y = cupy.arange(4, dtype=cupy.float32) * 2 + 1
+        if float(y.sum()) != 16.0:
+            raise RuntimeError(f"2*arange(4)+1 summed to {float(y.sum())}, not 16")
+
+    def matmul():
+        a = cupy.ones((8, 8), dtype=cupy.float32)
+        if float((a @ a).sum()) != 512.0:
+            raise RuntimeError("ones(8,8) @ ones(8,8) did not sum to 512")
+
+    def draw():
+        r = cupy.random.random(16)
+        if not 0 <= float(r.min()) <= float(r.max()) < 1:
+            raise RuntimeError("cupy.random.random gave values outside [0, 1)")
+
+    return [("NVRTC", "compile kernels", elementwise), ("cuBLAS", "multiply matrices", matmul),
+            ("cuRAND", "draw random numbers", draw)]
+
+
+def _problem(cupy):
+    """None when CuPy can run on a GPU here, else one sentence: what failed and what to install."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:   # no driver, or one older than CuPy's CUDA: say which, and what to do
+        major = _cuda_major(cupy)
+        if "insufficient" in str(e).lower():
+            return (f"The cupy backend needs an NVIDIA GPU driver for CUDA {major}, and this one "
+                    f"is older (CUDA says: {_reason(e)}): update the driver, or {INSTALL_HINT}.")
+        return (f"The cupy backend needs an NVIDIA GPU and its driver, but CUDA reports: "
+                f"{_reason(e)}.")
+    if count == 0:
+        return "The cupy backend needs an NVIDIA GPU, and none was found."
+    major = _cuda_major(cupy)
+    for library, purpose, fn in library_checks(cupy):
+        try:
+            fn()
+        except Exception as e:
+            component = {"NVRTC": "nvrtc", "cuBLAS": "cublas", "cuRAND": "curand"}[library]
+            return (f"CuPy cannot {purpose} ({library} failed: {_reason(e)}): install the CUDA "
+                    f"{major} runtime libraries that match cupy-cuda{major}x "
+                    f"(pip install \"cuda-toolkit[{component}]=={major}.*\") or the CUDA toolkit.")
+    return None
+
+
 def get_backend(name):
-    """The array module called name ("numpy" or "cupy"), or BackendError saying what is missing."""
+    """The array module called name ("numpy" or "cupy"), or BackendError saying what is missing.
+
+    For "cupy", the first call in a process runs one tiny operation through each CUDA library
+    the backend needs (library_checks), so a broken install fails here, in one sentence, rather
+    than later in a library-loading traceback."""
     if name == "numpy":
         return np
     if name != "cupy":
         raise BackendError(f"Unknown backend {name!r}; choose 'numpy' or 'cupy'.")
     if _cupy is None:
-        raise BackendError("The cupy backend needs CuPy: install it with pip install -e \".[gpu]\" "
-                           "(any CuPy 13+ wheel that matches your CUDA driver works).")
-    try:
-        count = _cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:   # CUDA driver missing or broken: say so in one sentence
-        raise BackendError(f"The cupy backend needs an NVIDIA GPU, but CUDA reports: {e}.") from None
-    if count == 0:
-        raise BackendError("The cupy backend needs an NVIDIA GPU, and none was found.")
+        raise BackendError(f"The cupy backend needs CuPy: {INSTALL_HINT}.")
+    if _cupy not in _checked:
+        _checked[_cupy] = _problem(_cupy)
+    if _checked[_cupy] is not None:
+        raise BackendError(_checked[_cupy])
     return _cupy
 
 
@@ -66,12 +147,18 @@ def backend_name(*arrays):
 
 
 def gpu_available():
-    """True when the cupy backend can run: CuPy imports and CUDA sees a GPU."""
+    """True when the cupy backend can run: CuPy imports, CUDA sees a GPU, and NVRTC, cuBLAS
+    and cuRAND each ran their tiny operation (get_backend)."""
+    return gpu_problem() is None
+
+
+def gpu_problem():
+    """None when the cupy backend can run, else the one sentence get_backend("cupy") raises."""
     try:
         get_backend("cupy")
-    except BackendError:
-        return False
-    return True
+    except BackendError as e:
+        return str(e)
+    return None
 
 
 def seed_all(seed):

@@ -6,6 +6,7 @@ same test checks that .to("numpy") keeps every value and that the results are bi
 Then the backend module itself: errors, seeding, timing.
 """
 import copy
+import re
 import time
 
 import numpy as np
@@ -183,7 +184,7 @@ def test_asking_for_cupy_without_it_says_what_to_install():
     message = str(info.value)
     assert message.startswith("The cupy backend needs ")
     # without CuPy: the pip command; with CuPy but no GPU: what CUDA said about the GPU
-    assert 'pip install -e ".[gpu]"' in message or "NVIDIA GPU" in message
+    assert 'pip install -e ".[gpu-cuda13]"' in message or "NVIDIA GPU" in message
     with pytest.raises(BackendError, match="Unknown backend 'tpu'; choose 'numpy' or 'cupy'"):
         get_backend("tpu")
 
@@ -215,3 +216,95 @@ def test_timer_and_cuda_time_measure_milliseconds(xp):
     backend.synchronize(xp)       # a no-op on NumPy; waits for the device on CuPy
     with pytest.raises(ValueError, match="repeats"):
         backend.cuda_time(lambda: None, xp=xp, repeats=0)
+
+
+class BrokenCuPy:
+    """fake_cupy with some attributes replaced (a CuPy whose library or driver is broken)."""
+
+    def __init__(self, **replaced):
+        import types
+        import fake_cupy
+        cuda = types.SimpleNamespace(**vars(fake_cupy.module.cuda))     # a CuPy for CUDA 13.0
+        cuda.runtime = types.SimpleNamespace(**vars(cuda.runtime), runtimeGetVersion=lambda: 13000)
+        self._replaced = {"cuda": cuda, **replaced}
+        self._base = fake_cupy.module
+
+    def __getattr__(self, name):
+        return self._replaced[name] if name in self._replaced else getattr(self._base, name)
+
+
+def _fails(message):
+    def fn(*args, **kwargs):
+        raise RuntimeError(message)
+    return fn
+
+
+def _broken_library(library):
+    """A fake CuPy whose elementwise kernels (NVRTC), matmul (cuBLAS) or random (cuRAND) fail."""
+    import types
+    import fake_cupy
+    base = fake_cupy.module
+    if library == "cuRAND":
+        return BrokenCuPy(random=types.SimpleNamespace(
+            random=_fails("libcurand.so.10: cannot open shared object file")))
+
+    class Array:                          # arange's result: its arithmetic or @ fails
+        def __init__(self, a):
+            self.a = a
+
+        def __mul__(self, k):
+            if library == "NVRTC":
+                _fails("libnvrtc.so.13: cannot open shared object file")()
+            return self.a * k
+
+        def __matmul__(self, other):
+            _fails("libcublas.so.13: cannot open shared object file")()
+    if library == "NVRTC":
+        return BrokenCuPy(arange=lambda *a, **k: Array(base.arange(*a, **k)))
+    return BrokenCuPy(ones=lambda *a, **k: Array(base.ones(*a, **k)))
+
+
+@pytest.mark.parametrize("library, purpose, component", [
+    ("NVRTC", "compile kernels", "nvrtc"), ("cuBLAS", "multiply matrices", "cublas"),
+    ("cuRAND", "draw random numbers", "curand")])
+def test_a_cupy_missing_a_cuda_library_fails_in_one_sentence_naming_it(monkeypatch, library,
+                                                                        purpose, component):
+    monkeypatch.setattr(backend, "_cupy", _broken_library(library))
+    with pytest.raises(BackendError) as info:
+        get_backend("cupy")
+    message = str(info.value)
+    assert message.startswith(f"CuPy cannot {purpose} ({library} failed: lib{component}")
+    assert message.endswith(f'cupy-cuda13x (pip install "cuda-toolkit[{component}]==13.*") '
+                            "or the CUDA toolkit.")
+    assert message.count(". ") == 0 and "\n" not in message                # one sentence
+    assert not backend.gpu_available() and backend.gpu_problem() == message
+
+
+def test_the_gpu_check_runs_once_per_process_and_passes_on_a_working_cupy(monkeypatch):
+    import fake_cupy
+    calls = []
+    cupy = BrokenCuPy(matmul=None)
+    real_ones = fake_cupy.module.ones
+    cupy._replaced["ones"] = lambda *a, **k: calls.append(1) or real_ones(*a, **k)
+    monkeypatch.setattr(backend, "_cupy", cupy)
+    assert get_backend("cupy") is cupy
+    assert get_backend("cupy") is cupy and backend.gpu_available()
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("error, expected", [
+    ("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version",
+     "The cupy backend needs an NVIDIA GPU driver for CUDA 13, and this one is older"),
+    ("cudaErrorNoDevice: no CUDA-capable device is detected",
+     "The cupy backend needs an NVIDIA GPU and its driver, but CUDA reports: cudaErrorNoDevice")])
+def test_a_missing_or_old_driver_is_answered_in_one_sentence(monkeypatch, error, expected):
+    import types
+    import fake_cupy
+    cuda = types.SimpleNamespace(**vars(fake_cupy.module.cuda))
+    cuda.runtime = types.SimpleNamespace(getDeviceCount=_fails(error),
+                                         runtimeGetVersion=lambda: 13000)
+    monkeypatch.setattr(backend, "_cupy", BrokenCuPy(cuda=cuda))
+    with pytest.raises(BackendError, match=re.escape(expected)) as info:
+        get_backend("cupy")
+    if "older" in expected:
+        assert 'pip install -e ".[gpu-cuda12]" for CUDA 12' in str(info.value)
