@@ -2,7 +2,8 @@
 //
 // Computes: forward  x (N, C, H, W) -> out (N, C, OH, OW), the max of each window, and argmax
 //           (N, C, OH, OW) uint8: the winning tap kh*KW + kw (first maximum wins: strict >, as
-//           NumPy's loop and PyTorch do);
+//           NumPy's loop and PyTorch do; a NaN beats every number, so a window holding one
+//           gives NaN, as np.maximum does, and its last NaN's tap, as PyTorch's kernels do);
 //           backward dout (N, C, OH, OW), argmax -> dx (N, C, H, W): each window's gradient goes
 //           to its winning tap; pixels in several windows (stride < kernel) get the sum.
 // Layout:   NCHW; OH = (H - KH) / SH + 1, OW = (W - KW) / SW + 1; KH*KW <= 256 (uint8 taps).
@@ -37,7 +38,8 @@ extern "C" __global__ void maxpool2d_forward(const float* __restrict__ x, float*
         for (int kh = 0; kh < KH; ++kh) {
             for (int kw = 0; kw < KW; ++kw) {
                 const float v = window[kh * W + kw];
-                if (v > best) {                                   // strict: earlier taps keep ties
+                // strict: earlier taps keep ties; v != v: v is NaN, and wins (as in PyTorch)
+                if (v > best || v != v) {
                     best = v;
                     best_tap = kh * KW + kw;
                 }

@@ -241,10 +241,22 @@ def test_gpu_columns(gpu_xp, capsys, monkeypatch):
     assert "GPU:" in printed and "ok (ok)" in printed
 
 
-def test_bench_kernels_exits_0_when_every_check_passes(capsys):
-    """bench kernels without a GPU: the CPU rows only; its report is not the exit status."""
+def test_bench_kernels_exits_0_when_every_check_passes(capsys, monkeypatch):
+    """bench kernels: the CPU rows only without a GPU, the GPU rows too with one; its report is
+    not the exit status, and it prints the device the run found."""
+    from minicnn.backend import gpu_available
+    from minicnn.bench import kernels as bench_kernels
+    reports, run = [], bench_kernels.main
+
+    def keep_the_report(argv):
+        reports.append(run(argv))
+        return reports[-1]
+
+    monkeypatch.setattr(bench_kernels, "main", keep_the_report)
     assert bench.main(["kernels", "--tiny", "--quick", "--batches", "1"]) == 0
-    assert "CPU" in capsys.readouterr().out
+    [report] = reports
+    assert (report["device"] == "CPU only") == (not gpu_available())
+    assert f"device: {report['device']}" in capsys.readouterr().out
 
 
 def test_quick_keeps_a_batch_given_with_it(capsys):

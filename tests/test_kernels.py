@@ -16,6 +16,7 @@ import sys
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -156,6 +157,64 @@ def test_maxpool2d_matches_numpy_exactly(device, problem, ties, seed):
         assert_close(got_dx, np.ascontiguousarray(dx), 1e-6)   # an order ops may change
 
 
+def maxpool_winners(x, kernel, stride):
+    """The spec of the raw kernel's winners, a plain loop over the taps: (N, C, OH, OW) tap
+    kh*KW + kw, the first maximum of a window, or its last NaN when it holds one (PyTorch's rule)."""
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    taps = np.stack([x[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+                     for i in range(kh) for j in range(kw)], axis=-1)     # (N, C, OH, OW, K)
+    nan = np.isnan(taps)
+    last_nan = taps.shape[-1] - 1 - nan[..., ::-1].argmax(axis=-1)
+    return np.where(nan.any(axis=-1), last_nan, np.nan_to_num(taps, nan=-np.inf).argmax(axis=-1))
+
+
+@given(pool_problems(max_size=9), st.integers(0, 2**31))
+def test_maxpool2d_lets_a_nan_anywhere_in_its_window_win(device, problem, seed):
+    """A NaN wins its window wherever it sits: out is NaN, as in minicnn.ops (np.maximum), and
+    the winner (where dout goes) is the window's last NaN, as in PyTorch."""
+    n, c, h, w, kernel, stride = problem
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 3, (n, c, h, w)).astype(np.float32)          # ties among the numbers
+    x[rng.random(x.shape) < 0.2] = np.nan
+    out, _ = ops.maxpool2d_forward(x, kernel, stride)
+    winners = maxpool_winners(x, kernel, stride)
+    dout = normal(out.shape, seed + 1)
+    with device.active():
+        got, got_cache = kernels.maxpool2d_forward(device.asarray(x), kernel, stride)
+        got_dx = kernels.maxpool2d_backward(device.asarray(dout), got_cache)
+    np.testing.assert_array_equal(to_numpy(got), out)         # NaN where ops has NaN, else equal
+    np.testing.assert_array_equal(to_numpy(got_cache[1]), winners)
+    # dx: dout routed to those winners by ops's own backward
+    dx = ops.maxpool2d_backward(dout, (x.shape, x.strides, winners.astype(np.uint8), kernel, stride))
+    assert_close(got_dx, np.ascontiguousarray(dx), 1e-6)
+    try:
+        import torch
+    except ImportError:
+        return
+    t_out, index = torch.nn.functional.max_pool2d(torch.from_numpy(x), kernel, stride,
+                                                  return_indices=True)
+    np.testing.assert_array_equal(to_numpy(got), t_out.numpy())
+    index = index.numpy()                                     # h * W + w in the input plane
+    oh, ow = np.indices(out.shape[2:])
+    taps = (index // w - oh * stride[0]) * kernel[1] + (index % w - ow * stride[1])
+    np.testing.assert_array_equal(to_numpy(got_cache[1]), taps)
+
+
+def test_maxpool2d_nan_at_each_tap_of_a_window_wins(device):
+    """One 3x3 window, a NaN at each of its 9 taps in turn (and NaNs at two taps): out NaN, the
+    NaN's tap the winner, the gradient on the NaN."""
+    for taps in [[k] for k in range(9)] + [[0, 4], [2, 7], [5, 8]]:
+        x = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)  # the last tap is the maximum
+        x.reshape(-1)[taps] = np.nan
+        with device.active():
+            got, cache = kernels.maxpool2d_forward(device.asarray(x), (3, 3), (1, 1))
+            dx = kernels.maxpool2d_backward(device.asarray(np.ones((1, 1, 1, 1), np.float32)), cache)
+        assert np.isnan(to_numpy(got)).all() and np.isnan(ops.maxpool2d_forward(x, (3, 3), (1, 1))[0])
+        assert to_numpy(cache[1]).item() == taps[-1], taps
+        assert to_numpy(dx).reshape(-1).tolist() == [float(k == taps[-1]) for k in range(9)]
+
+
 @given(st.sampled_from([(1, 1), (3, 5), (2, 3, 4, 5), (1, 7, 3, 3)]), st.integers(0, 2**31))
 def test_bias_relu_matches_its_reference_exactly(device, shape, seed):
     x, b, dy = normal(shape, seed), normal(shape[1:2], seed + 1), normal(shape, seed + 2)
@@ -218,6 +277,64 @@ def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device, monke
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     for key, value in expected.items():
         assert_close(got[key], value)
+
+
+# ---- host overhead per launch ---------------------------------------------------------------
+def test_each_kernel_function_is_looked_up_once_however_often_it_runs(monkeypatch):
+    """_launch asks the compiled module for a kernel function once per device, not on every
+    launch (CuPy's get_function builds a new kernel object and hashes the source each time).
+    fake_cupy stands in for CuPy, with a RawModule that counts the lookups and the launches."""
+    from minicnn import backend
+    monkeypatch.setattr(backend, "_cupy", fake_cupy.module)
+    compiled, lookups, launches = [], [], []
+
+    class RawModule:
+        def __init__(self, code, options):
+            compiled.append(code)
+
+        def get_function(self, name):
+            lookups.append(name)
+            return lambda grid, block, args: launches.append(name)
+
+    monkeypatch.setattr(fake_cupy.module, "RawModule", RawModule)
+    kernels._module.cache_clear(), kernels._function.cache_clear()
+    try:
+        cupy = fake_cupy.module
+        x, b = cupy.asarray(normal((2, 3, 6, 6), 0)), cupy.asarray(normal((3,), 1))
+        for _ in range(5):
+            kernels.maxpool2d_forward(x, (2, 2), (2, 2))
+            kernels.bias_relu_forward(x, b)
+    finally:                      # no fake module or function left memoised for later tests
+        kernels._module.cache_clear(), kernels._function.cache_clear()
+    assert launches == ["maxpool2d_forward", "bias_relu_forward"] * 5
+    assert sorted(lookups) == ["bias_relu_forward", "maxpool2d_forward"]
+    assert len(compiled) == 2                                  # maxpool2d.cu and bias_relu.cu
+
+
+def test_bias_free_convolutions_share_one_zero_bias(emulator, monkeypatch):
+    """A bias-free conv2d_forward passes the kernel a cached zero bias (one per device and F),
+    not a new array per call; the result is still the bias-free convolution."""
+    from minicnn import backend
+    monkeypatch.setattr(backend, "_cupy", fake_cupy.module)
+    cupy = fake_cupy.module
+    biases = []
+
+    def launch(name, grid, block, args):
+        biases.append(args[2])
+        emulator.launch(name, grid, block, args)
+
+    x = normal((2, 3, 7, 7), 0)
+    pad = ((1, 1), (1, 1))
+    outs = []
+    with mock.patch.object(kernels, "_launch", launch):
+        for f in (4, 4, 5, 4):
+            w = normal((f, 3, 3, 3), f)
+            outs.append((kernels.conv2d_forward(cupy.asarray(x), cupy.asarray(w), None, (1, 1),
+                                                pad)[0], ops.conv2d_forward(x, w, None, (1, 1), pad)[0]))
+    assert biases[0] is biases[1] is biases[3] and biases[2] is not biases[0]
+    assert [to_numpy(b).tolist() for b in biases[1:3]] == [[0.0] * 4, [0.0] * 5]
+    for got, expected in outs:
+        assert_close(got, np.ascontiguousarray(expected))
 
 
 # ---- choosing an implementation --------------------------------------------------------------

@@ -12,7 +12,8 @@ kernels`` compare every kernel with it before timing it).
 
 The sources are the .cu files at the top of the repository; a wheel ships them inside the
 package as minicnn/cuda_src/ (pyproject.toml maps one onto the other). Each file is compiled
-once per process with NVRTC (cupy.RawModule) on first use.
+once per process with NVRTC (cupy.RawModule) on first use, and each kernel function is looked
+up once per device.
 
 The layers use them under minicnn.use("raw") (minicnn.implementation), for float32 CuPy
 arrays; minicnn.ops otherwise. Known limits: float32 only,
@@ -72,6 +73,13 @@ def _module(stem):
     return cupy.RawModule(code=kernel_source(stem), options=NVRTC_OPTIONS)
 
 
+@functools.lru_cache(maxsize=None)
+def _function(name, device):
+    """Kernel function name of its compiled module, loaded on CUDA device id device (looked up
+    once: get_function builds a new kernel object and hashes the whole source on every call)."""
+    return _module(KERNEL_FILES[name]).get_function(name)
+
+
 def _launch(name, grid, block, args):
     """Run kernel name on the current CUDA stream. args: CuPy arrays and NumPy scalars, in the
     order and C types of the kernel's parameters (np.int32 for int, np.int64 for long long).
@@ -82,7 +90,7 @@ def _launch(name, grid, block, args):
                         f"use minicnn.ops for NumPy arrays.")
     if 0 in grid:
         return
-    _module(KERNEL_FILES[name]).get_function(name)(grid, block, args)
+    _function(name, _device(array_module(args[0])))(grid, block, args)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -98,6 +106,18 @@ def _float32(a, name):
         raise TypeError(f"The raw CUDA kernels are float32 only; {name} is {a.dtype}.")
     _check_size(a.shape, name)
     return array_module(a).ascontiguousarray(a)
+
+
+@functools.lru_cache(maxsize=None)
+def _zero_bias(xp, device, f):
+    """A read-only (F,) float32 zero bias for a bias-free convolution, one per array module,
+    device id and F (F*4 bytes each), made once instead of on every forward."""
+    return xp.zeros(f, dtype=np.float32)
+
+
+def _device(xp):
+    """The current CUDA device id for CuPy, None for NumPy (the tests' CUDA emulation)."""
+    return None if xp is np else xp.cuda.Device().id
 
 
 def _ints(*values):
@@ -163,7 +183,7 @@ def conv2d_forward(x, w, b, stride, padding):
     n, c, h, wd = x.shape
     f, _, kh, kw = w.shape
     b_given = b is not None
-    b = _float32(b, "bias") if b_given else xp.zeros(f, dtype=np.float32)
+    b = _float32(b, "bias") if b_given else _zero_bias(xp, _device(xp), f)
     (sh, sw), ((pt, pb), (pl, pr)) = stride, padding
     oh, ow = conv_output_size(h, kh, sh, pt, pb), conv_output_size(wd, kw, sw, pl, pr)
     _check_size((n, f, oh, ow), "out")
@@ -226,6 +246,8 @@ def maxpool2d_forward(x, kernel, stride, training=True):
     cache: (x.shape, argmax (N, C, OH, OW) uint8, the winning tap kh*KW + kw, kernel, stride).
     The kernel finds the winner as it takes the max (one byte a window), so training=False
     changes nothing here; it is taken for the same signature as the generic op.
+    A window holding a NaN gives NaN, as minicnn.ops, and its winner is its last NaN, as in
+    PyTorch (minicnn.ops's winner there is a number's tap: NaN equals nothing).
     """
     xp = array_module(x)
     x = _float32(x, "x")
