@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import http.client
 import io
+import logging
 import os
 import pickle
 import pickletools
@@ -40,6 +41,12 @@ from tqdm import tqdm
 
 from minicnn.backend import array_module
 from minicnn.errors import DataError
+
+# Pillow logs some faults it then raises for (TiffImagePlugin: "More samples per pixel than can
+# be decoded: 7"); with no handler anywhere, logging's last resort prints that as a bare line on
+# stderr. open_image reports the fault as one DataError, so Pillow's records stop at a
+# NullHandler, unless the application configures logging: they still reach its handlers.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 CIFAR10_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -89,8 +96,9 @@ def display_name(name):
 def printable(text):
     r"""text as one printable line of valid Unicode, to print, draw or write to JSON: a byte
     that os.fsdecode could not decode (a surrogate U+DC80..U+DCFF) becomes \xNN, any other
-    character that is not printable is written as Python writes it (\n, \t, \x1b, \u200b);
-    everything else (é, 中, an emoji, a backslash) stays, so printable text is left as it is."""
+    character that is not printable is written as Python writes it (\n, \t, \x1b, \u200b),
+    except that U+0080..U+00FF are \u0085, not \x85, which stands for the byte alone; everything
+    else (é, 中, an emoji, a backslash) stays, so printable text is left as it is."""
     text = str(text)
     if text.isprintable():
         return text
@@ -101,6 +109,8 @@ def printable(text):
             out.append(f"\\x{code - 0xDC00:02x}")
         elif char.isprintable():
             out.append(char)
+        elif 0x80 <= code <= 0xFF:                         # the character U+0085, not byte 0x85
+            out.append(f"\\u{code:04x}")
         else:
             out.append(repr(char)[1:-1])                     # '\n' -> \n, '\x07' -> \x07
     return "".join(out)
@@ -366,6 +376,8 @@ def _parse_cifar_files(files, source):
     parse = _parse_binary_batch if binary else _parse_python_batch
     train = [parse(files[name + suffix], source) for name in _TRAIN_BATCHES]
     x_test, y_test = parse(files["test_batch" + suffix], source)
+    not_text = (f"{source} has class names that are not text ({meta}): it is truncated or "
+                f"corrupt; download it again.")
     try:
         if binary:
             classes = [line.strip() for line in files[meta].decode().splitlines() if line.strip()]
@@ -374,10 +386,13 @@ def _parse_cifar_files(files, source):
             if not isinstance(labels, list):
                 raise DataError(f"{source} has a batches.meta without label names; "
                                 f"it is not a CIFAR-10 archive.")
-            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in labels]
+            # Only text: str() of anything else can fail (an int of over 4300 digits, lists
+            # nested thousands deep) or give a class called "[1, 2]".
+            if not all(isinstance(n, (str, bytes)) for n in labels):
+                raise DataError(not_text)
+            classes = [n.decode() if isinstance(n, bytes) else n for n in labels]
     except UnicodeDecodeError:
-        raise DataError(f"{source} has class names that are not text ({meta}): it is "
-                        f"truncated or corrupt; download it again.") from None
+        raise DataError(not_text) from None
     classes = [printable(name) for name in classes]
     y_train = np.concatenate([y for _, y in train])
     largest = int(max(y_train.max(initial=0), y_test.max(initial=0)))
@@ -477,10 +492,17 @@ def _unpickle(raw, source):
 
     The opcodes are read once first (pickletools.genops), which checks every length field
     against the bytes that follow: the Unpickler allocates what a length declares before it
-    reads, so a damaged length would ask for up to 2**64 bytes."""
+    reads, so a damaged length would ask for up to 2**64 bytes. Memo indices are checked there
+    too: the Unpickler grows its memo to twice the index a PUT names, zeroed, so a LONG_BINPUT
+    of 2**31 (5 bytes) would take 32 GiB. A pickler numbers its PUTs 0, 1, 2, ..., so a PUT or
+    LONG_BINPUT index is at most the number of opcodes before it; a BINPUT's one byte can only
+    name 0..255 (a damaged one is let through)."""
     try:
-        for _ in pickletools.genops(raw):
-            pass
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(raw)):
+            if opcode.name in ("PUT", "LONG_BINPUT") and arg > count:
+                raise DataError(f"The pickle stores memo index {arg:,} after {count:,} "
+                                f"opcodes, which a pickler never does; it was not loaded, so use "
+                                f"the official archive.")
         obj = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except DataError as error:
         raise DataError(f"{source}: {error}") from None
@@ -661,10 +683,38 @@ def decode_image(path, image_size=(32, 32)):
     """
     height, width = image_size
     with open_image(path) as image:
-        rgb = rgb8(image)                           # Pillow decodes here: a truncated file fails
+        with _stderr_silenced(image.format == "TIFF"):
+            image.load()                            # Pillow decodes here: a truncated file fails
+        rgb = rgb8(image)
     if rgb.size != (width, height):                                         # PIL sizes are (W, H)
         rgb = rgb.resize((width, height), Image.BILINEAR)
     return np.asarray(rgb).transpose(2, 0, 1)                               # (H,W,3) -> (3,H,W)
+
+
+@contextlib.contextmanager
+def _stderr_silenced(silence):
+    """File descriptor 2 pointed at /dev/null while the block runs, when silence. libtiff, which
+    Pillow decodes compressed TIFFs with, writes its complaints about a damaged file there
+    itself ("LZWDecode: Using code not yet in table."), bypassing Python; Pillow raises for the
+    same fault, and that is what the caller reports. Limit: whatever else writes to stderr
+    meanwhile (another thread) is lost too."""
+    try:
+        saved = os.dup(2) if silence else None
+    except OSError:                                  # no stderr to silence
+        saved = None
+    if saved is None:
+        yield
+        return
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def rgb8(image):
