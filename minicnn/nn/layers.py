@@ -114,6 +114,16 @@ class Layer:
 
     _backward_hint = ""
 
+    def _weight_bias_backward(self, dy, input_grad):
+        """backward of a layer with a weight and an optional bias (Conv2D, Dense): the kept
+        backward gives dx, dw, db; dw and db overwrite the grads."""
+        backward, cache = self._cached(dy)
+        dx, dw, db = backward(dy, cache, input_grad)
+        self.grads["weight"][...] = dw
+        if "bias" in self.grads:
+            self.grads["bias"][...] = db
+        return dx
+
     def _check_input(self, x, ndim=None, channels=None, dtype=None):
         """Raise ValueError naming the layer and the expected vs received shape or dtype.
 
@@ -243,12 +253,7 @@ class Conv2D(Layer):
 
     def backward(self, dy, input_grad=True):
         """dy (N, F, OH, OW) -> dx; input_grad=False skips dx (None) for a first layer."""
-        conv_backward, cache = self._cached(dy)
-        dx, dw, db = conv_backward(dy, cache, input_grad)
-        self.grads["weight"][...] = dw
-        if "bias" in self.grads:
-            self.grads["bias"][...] = db
-        return dx
+        return self._weight_bias_backward(dy, input_grad)
 
     def config(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -386,12 +391,7 @@ class Dense(Layer):
 
     def backward(self, dy, input_grad=True):
         """dy (N, OUT) -> dx; input_grad=False skips dx (None) for a first layer."""
-        dense_backward, cache = self._cached(dy)
-        dx, dw, db = dense_backward(dy, cache, input_grad)
-        self.grads["weight"][...] = dw
-        if "bias" in self.grads:
-            self.grads["bias"][...] = db
-        return dx
+        return self._weight_bias_backward(dy, input_grad)
 
     def config(self):
         return {"in_features": self.in_features, "out_features": self.out_features,

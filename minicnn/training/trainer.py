@@ -504,7 +504,7 @@ class _Batches:
         for xb, yb in self.iterator.start_at(start):
             xb = datasets.normalize(xb, d["mean"], d["std"], xp)
             xb = _augmented(xb, loop["rng_augment"], self.aug)
-            self.last = (xb, xp.asarray(yb))
+            self.last = (xb, yb)       # labels on the host: moved only if needed
             yield xb, yb
 
 
@@ -524,7 +524,8 @@ class _RunCallback(Callback):
     def on_train_batch_end(self, step, logs=None):
         loop, info, s = self.loop, self.loop["info"], self.loop["s"]
         if not math.isfinite(logs["loss"]):
-            raise TrainingStopped(_diverged(loop, *self.source.last, self.model.loss,
+            xb, yb = self.source.last
+            raise TrainingStopped(_diverged(loop, xb, loop["xp"].asarray(yb), self.model.loss,
                                             logs["loss"], info["epoch"] + 1, step + 1))
         if loop["schedule_unit"] == "batch":
             loop["schedule"].step()
