@@ -1,129 +1,177 @@
-// 2-D convolution (cross-correlation, as PyTorch) as three implicit GEMMs. float32 in, float32
+// 2-D convolution (cross-correlation, as PyTorch) as implicit GEMMs. float32 in, float32
 // accumulation; the im2col matrix is never materialised: each tile of it is gathered from the
 // images straight into shared memory.
 //
 // Computes: with K = C*KH*KW, k = (c*KH + kh)*KW + kw, P = OH*OW, p = oh*OW + ow and
 //           patch(n, k, p) = x[n, c, oh*SH - PT + kh, ow*SW - PL + kw] (zero in the padding),
 //   conv2d_forward          out[n, f, p] = sum_k w[f, k] * patch(n, k, p) + b[f]
-//                           GEMM (F x K) @ (K x N*P): rows f, columns (n, p).
-//   conv2d_backward_data    dx[n, c, h, w] = sum_{f, kh, kw} w[f, c, kh, kw] * dout[n, f, oh, ow]
-//                           over the (oh, ow) whose window puts tap (kh, kw) on (h, w): the
-//                           transposed implicit GEMM (C x F*KH*KW) @ (F*KH*KW x N*H*W), a gather
-//                           (no atomics); with stride > 1 most taps of a pixel are empty.
+//                           GEMM (F x K) @ (K x N*P): rows f, columns (n, p). taps (K', 4) int:
+//                           row k = (c*H*W + kh*W + kw, kh, kw, 0), K' = K rounded up to BK with
+//                           rows no pixel is inside (kh = -2**30); the wrapper builds it once per
+//                           shape. With dout as x, w flipped in (kh, kw) and transposed to (C, F,
+//                           KH, KW) and padding (KH-1-PT, KW-1-PL), it is also the stride-1
+//                           backward_data (minicnn/cuda/kernels.py::conv2d_backward_data).
+//   conv2d_backward_data    dx[n, c, h, w] = sum_{kh, kw} sum_f w[f, c, kh, kw] * dout[n, f, oh, ow]
+//                           with (oh, ow) the window whose tap (kh, kw) lands on (h, w), if any:
+//                           GEMM (C x F) @ (F x N*H*W) per tap, a gather (no atomics); for stride > 1.
 //   conv2d_backward_weight  dw_part[z, f, k] = sum_{(n, p) in split z} dout[n, f, p] * patch(n, k, p)
 //                           GEMM (F x N*P) @ (N*P x K), the N*P reduction split over gridDim.z
 //                           ("split-K") into partial sums that the caller adds up (no atomics).
 // Layout:   x (N, C, H, W), w (F, C, KH, KW), b (F,), out/dout (N, F, OH, OW), dx like x,
 //           dw_part (SPLITS, F, K); all contiguous, row-major; padding (PT, PB), (PL, PR): only
-//           PT and PL are needed, OH and OW carry the rest.
-// Launch:   block 256 threads = 16 x 16; each block computes a BM x BN = 64 x 64 output tile,
-//           staging BK = 16-deep slices of both operands in shared memory; each thread owns a
-//           4 x 4 register micro-tile: rows ty + 16*i, columns tx + 16*j (strided, so the
-//           shared-memory reads are conflict-free and the stores coalesce).
-//           grid: forward (ceil(N*P/64), ceil(F/64)); backward_data (ceil(N*H*W/64), ceil(C/64));
-//           backward_weight (ceil(K/64), ceil(F/64), SPLITS).
+//           PT and PL are needed, OH and OW carry the rest. Fewer than 2**30 elements each (int
+//           offsets).
+// Launch:   block 128 threads = 8 x 16; each block computes a BM x BN = 64 x 128 output tile,
+//           staging BK = 16-deep slices of both operands in shared memory; thread (ty, tx) owns an
+//           8 x 8 register micro-tile: rows 4ty..4ty+3 and 32+4ty.., columns 4tx..4tx+3 and
+//           64+4tx.., so it reads its operands as four float4s per reduction step.
+//           grid: forward (ceil(N*P/128), ceil(F/64)); backward_data (ceil(N*H*W/128), ceil(C/64));
+//           backward_weight (ceil(K/128), ceil(F/64), SPLITS).
+// No integer division in the reduction loops: the forward looks its rows' taps up in the taps
+//           table; backward_data runs the taps (kh, kw) in outer loops, walking the window's
+//           (oh, ow) by increments, and the filters in the inner one (a fixed pointer plus a
+//           stride); backward_weight walks its (n, oh, ow) by increments and keeps each column's
+//           tap in a shared-memory table built once per block. The machine code (instructions per
+//           FFMA in each inner loop, registers, spills): python -m minicnn.bench sass
 // Must match: minicnn/ops/conv.py::conv2d_forward and ::conv2d_backward (NumPy, im2col + GEMM).
 // Time:     python -m minicnn.bench kernels
 
 constexpr int BM = 64;          // output rows per block (filters f, or channels c)
-constexpr int BN = 64;          // output columns per block (pixels, or weight taps k)
+constexpr int BN = 128;         // output columns per block (pixels, or weight taps k)
 constexpr int BK = 16;          // reduction depth staged in shared memory per step
-constexpr int THREADS = 256;    // 16 x 16 threads, 4 x 4 results each
-constexpr int LOADS = 4;        // elements of each operand tile one thread loads: BM*BK / THREADS
+constexpr int THREADS = 128;    // 8 x 16 threads, 8 x 8 results each
+constexpr int A_LOADS = BM * BK / THREADS;      // A tile elements each thread loads per step: 8
+constexpr int B_LOADS = BN * BK / THREADS;      // B tile elements each thread loads per step: 16
 
-struct Tiles {
-    float a[BK][BM + 2];        // A tile, reduction-major; +2 makes the loading stores conflict-free
-    float b[BK][BN];            // B tile, reduction-major
+struct alignas(16) Tiles {
+    float a[BK][BM + 4];        // A tile, reduction-major; +4: at most 2-way bank conflicts in
+    float b[BK][BN + 4];        // the loading stores, and rows stay 16-byte aligned for float4s
 };
 
-// acc[i][j] += sum_kk a[kk][ty + 16 i] * b[kk][tx + 16 j]
-__device__ __forceinline__ void multiply_tiles(const Tiles& s, float acc[4][4], int tx, int ty)
+// Micro-tile row i (0..7) of thread row ty, and column j (0..7) of thread column tx.
+__device__ __forceinline__ int tile_row(int i, int ty) { return (i / 4) * 32 + 4 * ty + i % 4; }
+__device__ __forceinline__ int tile_col(int j, int tx) { return (j / 4) * 64 + 4 * tx + j % 4; }
+
+__device__ __forceinline__ void load4(float* to, const float* from)     // from: 16-byte aligned
+{
+    const float4 v = *reinterpret_cast<const float4*>(from);
+    to[0] = v.x, to[1] = v.y, to[2] = v.z, to[3] = v.w;
+}
+
+// acc[i][j] += sum_kk a[kk][tile_row(i)] * b[kk][tile_col(j)]: 64 FFMA per 4 shared loads.
+__device__ __forceinline__ void multiply_tiles(const Tiles& s, float acc[8][8], int tx, int ty)
 {
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
-        float a[4], b[4];
+        float a[8], b[8];
+        load4(a, &s.a[kk][4 * ty]);
+        load4(a + 4, &s.a[kk][32 + 4 * ty]);
+        load4(b, &s.b[kk][4 * tx]);
+        load4(b + 4, &s.b[kk][64 + 4 * tx]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = s.a[kk][ty + 16 * i];
+        for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = s.b[kk][tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+            for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
     }
 }
 
-// Write a block's results: acc[i][j] is output row row0 + ty + 16*i (a filter f or a channel c)
-// of output column col0 + tx + 16*j, a column being (n, p) = (col / pixels, col % pixels) of an
+// Write a block's results: acc[i][j] is output row row0 + tile_row(i) (a filter f or a channel c)
+// of output column col0 + tile_col(j), a column being (n, p) = (col / pixels, col % pixels) of an
 // (images, rows, pixels) array; plus bias[row] when bias is not null. The forward's out
 // (N, F, OH*OW), backward_data's dx (N, C, H*W) and backward_weight's (F, K) slice (one "image"
 // of F rows of K) all have this shape.
-__device__ __forceinline__ void store_tile(const float acc[4][4], float* __restrict__ out,
+__device__ __forceinline__ void store_tile(const float acc[8][8], float* __restrict__ out,
                                            const float* __restrict__ bias, int rows, int pixels,
                                            int columns, int row0, int col0, int tx, int ty)
 {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int col = col0 + tx + 16 * j;
+    for (int j = 0; j < 8; ++j) {
+        const int col = col0 + tile_col(j, tx);
         if (col >= columns) continue;
         const int n = col / pixels, p = col - n * pixels;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int r = row0 + ty + 16 * i;
-            if (r < rows) out[((long long)n * rows + r) * pixels + p] = bias ? acc[i][j] + bias[r] : acc[i][j];
+        for (int i = 0; i < 8; ++i) {
+            const int r = row0 + tile_row(i, ty);
+            if (r < rows) out[(n * rows + r) * pixels + p] = bias ? acc[i][j] + bias[r] : acc[i][j];
         }
     }
 }
 
-// Loading pattern, the same in all three kernels (THREADS = 256 is a multiple of BK and BN):
-//   A tile element (kk, mm): kk = tid % BK, mm = tid / BK + 16 q  -> one reduction index per thread
-//   B tile element (kk, nn): nn = tid % BN, kk = tid / BN + 4 q   -> one output column per thread
-// so each thread decodes its fixed index once and only the other one per load.
+// acc += backward_data's GEMM of one tap (kh, kw), the reduction index r running over depth
+// (the filters f) in steps of BK:
+//   A[m, r] = w_tap[m * a_row_stride + r * a_red_stride]   for rows m = row0 + mm < rows, else 0
+//   B[r, col] = src_tap[r * plane] if hit, else 0           col: this thread's column, col0 + tid
+// Loading: A element (kk, mm) by thread tid with kk = tid % BK, mm = tid / BK + 8q; each thread
+// loads the whole B column tid, so a warp reads 32 neighbouring pixels of one plane.
+__device__ __forceinline__ void accumulate_tap(Tiles& s, float acc[8][8], int tid,
+                                               const float* __restrict__ w_tap, int rows, int row0,
+                                               int a_row_stride, int a_red_stride,
+                                               const float* __restrict__ src_tap, bool hit,
+                                               int plane, int depth)
+{
+    const int kk_a = tid % BK;
+    for (int r0 = 0; r0 < depth; r0 += BK) {
+        const int r_a = r0 + kk_a;
+#pragma unroll
+        for (int q = 0; q < A_LOADS; ++q) {
+            const int mm = tid / BK + (THREADS / BK) * q, m = row0 + mm;
+            s.a[kk_a][mm] = (m < rows && r_a < depth) ? w_tap[m * a_row_stride + r_a * a_red_stride] : 0.0f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            const int r = r0 + kk;
+            s.b[kk][tid] = (hit && r < depth) ? src_tap[r * plane] : 0.0f;
+        }
+        __syncthreads();
+        multiply_tiles(s, acc, tid % 16, tid / 16);
+        __syncthreads();
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 conv2d_forward(const float* __restrict__ x, const float* __restrict__ w,
-               const float* __restrict__ bias, float* __restrict__ out,
+               const float* __restrict__ bias, const int4* __restrict__ taps,
+               float* __restrict__ out,
                int N, int C, int H, int W, int F, int KH, int KW,
                int SH, int SW, int PT, int PL, int OH, int OW)
 {
     __shared__ Tiles s;
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    const int K = C * KH * KW, P = OH * OW, NP = N * P;
+    const int tid = threadIdx.x, K = C * KH * KW, P = OH * OW, NP = N * P;
     const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
 
-    // This thread's B column: output pixel (n, oh, ow), fixed for the whole reduction.
-    const int b_col = col0 + tid % BN;
-    const bool b_col_valid = b_col < NP;
-    const int b_n = b_col_valid ? b_col / P : 0;
-    const int b_p = b_col - b_n * P;
-    const int b_h0 = (b_p / OW) * SH - PT, b_w0 = (b_p % OW) * SW - PL;
-    const float* b_image = x + (long long)b_n * C * H * W;
+    // This thread's B column: output pixel (n, oh, ow), whose window starts at (h0, w0);
+    // its row k = (c, kh, kw) is x[n, c, h0 + kh, w0 + kw] = x_window[taps[k].x], inside the
+    // image when 0 <= h0 + taps[k].y < H and 0 <= w0 + taps[k].z < W (see the table above).
+    const int col = col0 + tid;
+    const bool col_valid = col < NP;
+    const int n = col_valid ? col / P : 0, p = col_valid ? col - n * P : 0;
+    const int h0 = (p / OW) * SH - PT, w0 = (p % OW) * SW - PL;
+    const unsigned rows = col_valid ? H : 0;             // a column past N*P: no row is inside
+    const float* x_window = x + (n * C * H * W + h0 * W + w0);
 
-    float acc[4][4] = {};
+    // A element (kk, mm) = w[f, k] at f = row0 + mm, mm = tid / BK + 8q, k = k0 + kk, kk = tid % BK
+    // (a half-warp reads 16 neighbouring weights); B: each thread loads its whole column.
+    const int kk_a = tid % BK;
+    float acc[8][8] = {};
     for (int k0 = 0; k0 < K; k0 += BK) {
-        const int a_k = k0 + tid % BK;                      // A: w[f, k], f = row0 + tid/16 + 16q
+        const int k_a = k0 + kk_a;
 #pragma unroll
-        for (int q = 0; q < LOADS; ++q) {
-            const int mm = tid / BK + 16 * q, f = row0 + mm;
-            s.a[tid % BK][mm] = (f < F && a_k < K) ? w[(long long)f * K + a_k] : 0.0f;
+        for (int q = 0; q < A_LOADS; ++q) {
+            const int mm = tid / BK + (THREADS / BK) * q, f = row0 + mm;
+            s.a[kk_a][mm] = (f < F && k_a < K) ? w[f * K + k_a] : 0.0f;
         }
 #pragma unroll
-        for (int q = 0; q < LOADS; ++q) {                   // B: patch(n, k, p)
-            const int kk = tid / BN + 4 * q, k = k0 + kk;
-            float v = 0.0f;
-            if (b_col_valid && k < K) {
-                const int c = k / (KH * KW), r = k - c * (KH * KW);
-                const int h = b_h0 + r / KW, wi = b_w0 + r % KW;
-                if (h >= 0 && h < H && wi >= 0 && wi < W) v = b_image[((long long)c * H + h) * W + wi];
-            }
-            s.b[kk][tid % BN] = v;
+        for (int kk = 0; kk < BK; ++kk) {
+            const int4 tap = taps[k0 + kk];
+            const bool inside = (unsigned)(h0 + tap.y) < rows && (unsigned)(w0 + tap.z) < (unsigned)W;
+            s.b[kk][tid] = inside ? x_window[tap.x] : 0.0f;
         }
         __syncthreads();
-        multiply_tiles(s, acc, tx, ty);
+        multiply_tiles(s, acc, tid % 16, tid / 16);
         __syncthreads();
     }
 
-    store_tile(acc, out, bias, F, P, NP, row0, col0, tx, ty);
+    store_tile(acc, out, bias, F, P, NP, row0, col0, tid % 16, tid / 16);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -133,47 +181,36 @@ conv2d_backward_data(const float* __restrict__ dout, const float* __restrict__ w
                      int SH, int SW, int PT, int PL, int OH, int OW)
 {
     __shared__ Tiles s;
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    const int KK = KH * KW, R = F * KK, HW = H * W, NHW = N * HW;   // R: reduction over (f, kh, kw)
+    const int tid = threadIdx.x, KK = KH * KW, HW = H * W, NHW = N * HW, P = OH * OW;
     const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
 
-    // This thread's B column: input pixel (n, h, w), fixed for the whole reduction.
-    const int b_col = col0 + tid % BN;
-    const bool b_col_valid = b_col < NHW;
-    const int b_n = b_col_valid ? b_col / HW : 0;
-    const int b_hw = b_col - b_n * HW;
-    const int b_h = b_hw / W + PT, b_w = b_hw % W + PL;             // padded coordinates
-    const float* b_dout = dout + (long long)b_n * F * OH * OW;
+    // This thread's B column: input pixel (n, h, wi).
+    const int col = col0 + tid;
+    const bool col_valid = col < NHW;
+    const int n = col_valid ? col / HW : 0, hw = col_valid ? col - n * HW : 0;
+    const int h = hw / W, wi = hw - h * W;
+    const float* dout_n = dout + n * F * P;
 
-    float acc[4][4] = {};
-    for (int r0 = 0; r0 < R; r0 += BK) {
-        const int a_r = r0 + tid % BK;                      // A: w[f, c, kh, kw], r = f*KK + tap
-        const int a_f = a_r / KK, a_tap = a_r - a_f * KK;
-#pragma unroll
-        for (int q = 0; q < LOADS; ++q) {
-            const int mm = tid / BK + 16 * q, c = row0 + mm;
-            s.a[tid % BK][mm] = (c < C && a_r < R) ? w[((long long)a_f * C + c) * KK + a_tap] : 0.0f;
+    // Tap (kh, kw) of window (oh, ow) lands on (h, wi) when oh*SH = h + PT - kh and
+    // ow*SW = wi + PL - kw. Keep h + PT - kh = oh*SH + oh_rem (0 <= oh_rem < SH) as kh grows,
+    // likewise for kw: a hit is a zero remainder and an (oh, ow) inside the output.
+    int oh = (h + PT) / SH, oh_rem = (h + PT) % SH;
+    const int ow_first = (wi + PL) / SW, ow_rem_first = (wi + PL) % SW;
+    float acc[8][8] = {};
+    for (int kh = 0; kh < KH; ++kh) {
+        int ow = ow_first, ow_rem = ow_rem_first;
+        for (int kw = 0; kw < KW; ++kw) {
+            const bool hit = col_valid && oh_rem == 0 && ow_rem == 0 && oh >= 0 && oh < OH
+                             && ow >= 0 && ow < OW;
+            // A[c, f] = w[f, c, kh, kw]; B[f, col] = dout[n, f, oh, ow]
+            accumulate_tap(s, acc, tid, w + kh * KW + kw, C, row0, KK, C * KK,
+                           dout_n + (hit ? oh * OW + ow : 0), hit, P, F);
+            if (--ow_rem < 0) ow_rem += SW, --ow;
         }
-#pragma unroll
-        for (int q = 0; q < LOADS; ++q) {                   // B: dout[n, f, oh, ow] or 0
-            const int kk = tid / BN + 4 * q, r = r0 + kk;
-            float v = 0.0f;
-            if (b_col_valid && r < R) {
-                const int f = r / KK, tap = r - f * KK;
-                const int oh_s = b_h - tap / KW, ow_s = b_w - tap % KW;   // oh*SH, ow*SW if a window
-                if (oh_s >= 0 && ow_s >= 0 && oh_s % SH == 0 && ow_s % SW == 0) {
-                    const int oh = oh_s / SH, ow = ow_s / SW;
-                    if (oh < OH && ow < OW) v = b_dout[((long long)f * OH + oh) * OW + ow];
-                }
-            }
-            s.b[kk][tid % BN] = v;
-        }
-        __syncthreads();
-        multiply_tiles(s, acc, tx, ty);
-        __syncthreads();
+        if (--oh_rem < 0) oh_rem += SH, --oh;
     }
 
-    store_tile(acc, dx, nullptr, C, HW, NHW, row0, col0, tx, ty);
+    store_tile(acc, dx, nullptr, C, HW, NHW, row0, col0, tid % 16, tid / 16);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -183,44 +220,54 @@ conv2d_backward_weight(const float* __restrict__ x, const float* __restrict__ do
                        int SH, int SW, int PT, int PL, int OH, int OW)
 {
     __shared__ Tiles s;
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    const int KK = KH * KW, K = C * KK, P = OH * OW, NP = N * P;
+    __shared__ int tap_offset[BN], tap_kh[BN], tap_kw[BN];     // column k's tap, see below
+    const int tid = threadIdx.x, KK = KH * KW, K = C * KK, HW = H * W, P = OH * OW, NP = N * P;
     const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
     const int j_begin = blockIdx.z * split_size;                       // this block's (n, p) range
     const int j_end = j_begin + split_size < NP ? j_begin + split_size : NP;
 
-    // This thread's B column: weight tap k = (c, kh, kw), fixed for the whole reduction.
-    const int b_k = col0 + tid % BN;
-    const bool b_k_valid = b_k < K;
-    const int b_c = b_k / KK, b_tap = b_k - b_c * KK;
-    const int b_kh = b_tap / KW - PT, b_kw = b_tap % KW - PL;
-    const float* b_plane = x + (long long)b_c * H * W;
+    // Column k = (c, kh, kw) reads x[n, c, h + kh, w + kw] = x_at(n, h, w)[tap_offset[k]], inside
+    // when 0 <= h + tap_kh[k] < H and 0 <= w + tap_kw[k] < W. A column past K gets a tap_kh so
+    // negative that every h + tap_kh fails the (unsigned) test below: it reads nothing.
+    {
+        const int k = col0 + tid, c = k / KK, kh = (k % KK) / KW, kw = k % KW;
+        tap_offset[tid] = k < K ? c * HW + kh * W + kw : 0;
+        tap_kh[tid] = k < K ? kh : -(1 << 30);
+        tap_kw[tid] = kw;
+    }
+    __syncthreads();
 
-    float acc[4][4] = {};
-    for (int j0 = j_begin; j0 < j_end; j0 += BK) {
-        const int a_j = j0 + tid % BK;                      // A: dout[n, f, p], j = n*P + p
-        const int a_n = a_j / P, a_p = a_j - a_n * P;
+    // Loading: thread tid loads row kk = tid % BK of both tiles: the reduction index
+    // j = j0 + kk = (n, oh, ow) is the same for its A and B elements, so one walk serves both,
+    // and the 16 lanes of a half-warp read 16 neighbouring pixels of x and of dout (coalesced).
+    // A[f, j] = dout[n, f, oh, ow] at f = row0 + tid / BK + 8q; B[j, k] at k = col0 + tid / BK + 8q.
+    const int kk = tid % BK;
+    int j = j_begin + kk, n = j / P, oh = (j % P) / OW, ow = j % OW;
+    float acc[8][8] = {};
+    for (int j0 = j_begin; j0 < j_end; j0 += BK, j += BK) {
+        const bool j_valid = j < j_end;
+        const int h = oh * SH - PT, wi = ow * SW - PL;                 // the window's corner
+        const float* dout_j = dout + (n * F * P + oh * OW + ow);
+        const float* x_j = x + (n * C * HW + h * W + wi);
 #pragma unroll
-        for (int q = 0; q < LOADS; ++q) {
-            const int mm = tid / BK + 16 * q, f = row0 + mm;
-            s.a[tid % BK][mm] = (f < F && a_j < j_end) ? dout[((long long)a_n * F + f) * P + a_p] : 0.0f;
+        for (int q = 0; q < A_LOADS; ++q) {
+            const int mm = tid / BK + (THREADS / BK) * q, f = row0 + mm;
+            s.a[kk][mm] = (j_valid && f < F) ? dout_j[f * P] : 0.0f;
         }
 #pragma unroll
-        for (int q = 0; q < LOADS; ++q) {                   // B: patch(n, k, p)
-            const int kk = tid / BN + 4 * q, j = j0 + kk;
-            float v = 0.0f;
-            if (b_k_valid && j < j_end) {
-                const int n = j / P, p = j - n * P;
-                const int h = (p / OW) * SH + b_kh, wi = (p % OW) * SW + b_kw;
-                if (h >= 0 && h < H && wi >= 0 && wi < W)
-                    v = b_plane[((long long)n * C * H + h) * W + wi];
-            }
-            s.b[kk][tid % BN] = v;
+        for (int q = 0; q < B_LOADS; ++q) {
+            const int nn = tid / BK + (THREADS / BK) * q;
+            const bool inside = (unsigned)(h + tap_kh[nn]) < (unsigned)H
+                                && (unsigned)(wi + tap_kw[nn]) < (unsigned)W;
+            s.b[kk][nn] = (j_valid && inside) ? x_j[tap_offset[nn]] : 0.0f;
         }
         __syncthreads();
-        multiply_tiles(s, acc, tx, ty);
+        multiply_tiles(s, acc, tid % 16, tid / 16);
         __syncthreads();
+        for (ow += BK; ow >= OW; ow -= OW)                             // j += BK, by increments
+            if (++oh == OH) oh = 0, ++n;
     }
 
-    store_tile(acc, dw_part + (long long)blockIdx.z * F * K, nullptr, F, K, K, row0, col0, tx, ty);
+    store_tile(acc, dw_part + blockIdx.z * F * K, nullptr, F, K, K, row0, col0,
+               tid % 16, tid / 16);
 }

@@ -9,16 +9,17 @@
 // Layout:   NCHW; OH = (H - KH) / SH + 1, OW = (W - KW) / SW + 1; KH*KW <= 256 (uint8 taps).
 // Launch:   forward: one thread per output pixel; backward: one thread per input pixel (a
 //           gather over the windows that contain it, no atomics, summed in NumPy's tap order so
-//           dx is bit-identical). Block 256, 1-D grid with a grid-stride loop.
+//           dx is bit-identical). Block 256, 1-D grid with a grid-stride loop; int indices (the
+//           wrapper keeps every array under 2**30 elements): 32-bit division, not 64.
 // Must match: minicnn/ops/pool.py::maxpool2d_forward and ::maxpool2d_backward (NumPy).
 // Time:     python -m minicnn.bench kernels
 
 // Element i of an (planes, rows, cols) array -> its plane (n*C + c); *row, *col its position.
-__device__ __forceinline__ long long unravel(long long i, int rows, int cols, int* row, int* col)
+__device__ __forceinline__ int unravel(int i, int rows, int cols, int* row, int* col)
 {
-    *col = (int)(i % cols);
-    const long long t = i / cols;
-    *row = (int)(t % rows);
+    const int t = i / cols;
+    *col = i - t * cols;
+    *row = t % rows;
     return t / rows;
 }
 
@@ -27,12 +28,12 @@ extern "C" __global__ void maxpool2d_forward(const float* __restrict__ x, float*
                                              int N, int C, int H, int W, int KH, int KW,
                                              int SH, int SW, int OH, int OW)
 {
-    const long long total = (long long)N * C * OH * OW;
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+    const int total = N * C * OH * OW;
+    const int step = gridDim.x * blockDim.x;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         int oh, ow;
-        const long long plane = unravel(i, OH, OW, &oh, &ow);     // n * C + c
-        const float* window = x + (plane * H + (long long)oh * SH) * W + (long long)ow * SW;
+        const int plane = unravel(i, OH, OW, &oh, &ow);           // n * C + c
+        const float* window = x + (plane * H + oh * SH) * W + ow * SW;
         float best = window[0];
         int best_tap = 0;
         for (int kh = 0; kh < KH; ++kh) {
@@ -56,11 +57,11 @@ extern "C" __global__ void maxpool2d_backward(const float* __restrict__ dout,
                                               int N, int C, int H, int W, int KH, int KW,
                                               int SH, int SW, int OH, int OW)
 {
-    const long long total = (long long)N * C * H * W;
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+    const int total = N * C * H * W;
+    const int step = gridDim.x * blockDim.x;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         int h, w;
-        const long long plane = unravel(i, H, W, &h, &w);         // n * C + c
+        const int plane = unravel(i, H, W, &h, &w);               // n * C + c
         // Windows oh whose rows oh*SH .. oh*SH + KH - 1 contain h, likewise ow for w.
         const int oh_first = h - KH + 1 <= 0 ? 0 : (h - KH + SH) / SH;
         const int ow_first = w - KW + 1 <= 0 ? 0 : (w - KW + SW) / SW;
@@ -70,7 +71,7 @@ extern "C" __global__ void maxpool2d_backward(const float* __restrict__ dout,
         // NumPy adds tap by tap, k = kh*KW + kw ascending; kh = h - oh*SH grows as oh falls.
         for (int oh = oh_last; oh >= oh_first; --oh) {
             for (int ow = ow_last; ow >= ow_first; --ow) {
-                const long long o = (plane * OH + oh) * OW + ow;
+                const int o = (plane * OH + oh) * OW + ow;
                 if (argmax[o] == (h - oh * SH) * KW + (w - ow * SW)) sum += dout[o];
             }
         }

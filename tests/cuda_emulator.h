@@ -16,6 +16,8 @@
 #include <vector>
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct alignas(16) float4 { float x, y, z, w; };     // CUDA's vector types: aligned structs
+struct alignas(16) int4 { int x, y, z, w; };
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 inline std::barrier<>* block_barrier = nullptr;

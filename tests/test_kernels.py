@@ -137,6 +137,42 @@ def test_conv2d_backward_weight_sums_its_split_k_partials(device):
     assert_close(got_dw, dw)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", [
+    ((2, 67, 9, 11), (129, 67, 3, 3), (1, 1), ((1, 1), (1, 1))),    # 3 row tiles, 5 of c, 2 of cols
+    ((3, 5, 7, 6), (4, 5, 1, 1), (1, 1), ((2, 0), (1, 2))),         # 1x1, padding > kernel - 1
+    ((1, 3, 10, 10), (6, 3, 3, 2), (1, 1), ((0, 2), (2, 1))),       # KH != KW, one-sided padding
+    ((2, 17, 9, 9), (70, 17, 3, 3), (2, 2), ((1, 1), (1, 1))),      # stride 2: the gather
+    ((2, 3, 8, 7), (5, 3, 2, 3), (2, 1), ((0, 1), (2, 0))),         # stride (2, 1): the gather
+    ((1, 2, 12, 5), (3, 2, 1, 1), (3, 2), ((0, 0), (0, 0))),        # 1x1 stride 3: empty taps
+])
+def test_conv2d_backward_data_runs_stride_1_as_a_flipped_forward_and_strides_as_the_gather(
+        device, x_shape, w_shape, stride, padding):
+    """Stride 1: backward_data launches the forward kernel on dout with w flipped and transposed
+    and padding (KH-1-PT, KW-1-PL) (negative when the padding exceeds the kernel); larger
+    strides launch the gather. Both equal NumPy's dx, on odd shapes: channel counts that cross the
+    64-row tiles and 16-deep steps, 1x1 kernels, uneven padding."""
+    x, w = normal(x_shape, 0), normal(w_shape, 1)
+    out, cache = ops.conv2d_forward(x, w, None, stride, padding)
+    dout = normal(out.shape, 2)
+    dx, dw, _ = ops.conv2d_backward(dout, cache)
+    launched = []
+
+    def launch(name, grid, block, args):
+        launched.append(name)
+        device_launch(name, grid, block, args)
+
+    with device.active():
+        device_launch = kernels._launch                        # the emulator's, or CuPy's
+        with mock.patch.object(kernels, "_launch", launch):
+            _, got_cache = kernels.conv2d_forward(device.asarray(x), device.asarray(w), None,
+                                                  stride, padding)
+            got_dx, got_dw, _ = kernels.conv2d_backward(device.asarray(dout), got_cache)
+    data_kernel = "conv2d_forward" if stride == (1, 1) else "conv2d_backward_data"
+    assert launched == ["conv2d_forward", data_kernel, "conv2d_backward_weight"]
+    assert_close(got_dx, np.ascontiguousarray(dx))
+    assert_close(got_dw, dw)
+
+
 @given(pool_problems(max_size=9), st.booleans(), st.integers(0, 2**31))
 def test_maxpool2d_matches_numpy_exactly(device, problem, ties, seed):
     n, c, h, w, kernel, stride = problem
@@ -229,6 +265,30 @@ def test_bias_relu_matches_its_reference_exactly(device, shape, seed):
     assert_close(got_db, db)
 
 
+def test_bias_relu_takes_the_scalar_path_for_arrays_off_16_byte_alignment(emulator):
+    """The kernels read four neighbours as one float4 when the arrays are 16-byte aligned (and
+    four share a channel); an array that starts 4 bytes into a buffer (a contiguous slice) takes
+    the one-element path. Both give the reference's result exactly."""
+    shape = (2, 3, 4, 6)                                       # S = 24: four neighbours share c
+    b = normal(shape[1:2], 1)
+
+    def shifted(a):                                            # a copy starting 4 bytes past 16
+        buffer = np.empty(a.size + 1, np.float32)
+        buffer[1:] = a.reshape(-1)
+        return buffer[1:].reshape(a.shape)
+
+    for x, dy in [(normal(shape, 0), normal(shape, 2)), (shifted(normal(shape, 0)),
+                                                          shifted(normal(shape, 2)))]:
+        assert x.ctypes.data % 16 == dy.ctypes.data % 16 in (0, 4)
+        y, mask = kernels.bias_relu_forward_reference(x, b)
+        with emulator.active():
+            got_y, got_mask = kernels.bias_relu_forward(x, b)
+            got_dx, _ = kernels.bias_relu_backward(dy, got_mask)
+        np.testing.assert_array_equal(got_y, y)
+        np.testing.assert_array_equal(got_mask, mask)
+        np.testing.assert_array_equal(got_dx, kernels.bias_relu_backward_reference(dy, mask)[0])
+
+
 def test_raw_kernels_reject_other_dtypes_and_numpy_arrays():
     x = np.zeros((1, 1, 4, 4))
     with pytest.raises(TypeError, match="float32 only"):
@@ -274,7 +334,7 @@ def test_raw_kernels_through_the_layers_train_like_the_generic_ops(device, monke
         fns = minicnn.implementation.ops_for(cupy.zeros(1, dtype=np.float32))
         assert fns.conv2d_forward is kernels.conv2d_forward
         loss, got = step(raw, cupy.asarray(x), cupy.asarray(labels))
-    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert float(to_numpy(loss)) == pytest.approx(float(to_numpy(expected_loss)), rel=1e-5)
     for key, value in expected.items():
         assert_close(got[key], value)
 

@@ -38,8 +38,10 @@ KERNEL_FILES = {
     "bias_relu_forward": "bias_relu", "bias_relu_backward": "bias_relu",
 }
 NVRTC_OPTIONS = ("--std=c++17",)
-THREADS = 256                  # threads per block of every kernel
-TILE = 64                      # conv2d.cu's BM = BN: output tile edge per block
+THREADS = 256                  # threads per block of the memory-bound kernels
+CONV_THREADS = 128             # conv2d.cu's THREADS: 8 x 16, an 8 x 8 micro-tile each
+TILE_ROWS = 64                 # conv2d.cu's BM: output rows (filters or channels) per block
+TILE_COLS = 128                # conv2d.cu's BN: output columns (pixels or weight taps) per block
 TILE_K = 16                    # conv2d.cu's BK: reduction step
 SIZE_LIMIT = 2**30             # element count below which the kernels' int indices are safe
 SPLIT_K_BLOCKS = 512           # backward_weight: aim for this many blocks (a few per SM)
@@ -115,6 +117,20 @@ def _zero_bias(xp, device, f):
     return xp.zeros(f, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _taps(xp, device, c, kh, kw, h, w):
+    """conv2d_forward's tap table for a (C, H, W) input and a KH x KW kernel: row
+    k = (ci*KH + i)*KW + j of the reduction -> (ci*H*W + i*W + j, i, j, 0), the offset of x[ci,
+    i, j] from a window's corner and the tap's place in the window; int32 (K', 4), K' = K rounded
+    up to TILE_K with rows no pixel is inside (i = -2**30). Built once per shape and device."""
+    k = c * kh * kw
+    ci, i, j = np.unravel_index(np.arange(k), (c, kh, kw))
+    table = np.zeros((-(-k // TILE_K) * TILE_K, 4), dtype=np.int32)
+    table[:, 1] = -2**30
+    table[:k, 0], table[:k, 1], table[:k, 2] = ci * h * w + i * w + j, i, j
+    return xp.asarray(table)
+
+
 def _device(xp):
     """The current CUDA device id for CuPy, None for NumPy (the tests' CUDA emulation)."""
     return None if xp is np else xp.cuda.Device().id
@@ -188,21 +204,26 @@ def conv2d_forward(x, w, b, stride, padding):
     oh, ow = conv_output_size(h, kh, sh, pt, pb), conv_output_size(wd, kw, sw, pl, pr)
     _check_size((n, f, oh, ow), "out")
     out = xp.empty((n, f, oh, ow), dtype=np.float32)
-    grid = (-(-n * oh * ow // TILE), -(-f // TILE))
-    _launch("conv2d_forward", grid, (THREADS,),
-            (x, w, b, out) + _ints(n, c, h, wd, f, kh, kw, sh, sw, pt, pl, oh, ow))
+    _launch("conv2d_forward", _conv_grid(n * oh * ow, f), (CONV_THREADS,),
+            (x, w, b, _taps(xp, _device(xp), c, kh, kw, h, wd), out)
+            + _ints(n, c, h, wd, f, kh, kw, sh, sw, pt, pl, oh, ow))
     return out, (x, w, stride, padding, b_given)
 
 
-def conv2d_backward(dout, cache, input_grad=True):
+def conv2d_backward(dout, cache, input_grad=True, weight_grad=True):
     """dout (N, F, OH, OW) -> dx (N, C, H, W) (None unless input_grad), dw (F, C, KH, KW),
-    db (F,) or None (no bias); as minicnn.ops.conv2d_backward: the two kernels below, and db as
-    a CuPy reduction.
+    db (F,) or None (no bias; both None unless weight_grad); as minicnn.ops.conv2d_backward:
+    the two kernels below, and db as a CuPy reduction.
     """
     dout = _float32(dout, "dout")
-    db = dout.sum(axis=(0, 2, 3)) if cache[4] else None
+    db = dout.sum(axis=(0, 2, 3)) if cache[4] and weight_grad else None
     dx = conv2d_backward_data(dout, cache) if input_grad else None
-    return dx, conv2d_backward_weight(dout, cache), db
+    return dx, conv2d_backward_weight(dout, cache) if weight_grad else None, db
+
+
+def _conv_grid(columns, rows, splits=1):
+    """conv2d.cu's grid: one block per TILE_ROWS x TILE_COLS output tile (and split)."""
+    return (-(-columns // TILE_COLS), -(-rows // TILE_ROWS), splits)
 
 
 def _conv_sizes(dout, cache):
@@ -211,14 +232,28 @@ def _conv_sizes(dout, cache):
 
 
 def conv2d_backward_data(dout, cache):
-    """dout (N, F, OH, OW) -> dx (N, C, H, W): the transposed implicit GEMM (a gather)."""
-    x, w = cache[:2]
+    """dout (N, F, OH, OW) -> dx (N, C, H, W): the transposed implicit GEMM (a gather).
+
+    Stride 1: dx is the forward convolution of dout with w flipped in (kh, kw) and transposed to
+    (C, F, KH, KW), padding (KH-1-PT, KW-1-PL), so the forward kernel computes it: one flat
+    reduction over F*KH*KW (padded to TILE_K once, not per tap) with coalesced weight reads.
+    Larger strides: the gather, where most taps of a pixel are empty.
+    """
+    x, w, stride, ((pt, _), (pl, _)), _ = cache
     xp = array_module(dout)
     dout = _float32(dout, "dout")
     n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
     dx = xp.empty(x.shape, dtype=np.float32)
-    _launch("conv2d_backward_data", (-(-n * h * wd // TILE), -(-c // TILE)), (THREADS,),
-            (dout, w, dx) + _conv_sizes(dout, cache))
+    if tuple(stride) == (1, 1):
+        w_flipped = xp.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, F, KH, KW)
+        _launch("conv2d_forward", _conv_grid(n * h * wd, c), (CONV_THREADS,),
+                (dout, w_flipped, _zero_bias(xp, _device(xp), c),
+                 _taps(xp, _device(xp), f, kh, kw, *dout.shape[2:]), dx)
+                + _ints(n, f, *dout.shape[2:], c, kh, kw, 1, 1, kh - 1 - pt, kw - 1 - pl, h, wd))
+    else:
+        _launch("conv2d_backward_data", _conv_grid(n * h * wd, c), (CONV_THREADS,),
+                (dout, w, dx) + _conv_sizes(dout, cache))
     return dx
 
 
@@ -230,11 +265,11 @@ def conv2d_backward_weight(dout, cache):
     xp = array_module(dout)
     dout = _float32(dout, "dout")
     f, k = w.shape[0], math.prod(w.shape[1:])
-    tiles = -(-k // TILE) * -(-f // TILE)
+    tiles = math.prod(_conv_grid(k, f))
     splits, split_size = _split_k(dout.shape[0] * dout.shape[2] * dout.shape[3], tiles)
     _check_size((splits, f, k), "dw partial sums")
     partial = xp.empty((splits, f, k), dtype=np.float32)          # (SPLITS, F, C*KH*KW)
-    _launch("conv2d_backward_weight", (-(-k // TILE), -(-f // TILE), splits), (THREADS,),
+    _launch("conv2d_backward_weight", _conv_grid(k, f, splits), (CONV_THREADS,),
             (x, dout, partial, np.int32(split_size)) + _conv_sizes(dout, cache))
     return (partial[0] if splits == 1 else partial.sum(axis=0)).reshape(w.shape)
 
@@ -304,8 +339,9 @@ def bias_relu_forward(x, b):
     y = xp.empty(x.shape, dtype=np.float32)
     mask = xp.empty(x.shape, dtype=bool)
     spatial = math.prod(x.shape[2:])
-    _launch("bias_relu_forward", _blocks(x.size), (THREADS,),
-            (x, b, y, mask, np.int64(x.size), np.int32(x.shape[1]), np.int32(spatial)))
+    by4 = spatial % 4 == 0                 # the kernel then handles 4 neighbours per thread
+    _launch("bias_relu_forward", _blocks(-(-x.size // 4) if by4 else x.size), (THREADS,),
+            (x, b, y, mask) + _ints(x.size, x.shape[1], spatial))
     return y, mask
 
 
@@ -314,6 +350,6 @@ def bias_relu_backward(dy, mask):
     xp = array_module(dy)
     dy = _float32(dy, "dy")
     dx = xp.empty(dy.shape, dtype=np.float32)
-    _launch("bias_relu_backward", _blocks(dy.size), (THREADS,),
-            (dy, xp.ascontiguousarray(mask), dx, np.int64(dy.size)))
+    _launch("bias_relu_backward", _blocks(-(-dy.size // 4) if dy.size % 4 == 0 else dy.size),
+            (THREADS,), (dy, xp.ascontiguousarray(mask), dx, np.int32(dy.size)))
     return dx, dx.sum(axis=_channel_axes(dx))
