@@ -38,14 +38,20 @@ def _describe(path, size):
     return f" ({', '.join(notes)})" if notes else ""
 
 
+def read_images(images, size):
+    """-> (uint8 (N, 3, H, W) of the image files decoded at the model's size (H, W), a note for
+    each: '' or the conversion it needed). DataError for an image that cannot be read."""
+    notes = [_describe(path, size) for path in images]
+    return np.stack([datasets.decode_image(path, size) for path in images]), notes
+
+
 def predict(checkpoint, images, top=3, backend="numpy", batch_size=256):
     """-> [(path, note, [(class, probability), ...])] for each image, best first.
 
     The images, decoded to the model's small input size (uint8), go through the model
     batch_size at a time, so a long list needs the activations of one batch only."""
     net = load_for_inference(checkpoint, backend)
-    notes = [_describe(path, net.size) for path in images]
-    batch = np.stack([datasets.decode_image(path, net.size) for path in images])   # (N, 3, H, W)
+    batch, notes = read_images(images, net.size)
     logits = finite_logits(predict_logits(net.model, batch, net.mean, net.std, net.xp,
                                           batch_size=batch_size), checkpoint, net.classes)
     results = []
