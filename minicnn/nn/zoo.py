@@ -1,10 +1,13 @@
-"""Model presets, by name: the classic Keras-tutorial CNN, a stronger residual net, and the
-Keras cats-vs-dogs tutorial's dropout net. Each takes image_size=(H, W) and sizes the layers
-that depend on it (a Dense layer after Flatten, a final global pool) for that size."""
+"""Model presets, by name: the classic Keras-tutorial CNN, a stronger residual net, the
+Keras cats-vs-dogs tutorial's dropout net, and torchvision's ResNet-18 (its parameter names
+too, so that its ImageNet weights load: minicnn.load_weights). Each takes image_size=(H, W)
+and sizes the layers that depend on it (a Dense layer after Flatten, a final global pool) for
+that size."""
 import numpy as np
 
 from minicnn.nn.containers import Residual, Sequential
-from minicnn.nn.layers import BatchNorm2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from minicnn.nn.layers import (BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
+                               GlobalAveragePooling2D, MaxPool2D, ReLU)
 from minicnn.ops.im2col import conv_output_size, to_pair
 
 
@@ -111,8 +114,63 @@ def keras_dropout(num_classes=10, in_channels=3, rng=None, dtype=np.float32,
     ])
 
 
+def basic_block(in_channels, out_channels, stride=1, rng=None, dtype=np.float32):
+    """torchvision's BasicBlock (He et al., "Deep Residual Learning", 2015, figure 2):
+
+        y = relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x))
+
+    3x3 convs without bias, conv1 of the given stride; downsample, a strided 1x1 conv and a
+    BatchNorm, only where the shape changes (else the shortcut is x). Built as a Residual then a
+    ReLU, with torchvision's parameter names: the Residual and its body are named "" (a layer
+    named "" lends its names to its container), so the block's keys are conv1.weight,
+    bn1.running_mean, ..., downsample.0.weight, downsample.1.bias.
+    """
+    d = dict(rng=rng, dtype=dtype)
+    body = Sequential({
+        "conv1": Conv2D(in_channels, out_channels, 3, stride, 1, bias=False, **d),
+        "bn1": BatchNorm2D(out_channels, dtype=dtype), "relu": ReLU(),
+        "conv2": Conv2D(out_channels, out_channels, 3, 1, 1, bias=False, **d),
+        "bn2": BatchNorm2D(out_channels, dtype=dtype)})
+    downsample = None
+    if stride != 1 or in_channels != out_channels:
+        downsample = Sequential([Conv2D(in_channels, out_channels, 1, stride, bias=False, **d),
+                                 BatchNorm2D(out_channels, dtype=dtype)])
+    return Sequential({"": Residual(body, downsample, names=("", "downsample")), "relu": ReLU()})
+
+
+def resnet18(num_classes=1000, in_channels=3, rng=None, dtype=np.float32, image_size=(224, 224)):
+    """torchvision's resnet18 (11,689,512 parameters for 1000 classes), its layers and
+    parameter names (conv1.weight, layer1.0.bn1.running_mean, layer2.0.downsample.0.weight,
+    fc.bias, ...), so torchvision's state dict loads as it is (minicnn.load_weights):
+
+        conv 7x7/2 64 - BN - ReLU - max-pool 3x3/2 (padding 1)       (64, 56, 56) for 224x224
+        layer1..layer4: two basic_blocks each, 64, 128, 256, 512 channels, the first block of
+        layers 2-4 of stride 2                                       (512, 7, 7)
+        global average pool - fc                                     (num_classes,)
+
+    Any image size: the global pool takes the last map whole (7x7 for 224x224, 1x1 for
+    32x32). Initialised as minicnn's layers are (PyTorch's default, not torchvision's Kaiming
+    normal); for ImageNet training load the weights instead.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    _image_size(image_size)
+    layers = {"conv1": Conv2D(in_channels, 64, 7, 2, 3, bias=False, rng=rng, dtype=dtype),
+              "bn1": BatchNorm2D(64, dtype=dtype), "relu": ReLU(),
+              "maxpool": MaxPool2D(3, 2, padding=1)}
+    channels = 64
+    for stage, width in enumerate((64, 128, 256, 512), start=1):
+        stride = 1 if stage == 1 else 2
+        layers[f"layer{stage}"] = Sequential([
+            basic_block(channels, width, stride, rng, dtype),
+            basic_block(width, width, 1, rng, dtype)])
+        channels = width
+    layers["avgpool"] = GlobalAveragePooling2D()
+    layers["fc"] = Dense(512, num_classes, rng=rng, dtype=dtype)
+    return Sequential(layers)
+
+
 MODELS = {"keras-tutorial": keras_tutorial, "resnet-small": resnet_small,
-          "keras-dropout": keras_dropout}
+          "keras-dropout": keras_dropout, "resnet18": resnet18}
 
 
 def build_model(name, num_classes=10, rng=None, dtype=np.float32, image_size=(32, 32)):

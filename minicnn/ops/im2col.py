@@ -51,13 +51,14 @@ def same_padding(size, kernel, stride):
     return total // 2, total - total // 2
 
 
-def conv_output_size(size, kernel, stride, pad_before, pad_after):
-    """Output positions along one axis: windows of `kernel` that fit the padded size.
+def conv_output_size(size, kernel, stride, pad_before, pad_after, dilation=1):
+    """Output positions along one axis: windows of `kernel` taps `dilation` apart that fit the
+    padded size.
 
     Reference: minicnn.reference.conv_output_size.
     Differs: nothing (the same formula; tests/test_reference.py checks both agree).
     """
-    return (size + pad_before + pad_after - kernel) // stride + 1
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def pad_images(x, padding):
@@ -72,22 +73,22 @@ def pad_images(x, padding):
     return out
 
 
-def im2col(x, kernel, stride, padding, out=None):
+def im2col(x, kernel, stride, padding, out=None, dilation=(1, 1)):
     """x (N, C, H, W) -> cols (N, C*KH*KW, OH*OW).
 
     Reference: minicnn.reference.im2col.
     Differs: cols per image, (N, C*KH*KW, OH*OW) not (C*KH*KW, N*OH*OW); an out= buffer.
 
-    kernel, stride: (h, w) pairs; padding: ((top, bottom), (left, right)).
+    kernel, stride, dilation: (h, w) pairs; padding: ((top, bottom), (left, right)).
     out: a buffer (N, >= C*KH*KW, OH*OW) to fill instead of a new array; its first C*KH*KW
     rows are filled and returned, the rows below are left as they are (minicnn.ops.conv keeps
     a row of ones there, which turns the bias into one more row of the GEMM).
     """
     xp = array_module(x)
     n, c, h, w = x.shape
-    (kh, kw), (sh, sw) = kernel, stride
-    oh = conv_output_size(h, kh, sh, *padding[0])
-    ow = conv_output_size(w, kw, sw, *padding[1])
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh = conv_output_size(h, kh, sh, *padding[0], dh)
+    ow = conv_output_size(w, kw, sw, *padding[1], dw)
     xpad = pad_images(x, padding)                          # (N, C, Hp, Wp)
     if out is None:
         out = xp.empty((n, c * kh * kw, oh * ow), dtype=x.dtype)
@@ -96,11 +97,13 @@ def im2col(x, kernel, stride, padding, out=None):
     for i in range(kh):
         for j in range(kw):
             # every output pixel's (i, j) tap, for the whole batch at once
-            cols6[:, :, i, j] = xpad[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            top, left = dh * i, dw * j
+            cols6[:, :, i, j] = xpad[:, :, top:top + sh * (oh - 1) + 1:sh,
+                                     left:left + sw * (ow - 1) + 1:sw]
     return cols
 
 
-def col2im(cols, x_shape, kernel, stride, padding, out=None):
+def col2im(cols, x_shape, kernel, stride, padding, out=None, dilation=(1, 1)):
     """The adjoint of im2col: cols (N, C*KH*KW, OH*OW) -> dx (N, C, H, W).
 
     Reference: minicnn.reference.col2im.
@@ -113,16 +116,18 @@ def col2im(cols, x_shape, kernel, stride, padding, out=None):
     """
     xp = array_module(cols)
     n, c, h, w = x_shape
-    (kh, kw), (sh, sw) = kernel, stride
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     (pt, pb), (pl, pr) = padding
-    oh = conv_output_size(h, kh, sh, pt, pb)
-    ow = conv_output_size(w, kw, sw, pl, pr)
+    oh = conv_output_size(h, kh, sh, pt, pb, dh)
+    ow = conv_output_size(w, kw, sw, pl, pr, dw)
     cols6 = cols.reshape(n, c, kh, kw, oh, ow)
     dxpad = (xp.zeros((n, c, h + pt + pb, w + pl + pr), dtype=cols.dtype) if out is None
              else out)
     for i in range(kh):
         for j in range(kw):
-            dxpad[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += cols6[:, :, i, j]
+            top, left = dh * i, dw * j
+            dxpad[:, :, top:top + sh * (oh - 1) + 1:sh,
+                  left:left + sw * (ow - 1) + 1:sw] += cols6[:, :, i, j]
     if out is not None or pt == pb == pl == pr == 0:
         return dxpad
     return xp.ascontiguousarray(dxpad[:, :, pt:pt + h, pl:pl + w])
@@ -149,7 +154,7 @@ def pad_nhwc(x, padding, out=None):
     return out
 
 
-def im2col_nhwc(xpad, kernel, stride, out=None):
+def im2col_nhwc(xpad, kernel, stride, out=None, dilation=(1, 1)):
     """xpad (N, Hp, Wp, C) padded NHWC -> cols (N*OH*OW, KH*KW*C), in one strided copy.
 
     A strided view gives every window without copying, (N, OH, OW, KH, KW, C): a window row
@@ -161,12 +166,12 @@ def im2col_nhwc(xpad, kernel, stride, out=None):
     column of ones there, which turns the bias into one more column of the GEMM).
     """
     xp = array_module(xpad)
-    (kh, kw), (sh, sw) = kernel, stride
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     n, hp, wp, c = xpad.shape
-    oh, ow = conv_output_size(hp, kh, sh, 0, 0), conv_output_size(wp, kw, sw, 0, 0)
+    oh, ow = conv_output_size(hp, kh, sh, 0, 0, dh), conv_output_size(wp, kw, sw, 0, 0, dw)
     s_n, s_h, s_w, s_c = xpad.strides
     win = xp.lib.stride_tricks.as_strided(                   # (N, OH, OW, KH, KW, C), a view
-        xpad, (n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h, s_w, s_c))
+        xpad, (n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
     rows, k = n * oh * ow, kh * kw * c
     cols = xp.empty((rows, k), dtype=xpad.dtype) if out is None else out[:rows]
     # a view of the first K columns as (N, OH, OW, KH, KW, C): only axes are split, so no copy
@@ -174,18 +179,19 @@ def im2col_nhwc(xpad, kernel, stride, out=None):
     return cols
 
 
-def col2im_nhwc(cols, dxpad, kernel, stride):
+def col2im_nhwc(cols, dxpad, kernel, stride, dilation=(1, 1)):
     """The adjoint of im2col_nhwc: add cols (N*OH*OW, KH*KW*C) into dxpad (N, Hp, Wp, C).
 
     dxpad is accumulated into (pass zeros for a plain col2im); one strided add per kernel tap.
     """
     n, hp, wp, c = dxpad.shape
-    (kh, kw), (sh, sw) = kernel, stride
-    oh, ow = conv_output_size(hp, kh, sh, 0, 0), conv_output_size(wp, kw, sw, 0, 0)
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh, ow = conv_output_size(hp, kh, sh, 0, 0, dh), conv_output_size(wp, kw, sw, 0, 0, dw)
     xp = array_module(cols)
     cols6 = cols.reshape(n, oh, ow, kh, kw, c)
     for i in range(kh):
         for j in range(kw):
-            dst = dxpad[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            top, left = dh * i, dw * j
+            dst = dxpad[:, top:top + sh * (oh - 1) + 1:sh, left:left + sw * (ow - 1) + 1:sw]
             xp.add(dst, cols6[:, :, :, i, j], out=dst)
     return dxpad
