@@ -2,7 +2,9 @@
 
 An optimiser takes the model (any layer or Sequential) and updates model.params in place from
 model.grads. Its per-parameter state (momentum, Adam's moments) is keyed by parameter name and
-created lazily, on the device of the parameter. References: torch.optim.SGD, Adam, AdamW
+created lazily, on the device of the parameter. A frozen layer's params (layer.trainable =
+False) are left out of the step entirely, as PyTorch leaves a parameter whose grad is None:
+no weight decay, no momentum, their buffers kept as they were. References: torch.optim.SGD, Adam, AdamW
 (PyTorch 2.x documentation, "Algorithm" sections).
 """
 import math
@@ -41,11 +43,18 @@ class Optimizer:
                                f"the model, or pass it to model.compile(optimizer=...).")
         self.steps += 1
         grads = self.model.grads
-        for name, p in self.model.params.items():
+        params = getattr(self.model, "trainable_params", self.model.params)   # frozen: left out
+        for name, p in params.items():
             self._update(name, p, grads[name], self.state.setdefault(name, {}))
 
     def zero_grad(self):
         self.model.zero_grad()
+
+    def scale_loss(self, loss_fn):
+        """The loss function whose gradients step() expects (Keras's Optimizer.scale_loss):
+        loss_fn itself; minicnn.mixed_precision.LossScaleOptimizer's multiplies them by its
+        loss scale."""
+        return loss_fn
 
     def _update(self, name, p, g, state):
         raise NotImplementedError
@@ -100,6 +109,9 @@ class Adam(Optimizer):
 
     PyTorch computes the same step rearranged, lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t)
     + eps): equal algebraically, and to rounding in float64 (tests/test_torch.py).
+    Known limit: t counts this optimiser's steps, not each parameter's as PyTorch does, so a
+    layer unfrozen after t steps starts with too little bias correction; give the fine-tuning
+    phase a fresh optimiser (model.compile again, as Keras's transfer-learning guide does).
     """
     decoupled = False            # AdamW sets True: weight decay shrinks p instead
 
