@@ -6,6 +6,7 @@ CuPy is imported behind a guard: a CPU-only install imports everything.
 This module also holds what differs between the devices outside the maths: moving arrays,
 seeding, and timing (a GPU runs asynchronously, so a timer must wait for it).
 """
+import contextlib
 import statistics
 import time
 
@@ -171,6 +172,26 @@ def seed_all(seed):
     if gpu_available():
         _cupy.random.seed(seed)
     return np.random.default_rng(seed)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(x):
+    """Inside the block, float32 GEMMs on x's device (CuPy) run on TF32 tensor cores (10-bit
+    mantissa inputs, float32 sums), as CUPY_TF32=1 makes them; the compute type before it
+    comes back at the end. BackendError for NumPy arrays (a CPU has no TF32) and for a CuPy
+    without set_compute_type. Unverified: written without a GPU."""
+    if _cupy is None or not isinstance(x, _cupy.ndarray):
+        raise BackendError("TF32 is a GPU format: give CuPy arrays (--backend cupy).")
+    try:
+        from cupy._core import _routines_linalg as linalg      # CuPy's own switch, private
+        before = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+    except (ImportError, AttributeError) as e:
+        raise BackendError(f"This CuPy cannot switch its GEMMs to TF32 ({_reason(e)}).") from None
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(np.float32, before)
 
 
 def synchronize(xp):

@@ -7,7 +7,9 @@ A callback is told what happens as fit runs:
     on_train_batch_begin(batch, logs)   on_train_batch_end(batch, logs)
 
 logs is a dict: after a batch, the epoch's running "loss" and metrics ("accuracy", ...); after an
-epoch, those and "val_loss", "val_accuracy", ... and "lr". A callback reaches the model through
+epoch, those and "val_loss", "val_accuracy", ... and "lr". A batch's logs stay on the model's
+device until a callback looks one up (minicnn.nn.fitting.DeviceNumbers: on a GPU each read waits
+for it, so a callback that needs no numbers costs none). A callback reaches the model through
 self.model (its optimizer through self.model.optimizer), and stops training by setting
 self.model.stop_training = True (fit checks it after every batch).
 
@@ -17,6 +19,8 @@ self.model.stop_training = True (fit checks it after every batch).
     LearningRateScheduler  set the learning rate from a function of the epoch
     CSVLogger              the epochs' logs as a CSV file, rewritten atomically each epoch
     TerminateOnNaN         stop at the first batch whose loss is not finite
+    BackpropTrace          every layer's activations, gradients and updates every N steps,
+                           and the rules of thumb they break (minicnn.trace)
     History                fit's return value: .history[key] is a list over epochs
 """
 import csv
@@ -25,6 +29,7 @@ import math
 from pathlib import Path
 
 from minicnn.nn.serialization import atomic_write
+from minicnn.trace import Trace
 
 
 class Callback:
@@ -292,3 +297,11 @@ class TerminateOnNaN(Callback):
         if loss is not None and not math.isfinite(loss):
             print(f"Batch {batch}: invalid loss {loss}, terminating training.")
             self.model.stop_training = True
+
+
+class BackpropTrace(Trace, Callback):
+    """BackpropTrace(every=50, log_dir=None, gradcheck=False): every `every` steps, each
+    layer's output shape, cache bytes, activation mean and std, dead ReLU units, the norms of
+    the gradient arriving and of its weight gradient, and each parameter's update ratio; a
+    table and the broken rules of thumb at each epoch end; trace.jsonl and trace.png in
+    log_dir. minicnn.trace says how and why."""

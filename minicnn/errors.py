@@ -13,6 +13,16 @@ class CheckpointError(MinicnnError, ValueError):
     """A model or checkpoint file that is missing, truncated, corrupt or not minicnn's."""
 
 
+class StateDictError(CheckpointError):
+    """Weights (a {name: array} state dict, or a file of them) that do not fit a model:
+    .missing, .unexpected and .mismatched list the keys (mismatched: (key, got, expected))."""
+
+    def __init__(self, message, missing=(), unexpected=(), mismatched=()):
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = (list(missing), list(unexpected),
+                                                          list(mismatched))
+
+
 class BackendError(MinicnnError, RuntimeError):
     """A backend (CuPy, a GPU) that was asked for and is not available."""
 

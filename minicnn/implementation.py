@@ -20,7 +20,7 @@ import types
 
 import numpy as np
 
-from minicnn import ops, reference
+from minicnn import dtype_policy, ops, reference
 from minicnn.backend import array_module
 from minicnn.cuda import kernels
 
@@ -64,8 +64,11 @@ class use:
 def ops_for(x):
     """The module of forward/backward pairs the active implementation uses for array x:
     minicnn.reference, minicnn.ops, or (raw, float32 CuPy x) minicnn.ops with the CUDA kernels
-    in place of its conv2d and maxpool2d pairs."""
+    in place of its conv2d and maxpool2d pairs. Under a mixed-precision policy, reference's or
+    ops's pairs, each casting to its dtype (minicnn.dtype_policy.autocast)."""
     name = active()
+    if dtype_policy.global_policy().mixed:        # each op in its own dtype: the casting's one place
+        return dtype_policy.autocast(reference if name == "reference" else ops)
     if name == "reference":
         return reference
     if name == "raw" and x.dtype == np.float32 and array_module(x) is not np:
@@ -77,4 +80,5 @@ def name_for(x):
     """"reference", "fast" or "raw": which of them ops_for(x) hands out for array x (under
     "raw", NumPy and non-float32 arrays take the fast path)."""
     fns = ops_for(x)
+    fns = getattr(fns, "wraps", fns)                # under autocast: the module it wraps
     return "reference" if fns is reference else "raw" if fns is _RAW else "fast"

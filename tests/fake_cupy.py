@@ -14,6 +14,10 @@ What it enforces, as CuPy does:
 - the NumPy functions, submodule members and array methods that CuPy lacks are missing here too
   (NUMPY_ONLY, taken from CuPy 14.2 with dir()): np.errstate, for one, is NumPy's only.
 
+What it counts: every device-to-host copy (get, asnumpy, float, int, bool, format, item, tolist,
+repr, and cupy.lib.stride_tricks.sliding_window_view's read of its window shape, as CuPy's
+does), in reads_back: on a GPU each one waits for the device's queued work.
+
 What it cannot check: the keywords CuPy's functions take, cuBLAS's float32 rounding, asynchrony,
 and the raw CUDA kernels (RawModule is not emulated here; tests/cuda_emulator.h runs those).
 
@@ -45,6 +49,16 @@ NUMPY_ONLY = {   # NumPy names that CuPy 14.2.0 lacks, by namespace
     """.split()),
 }
 NDARRAY_NUMPY_ONLY = set("ctypes getfield resize setfield setflags to_device".split())
+
+reads_back = 0      # device-to-host copies so far (tests/test_device_waits.py reads the difference)
+
+
+def _read_back(a):
+    """a (NumPy storage of a device array), counted as one device-to-host copy."""
+    global reads_back
+    reads_back += 1
+    return a
+
 
 HOST_REFUSED = ("Unsupported type <class 'numpy.ndarray'>: {}, like CuPy, takes device arrays, "
                 "not NumPy arrays (move them with cupy.asarray)")
@@ -124,7 +138,7 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
                         "to construct a NumPy array explicitly.")
 
     def get(self):
-        return self._a.copy()
+        return _read_back(self._a).copy()
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         return _call(getattr(ufunc, method), f"cupy.{ufunc.__name__}", inputs, kwargs)
@@ -141,16 +155,16 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
 
     # ---- reading values back -------------------------------------------------------------------
     def __bool__(self):
-        return bool(self._a)
+        return bool(_read_back(self._a))
 
     def __float__(self):
-        return float(self._a)
+        return float(_read_back(self._a))
 
     def __int__(self):
-        return int(self._a)
+        return int(_read_back(self._a))
 
     def __format__(self, spec):
-        return format(self._a, spec)
+        return format(_read_back(self._a), spec)
 
     def __len__(self):
         return len(self._a)
@@ -159,7 +173,7 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
         return (_wrap(row) for row in self._a)
 
     def __repr__(self):
-        return f"fake_cupy.{np.array_repr(self._a)}"
+        return f"fake_cupy.{np.array_repr(_read_back(self._a))}"
 
     def __copy__(self):
         return ndarray(self._a.copy())
@@ -171,6 +185,8 @@ class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
     def __getattr__(self, name):
         if name.startswith("__") or name == "_a" or name in NDARRAY_NUMPY_ONLY:
             raise AttributeError(f"'cupy.ndarray' object has no attribute '{name}'")
+        if name in ("item", "tolist"):                 # Python values: read back
+            return getattr(_read_back(self._a), name)
         value = getattr(self._a, name)
         return _Function(value, f"ndarray.{name}") if callable(value) else _wrap(value)
 
@@ -185,6 +201,8 @@ class _Module(types.ModuleType):
     def __getattr__(self, name):
         if name.startswith("__") or name in NUMPY_ONLY.get(self.__name__[len("cupy."):], ()):
             raise AttributeError(f"module '{self.__name__}' has no attribute '{name}'")
+        if (self.__name__, name) in CUPY_OWN:
+            return CUPY_OWN[self.__name__, name]
         value = getattr(self._np, name)
         if isinstance(value, types.ModuleType):
             return _Module(f"{self.__name__}.{name}", value)
@@ -228,6 +246,19 @@ def _asnumpy(a):
 
 def _get_array_module(*arrays):
     return module if any(isinstance(a, ndarray) for a in arrays) else np
+
+
+def _sliding_window_view(x, window_shape, axis=None, **kwargs):
+    """CuPy's checks its window shape on the device (cupy.any(cupy.array(window_shape) < 0),
+    cupy/lib/stride_tricks.py): one read back a call, counted here as well."""
+    _read_back(None)
+    return _call(np.lib.stride_tricks.sliding_window_view, "cupy.lib.stride_tricks."
+                 "sliding_window_view", (x, window_shape), dict(axis=axis, **kwargs))
+
+
+CUPY_OWN = {   # (namespace, name) -> what CuPy does differently from NumPy there, as it matters here
+    ("cupy.lib.stride_tricks", "sliding_window_view"): _sliding_window_view,
+}
 
 
 def _raw_module(*args, **kwargs):

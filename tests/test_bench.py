@@ -60,12 +60,13 @@ def test_percent_of_gemm_is_the_bare_gemms_time_over_the_layers(monkeypatch):
 
 
 def _spy_matmul(monkeypatch):
-    """The matmul calls, in order: one worker (parallel.map runs the parts one after another)."""
+    """The bare GEMMs' matmul calls (those into an out array), in order: one worker
+    (parallel.map runs the parts one after another)."""
     monkeypatch.setattr(bench.workers, "_threads", 1)
     calls = []
     real = np.matmul
-    monkeypatch.setattr(bench.np, "matmul", lambda a, b, out: calls.append(
-        (a.shape, b.shape, out.shape)) or real(a, b, out=out))
+    monkeypatch.setattr(bench.np, "matmul", lambda a, b, out=None: (
+        out is not None and calls.append((a.shape, b.shape, out.shape))) or real(a, b, out=out))
     return calls
 
 
@@ -127,17 +128,68 @@ def test_model_gemms_are_the_shapes_the_layers_really_get(monkeypatch):
 
 
 def test_model_rows_have_the_gemm_rate_and_the_bound(monkeypatch):
+    """x torch and bound against PyTorch's faster layout: channels_last for training here,
+    NCHW for inference; both layouts' images/s in the row."""
     times = {"train": 0.040, "eval": 0.010, "gemms_train": 0.020, "gemms_eval": 0.004,
-             "torch_train": 0.060, "torch_eval": 0.012, "fwd": 0.008, "fwd+bwd": 0.030}
+             "torch_train": 0.060, "torch_eval": 0.012, "torch_cl_train": 0.048,
+             "torch_cl_eval": 0.015, "fwd": 0.008, "fwd+bwd": 0.030}
     monkeypatch.setattr(bench, "median_times", lambda fns, *a: {n: times[n] for n in fns})
     row = bench.bench_model("resnet-small", None, 4, 1)
     assert row["gemm_train_img_s"] == pytest.approx(4 / 0.020)
     assert row["gemm_eval_img_s"] == pytest.approx(4 / 0.004)
-    assert "train_bound" not in row
+    assert "train_bound" not in row and "torch_cl_train_img_s" not in row
     torch = pytest.importorskip("torch")
     row = bench.bench_model("resnet-small", torch, 4, 1)
-    assert row["train_ratio"] == pytest.approx(1.5) and row["train_bound"] == pytest.approx(3.0)
+    assert row["torch_train_img_s"] == pytest.approx(4 / 0.060)
+    assert row["torch_cl_train_img_s"] == pytest.approx(4 / 0.048)
+    assert row["torch_eval_img_s"] == pytest.approx(4 / 0.012)
+    assert row["torch_cl_eval_img_s"] == pytest.approx(4 / 0.015)
+    assert row["torch_train_best"] == "channels_last" and row["torch_eval_best"] == "nchw"
+    assert row["train_ratio"] == pytest.approx(1.2) and row["train_bound"] == pytest.approx(2.4)
     assert row["eval_ratio"] == pytest.approx(1.2) and row["eval_bound"] == pytest.approx(3.0)
+
+
+def test_layer_rows_time_both_torch_layouts_and_compare_with_the_faster(monkeypatch):
+    torch = pytest.importorskip("torch")
+    times = {"fwd": 0.010, "bwd": 0.030, "gemms": 0.005, "torch_fwd": 0.030, "torch_bwd": 0.050,
+             "torch_cl_fwd": 0.020, "torch_cl_bwd": 0.040}
+    monkeypatch.setattr(bench, "median_times", lambda fns, repeats: {n: times[n] for n in fns})
+    conv = Conv2D(4, 8, 3, rng=np.random.default_rng(0))
+    row = bench.bench_layer("conv", conv, (6, 4, 9, 9), 1, torch, 1)
+    assert row["torch_fwd_ms"] == pytest.approx(30) and row["torch_bwd_ms"] == pytest.approx(50)
+    assert row["torch_cl_fwd_ms"] == pytest.approx(20)
+    assert row["torch_cl_bwd_ms"] == pytest.approx(40)
+    assert row["torch_best"] == "channels_last" and row["ratio"] == pytest.approx(0.060 / 0.040)
+    assert row["check"] == "ok"
+
+
+def test_the_channels_last_twins_run_in_channels_last(monkeypatch):
+    """What the t-cl columns time: a module whose conv weights and input are channels_last
+    (NHWC in memory), next to the NCHW one; each checked against minicnn."""
+    torch = pytest.importorskip("torch")
+    layouts = []
+    real_twin = bench.torch_twin
+
+    def recording_twin(layer, torch_):
+        module = real_twin(layer, torch_)
+
+        def record(mod, args):
+            x = args[0]
+            nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            convs = [m for m in mod.modules() if isinstance(m, torch.nn.Conv2d)]
+            assert all(c.weight.is_contiguous(memory_format=torch.channels_last) == nhwc
+                       for c in convs)
+            layouts.append("channels_last" if nhwc else "nchw")
+        module.register_forward_pre_hook(record)
+        return module
+
+    monkeypatch.setattr(bench, "torch_twin", recording_twin)
+    row = bench.bench_layer("conv", Conv2D(4, 8, 3, rng=np.random.default_rng(0)),
+                            (2, 4, 9, 9), 1, torch, 1)
+    assert row["check"] == "ok" and set(layouts) == {"nchw", "channels_last"}
+    layouts.clear()
+    row = bench.bench_model("keras-tutorial", torch, 2, 1)
+    assert row["check"] == "ok" and set(layouts) == {"nchw", "channels_last"}
 
 
 def test_sgemm_peak_is_the_best_run(monkeypatch):
@@ -159,13 +211,21 @@ def test_torch_twin_of_every_preset_matches(name):
     assert bench._check(model.forward(x) + 1, expected).startswith("FAIL")
 
 
-def test_layer_and_model_rows_with_torch():
+def test_layer_and_model_rows_with_torch(capsys):
     pytest.importorskip("torch")
     result = bench.run(models=["keras-tutorial"], batch=2, repeats=1)
     assert result["machine"]["torch"] is not None
     assert result["layers"] and all(r["check"] == "ok" and r["ratio"] > 0 for r in result["layers"])
+    assert all(r["torch_cl_fwd_ms"] > 0 and r["torch_fwd_ms"] > 0 for r in result["layers"])
     [model] = result["models"]
     assert model["check"] == "ok" and model["train_ratio"] > 0 and model["eval_ratio"] > 0
+    assert model["torch_cl_train_img_s"] > 0 and model["torch_eval_img_s"] > 0
+    best = {"nchw": "torch_", "channels_last": "torch_cl_"}[model["torch_train_best"]]
+    assert model[best + "train_img_s"] == max(model["torch_train_img_s"],
+                                              model["torch_cl_train_img_s"])
+    bench.print_report(result)
+    out = capsys.readouterr().out
+    assert "t-cl ms" in out and "channels_last" in out and "the faster" in out
 
 
 def test_conv_workspace_budget_chunks_without_changing_results(monkeypatch):

@@ -74,7 +74,7 @@ def test_one_keras_tutorial_training_step_agrees_on_numpy_and_cupy(gpu_xp, imple
         gpu_loss, gpu = training_step(gpu_model, cupy.asarray(x), cupy.asarray(labels))
 
     assert set(gpu) == set(cpu)
-    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+    assert float(gpu_loss) == pytest.approx(float(cpu_loss), rel=1e-5)
     rows = compare(cpu, gpu)
     print(f"\nNumPy vs {cupy.__name__} ({implementation}), one training step of keras_tutorial, "
           f"batch {batch}{' (fake_cupy)' if fake else ''}:")

@@ -155,7 +155,7 @@ def test_the_backward_asks_dx_strategy(monkeypatch):
     x, w = np.ones((2, 8, 5, 5)), np.ones((4, 8, 3, 3))
     out, cache = conv_ops.conv2d_forward(x, w, None, (1, 1), SAME)
     conv_ops.conv2d_backward(np.ones(out.shape), cache)
-    assert asked == [(8, (3, 3), (1, 1), SAME, True)]
+    assert asked == [(8, (3, 3), (1, 1), SAME, True, (1, 1))]          # the last: dilation
 
 
 # ---- the code names its reference and its measurements' section ---------------------------

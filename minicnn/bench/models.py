@@ -7,7 +7,8 @@
 Three tables, each row timed side by side with PyTorch (interleaved, so machine noise hits both):
   1. SGEMM: a 2048^2 float32 matmul through NumPy's BLAS, the machine's measured peak (the
      best of the repeats, measured before the layers and again after them; the higher counts).
-  2. Layers: the conv shapes of every preset in minicnn.nn.zoo.MODELS plus the CIFAR ladder
+  2. Layers: the conv shapes of every preset benched (DEFAULT_MODELS: all but resnet18, unless
+     --models names it) plus the CIFAR ladder
      (3->64 @32, 64->64 @32, 128->128 @16, 256->256 @8), and the pools, BatchNorm and ReLU the
      presets use: forward ms, backward ms, GFLOP/s (forward + backward, 2*N*F*C*KH*KW*OH*OW per
      GEMM-pass, three passes), % of the SGEMM peak, % of the BLAS on the layer's own GEMM shapes
@@ -21,6 +22,9 @@ Three tables, each row timed side by side with PyTorch (interleaved, so machine 
      Beside each, "gemms": the images/s of the step's conv and dense GEMMs alone (model_gemms,
      the shapes the layers really get), and "bound": PyTorch's time / theirs, the ratio an
      engine whose layers cost nothing but those GEMMs would reach on this BLAS.
+PyTorch is timed in both its memory layouts, its default NCHW and channels_last (module and input
+.to(memory_format=torch.channels_last), its faster path on a CPU for most convolutions), both
+shown; the ratios ("x torch", "bound") are against the faster of the two, PyTorch's best path.
 Each case is checked against PyTorch first (same weights, same input), then warmed up, then timed
 `repeats` times (the model rows' train and eval columns MODEL_REPEATS times as many); the median
 is reported. PyTorch runs with as many threads as minicnn's workers
@@ -44,7 +48,7 @@ from minicnn.nn import zoo
 from minicnn.training.cli import positive_int
 from minicnn.errors import BackendError
 from minicnn.nn import (AvgPool2D, BatchNorm1D, BatchNorm2D, Conv2D, Dense, Dropout, Flatten,
-                            MaxPool2D, ReLU, Residual, Softmax, walk)
+                            GlobalAveragePooling2D, MaxPool2D, ReLU, Residual, Softmax, walk)
 from minicnn.nn.losses import SoftmaxCrossEntropy
 from minicnn.nn.containers import Sequential
 from minicnn.ops import conv as conv_ops
@@ -122,10 +126,13 @@ def torch_twin(layer, torch):
             torch_twin(layer.shortcut, torch) if layer.shortcut is not None else None)
     elif isinstance(layer, Conv2D):
         module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                           layer.stride, _torch_padding(layer), bias="bias" in layer.params)
-    elif isinstance(layer, (MaxPool2D, AvgPool2D)):
-        cls = nn.MaxPool2d if isinstance(layer, MaxPool2D) else nn.AvgPool2d
-        module = cls(layer.kernel_size, layer.stride)
+                           layer.stride, _torch_padding(layer), layer.dilation, layer.groups,
+                           bias="bias" in layer.params)
+    elif isinstance(layer, MaxPool2D):
+        module = nn.MaxPool2d(layer.kernel_size, layer.stride, _torch_padding(layer))
+    elif isinstance(layer, AvgPool2D):
+        module = nn.AvgPool2d(layer.kernel_size, layer.stride, _torch_padding(layer),
+                              count_include_pad=False)
     elif isinstance(layer, (BatchNorm2D, BatchNorm1D)):
         cls = nn.BatchNorm2d if isinstance(layer, BatchNorm2D) else nn.BatchNorm1d
         module = cls(layer.num_features, eps=layer.eps, momentum=layer.momentum)
@@ -133,7 +140,9 @@ def torch_twin(layer, torch):
         module = nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
     else:
         simple = {ReLU: nn.ReLU, Flatten: nn.Flatten, Softmax: lambda: nn.Softmax(dim=1),
-                  Dropout: lambda: nn.Dropout(layer.p)}
+                  Dropout: lambda: nn.Dropout(layer.p),
+                  GlobalAveragePooling2D: lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1),
+                                                                nn.Flatten())}
         if type(layer) not in simple:
             raise ValueError(f"minicnn.bench has no PyTorch twin for {type(layer).__name__}.")
         module = simple[type(layer)]()
@@ -147,7 +156,8 @@ def torch_twin(layer, torch):
 
 
 def _torch_padding(conv):
-    """Conv2D's padding as nn.Conv2d takes it (symmetric pairs only; "same" is stride 1 in torch)."""
+    """A Conv2D's or pool's padding as torch takes it (symmetric pairs only; "same" is stride 1
+    in torch, and conv only)."""
     if conv.padding == "valid":
         return 0
     if conv.padding == "same":
@@ -325,21 +335,12 @@ def bench_layer(label, layer, in_shape, flops, torch, repeats, gpu=None):
         fns["gemms"] = conv_gemms(layer, in_shape[0], y.shape[1:], rng)
     row = {"layer": label, "input": list(in_shape), "flops": flops, "check": "-"}
     if torch is not None:
-        module = torch_twin(layer, torch).train()
-        tx = torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(True)
-        tdy = torch.from_numpy(np.ascontiguousarray(dy))
-        row["check"] = _check(y, module(tx).detach().numpy())
-        ty = {}
-
-        def torch_fwd():
-            ty["y"] = module(tx)
-
-        def torch_bwd():
-            tx.grad = None
-            module.zero_grad(set_to_none=True)
-            ty["y"].backward(tdy, retain_graph=True)
-        torch_fwd()
-        fns.update({"torch_fwd": torch_fwd, "torch_bwd": torch_bwd})
+        checks = []
+        for prefix, layout in TORCH_LAYOUTS.items():
+            layout_fns, ty = _torch_layer_fns(layer, x, dy, torch, layout)
+            checks.append(_check(y, ty))
+            fns.update({prefix + name: fn for name, fn in layout_fns.items()})
+        row["check"] = _first_failure(checks)
     t = median_times(fns, repeats)
     # backward timings need a forward before them: the interleaved order fwd, bwd guarantees it
     row.update(fwd_ms=t["fwd"] * 1e3, bwd_ms=t["bwd"] * 1e3)
@@ -348,11 +349,52 @@ def bench_layer(label, layer, in_shape, flops, torch, repeats, gpu=None):
     row["gemm_ms"] = t["gemms"] * 1e3 if "gemms" in t else None
     row["pct_gemm"] = 100 * t["gemms"] / total if "gemms" in t else None
     if torch is not None:
-        row.update(torch_fwd_ms=t["torch_fwd"] * 1e3, torch_bwd_ms=t["torch_bwd"] * 1e3,
-                   ratio=(t["torch_fwd"] + t["torch_bwd"]) / total)
+        for prefix in TORCH_LAYOUTS:
+            row.update({f"{prefix}fwd_ms": t[prefix + "fwd"] * 1e3,
+                        f"{prefix}bwd_ms": t[prefix + "bwd"] * 1e3})
+        times = {prefix: t[prefix + "fwd"] + t[prefix + "bwd"] for prefix in TORCH_LAYOUTS}
+        best = min(times, key=times.get)
+        row.update(torch_best=TORCH_LAYOUTS[best], ratio=times[best] / total)
     if gpu is not None:
         bench_gpu.layer_columns(row, layer, x, dy, gpu, repeats, torch_twin)
     return row
+
+
+# PyTorch's two memory layouts, by the prefix of their timings' keys: its default (NCHW), and
+# channels_last (NHWC in memory behind NCHW sizes), which its CPU convolutions (oneDNN) prefer.
+TORCH_LAYOUTS = {"torch_": "nchw", "torch_cl_": "channels_last"}
+
+
+def _torch_layout(torch, layout):
+    """The memory format that torch calls layout."""
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def _torch_layer_fns(layer, x, dy, torch, layout):
+    """({"fwd": fn, "bwd": fn}, its output as NumPy): PyTorch's twin of layer in the
+    layout "nchw" or "channels_last", module and tensors converted to it. bwd needs a fwd first
+    (median_times' interleaved order runs fwd before bwd)."""
+    memory_format = _torch_layout(torch, layout)
+    module = torch_twin(layer, torch).train().to(memory_format=memory_format)
+    tx = torch.from_numpy(np.ascontiguousarray(x)).contiguous(memory_format=memory_format)
+    tx.requires_grad_(True)
+    tdy = torch.from_numpy(np.ascontiguousarray(dy)).contiguous(memory_format=memory_format)
+    ty = {}
+
+    def fwd():
+        ty["y"] = module(tx)
+
+    def bwd():
+        tx.grad = None
+        module.zero_grad(set_to_none=True)
+        ty["y"].backward(tdy, retain_graph=True)
+    fwd()
+    return {"fwd": fwd, "bwd": bwd}, ty["y"].detach().numpy()
+
+
+def _first_failure(checks):
+    """The first check that is not "ok" (the twins in both layouts must match), else "ok"."""
+    return next((c for c in checks if c != "ok"), "ok")
 
 
 _check = bench_gpu.check
@@ -399,11 +441,17 @@ def bench_model(name, torch, batch, repeats, gpu=None):
     loss_fn, opt = SoftmaxCrossEntropy(), SGD(model, lr=0.01, momentum=0.9)
     row = {"model": name, "batch": batch, "params": int(sum(p.size for p in model.params.values())),
            "check": "-"}
-    if torch is not None:     # compare before any step changes the weights
-        module = torch_twin(model, torch).eval()
-        tx, tlabels = torch.from_numpy(x), torch.from_numpy(labels)
-        with torch.no_grad():
-            row["check"] = _check(model.forward(x), module(tx).numpy())
+    twins = {}                # PyTorch's layout -> (module, input), compared before any step
+    if torch is not None:
+        tlabels, checks = torch.from_numpy(labels), []
+        for prefix, layout in TORCH_LAYOUTS.items():
+            memory_format = _torch_layout(torch, layout)
+            module = torch_twin(model, torch).eval().to(memory_format=memory_format)
+            tx = torch.from_numpy(x).contiguous(memory_format=memory_format)
+            with torch.no_grad():
+                checks.append(_check(model.forward(x), module(tx).numpy()))
+            twins[prefix] = module, tx
+        row["check"] = _first_failure(checks)
 
     def forward():
         return model.forward(x, training=True)
@@ -419,21 +467,22 @@ def bench_model(name, torch, batch, repeats, gpu=None):
     gemms_train, gemms_eval = model_gemms(model, x, rng)
     fns = {"train": train_step, "eval": lambda: data_parallel.predict(model, x),
            "gemms_train": gemms_train, "gemms_eval": gemms_eval}
-    if torch is not None:
+    for prefix, (module, tx) in twins.items():
         torch_train, torch_eval = bench_gpu.torch_step_fns(torch, module, tx, tlabels)
-        fns.update(torch_train=torch_train, torch_eval=torch_eval)
+        fns.update({prefix + "train": torch_train, prefix + "eval": torch_eval})
     t = median_times(fns, MODEL_REPEATS * repeats)
     parts = median_times({"fwd": forward, "fwd+bwd": backward}, repeats, 1, False)
     row.update(fwd_ms=parts["fwd"] * 1e3, bwd_ms=(parts["fwd+bwd"] - parts["fwd"]) * 1e3,
                train_ms=t["train"] * 1e3, train_img_s=batch / t["train"],
                eval_img_s=batch / t["eval"], gemm_train_img_s=batch / t["gemms_train"],
                gemm_eval_img_s=batch / t["gemms_eval"])
-    if torch is not None:
-        row.update(torch_train_img_s=batch / t["torch_train"],
-                   torch_eval_img_s=batch / t["torch_eval"],
-                   train_ratio=t["torch_train"] / t["train"], eval_ratio=t["torch_eval"] / t["eval"],
-                   train_bound=t["torch_train"] / t["gemms_train"],
-                   eval_bound=t["torch_eval"] / t["gemms_eval"])
+    for part in ("train", "eval") if twins else ():
+        times = {prefix: t[prefix + part] for prefix in twins}
+        best = min(times, key=times.get)                 # PyTorch's faster layout
+        row.update({f"{prefix}{part}_img_s": batch / times[prefix] for prefix in twins})
+        row.update({f"torch_{part}_best": TORCH_LAYOUTS[best],
+                    f"{part}_ratio": times[best] / t[part],
+                    f"{part}_bound": times[best] / t["gemms_" + part]})
     if gpu is not None:
         bench_gpu.model_columns(row, model, x, labels, gpu, repeats, torch_twin)
     return row
@@ -455,40 +504,48 @@ def print_report(result, print_fn=print):
                  "(pip install torch to compare).")
     if result["layers"]:
         head = (f"{'layer':<42}{'fwd ms':>8}{'bwd ms':>8}{'GFLOP/s':>9}{'%peak':>7}{'%gemm':>7}"
-                f"{'torch ms':>10}{'x torch':>8}  check")
+                f"{'torch ms':>10}{'t-cl ms':>9}{'x torch':>8}  check")
         lines = []
         for r in result["layers"]:
-            torch_ms = (r["torch_fwd_ms"] + r["torch_bwd_ms"]) if "ratio" in r else None
+            torch_ms = [r[f"{p}fwd_ms"] + r[f"{p}bwd_ms"] if "ratio" in r else None
+                        for p in TORCH_LAYOUTS]
             lines.append(f"{r['layer']:<42}{r['fwd_ms']:>8.2f}{r['bwd_ms']:>8.2f}"
                          f"{_fmt(r['gflops'], '9.1f'):>9}{_fmt(r['pct_peak'], '6.0f'):>7}"
-                         f"{_fmt(r['pct_gemm'], '6.0f'):>7}"
-                         f"{_fmt(torch_ms, '10.2f'):>10}{_fmt(r.get('ratio'), '8.2f'):>8}"
+                         f"{_fmt(r['pct_gemm'], '6.0f'):>7}{_fmt(torch_ms[0], '10.2f'):>10}"
+                         f"{_fmt(torch_ms[1], '9.2f'):>9}{_fmt(r.get('ratio'), '8.2f'):>8}"
                          f"  {r['check']}")
         bench_gpu.print_table(head, lines, print_fn)
     if result["models"]:
         head = (f"{'model':<15}{'fwd ms':>7}{'bwd ms':>7}{'train img/s':>12}{'gemms':>7}"
-                f"{'torch':>6}{'x torch':>8}{'bound':>6}{'eval img/s':>11}{'gemms':>7}{'torch':>6}"
-                f"{'x torch':>8}{'bound':>6}  check")
+                f"{'torch':>6}{'t-cl':>6}{'x torch':>8}{'bound':>6}{'eval img/s':>11}{'gemms':>7}"
+                f"{'torch':>6}{'t-cl':>6}{'x torch':>8}{'bound':>6}  check")
         lines = [f"{r['model']:<15}{r['fwd_ms']:>7.1f}{r['bwd_ms']:>7.1f}"
-                 f"{r['train_img_s']:>12.0f}{r['gemm_train_img_s']:>7.0f}"
-                 f"{_fmt(r.get('torch_train_img_s'), '6.0f'):>6}"
-                 f"{_fmt(r.get('train_ratio'), '8.2f'):>8}{_fmt(r.get('train_bound'), '6.2f'):>6}"
-                 f"{r['eval_img_s']:>11.0f}{r['gemm_eval_img_s']:>7.0f}"
-                 f"{_fmt(r.get('torch_eval_img_s'), '6.0f'):>6}"
-                 f"{_fmt(r.get('eval_ratio'), '8.2f'):>8}{_fmt(r.get('eval_bound'), '6.2f'):>6}"
-                 f"  {r['check']}" for r in result["models"]]
+                 + "".join(f"{r[part + '_img_s']:>{12 if part == 'train' else 11}.0f}"
+                           f"{r[f'gemm_{part}_img_s']:>7.0f}"
+                           + "".join(f"{_fmt(r.get(f'{p}{part}_img_s'), '6.0f'):>6}"
+                                     for p in TORCH_LAYOUTS)
+                           + f"{_fmt(r.get(f'{part}_ratio'), '8.2f'):>8}"
+                             f"{_fmt(r.get(f'{part}_bound'), '6.2f'):>6}"
+                           for part in ("train", "eval"))
+                 + f"  {r['check']}" for r in result["models"]]
         bench_gpu.print_table(head, lines, print_fn)
-    print_fn("x torch: PyTorch's time / minicnn's (above 1: minicnn is faster). GFLOP/s counts "
-             "forward + both backward GEMM passes.")
+    print_fn("torch: PyTorch in its default NCHW layout; t-cl: with channels_last (module and "
+             "input); x torch: the faster\nof the two's time / minicnn's (above 1: minicnn is "
+             "faster). GFLOP/s counts forward + both backward GEMM passes.")
     if result["models"]:
         print_fn("gemms: images/s if a step took only its conv and dense GEMMs (the model's "
                  "shapes, split over the workers as the layers run them);\nbound: PyTorch's "
-                 "time / those GEMMs' (x torch for an engine whose layers cost only their GEMMs).")
+                 "best time / those GEMMs' (x torch for an engine whose layers cost only their "
+                 "GEMMs).")
     if result["layers"]:
         print_fn("%gemm: the layer's three GEMMs alone (the same shapes, split over the workers "
                  "as the layer runs them) / the layer's time.")
     if result.get("gpu"):
         bench_gpu.print_tables(result, print_fn)
+
+
+# The CIFAR-sized presets; resnet18 (an ImageNet net, minutes a run on 2 cores) only when named.
+DEFAULT_MODELS = [name for name in zoo.MODELS if name != "resnet18"]
 
 
 def run(models=None, batch=128, repeats=5, layers=True, use_torch=True, backends=("numpy",)):
@@ -501,7 +558,7 @@ def run(models=None, batch=128, repeats=5, layers=True, use_torch=True, backends
     if unknown:
         raise BackendError(f"Unknown backend {unknown[0]!r}; choose numpy, cupy or numpy,cupy.")
     gpu = bench_gpu.gpu_setup() if "cupy" in backends else None
-    models = list(zoo.MODELS) if models is None else list(models)
+    models = DEFAULT_MODELS if models is None else list(models)
     threads = workers.threads()
     torch = import_torch(threads) if use_torch else None
     peak = sgemm_peak(max(3, repeats))                  # and again at the end: the best of both
@@ -543,7 +600,8 @@ def main(argv=None):
                         help="images per batch (default 128; 16 with --quick)")
     parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed runs per case, the median reported (default 5; 3 with --quick)")
-    parser.add_argument("--models", nargs="+", choices=list(zoo.MODELS), default=None)
+    parser.add_argument("--models", nargs="+", choices=list(zoo.MODELS), default=None,
+                        help=f"presets to time (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--no-layers", action="store_true", help="only the model rows")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     parser.add_argument("--quick", action="store_true",

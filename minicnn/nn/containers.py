@@ -26,8 +26,22 @@ class Container(Layer, abstract=True):
         return [layer for _, layer in self.named_layers()]
 
     def _flat(self, attr):
-        return {f"{name}.{k}": v for name, layer in self.named_layers()
-                for k, v in getattr(layer, attr).items()}
+        return dict(self._flat_items(attr))
+
+    def _flat_items(self, attr):
+        """("name.key", array) pairs; a sub-layer named "" lends its keys to this container
+        unprefixed (a torchvision block holds conv1 and downsample directly: minicnn.nn.zoo)."""
+        return [(f"{name}.{k}" if name else k, v) for name, layer in self.named_layers()
+                for k, v in getattr(layer, attr).items()]
+
+    def _check_unique_keys(self):
+        """ValueError when two arrays would have one name (sub-layers named "")."""
+        seen = set()
+        for key in (k for attr in ("params", "state") for k, _ in self._flat_items(attr)):
+            if key in seen:
+                raise ValueError(f"{type(self).__name__}: two arrays would be named {key!r}; "
+                                 f"give their layers distinct names.")
+            seen.add(key)
 
     params = property(lambda self: self._flat("params"))
     grads = property(lambda self: self._flat("grads"))
@@ -36,6 +50,19 @@ class Container(Layer, abstract=True):
     def zero_grad(self):
         for layer in self.layers():
             layer.zero_grad()
+
+    @property
+    def trainable(self):
+        """True while any layer inside is trainable; setting it sets every layer inside, as
+        Keras does (minicnn.nn.transfer.freeze freezes a model up to a layer)."""
+        return not self.layers() or any(layer.trainable for layer in self.layers())
+
+    @trainable.setter
+    def trainable(self, value):
+        for layer in self.layers():
+            layer.trainable = value
+
+    trainable_params = property(lambda self: self._flat("trainable_params"))
 
     def to(self, backend):
         for layer in self.layers():
@@ -71,6 +98,25 @@ class Container(Layer, abstract=True):
         """The outputs (logits) for x as a NumPy array; one image (C, H, W) -> (1, classes)."""
         return fitting.predict(self, x, batch_size)
 
+    def export_onnx(self, path, input_shape, class_names=None, normalization=None,
+                    fold_normalization=True):
+        """Write the model to path as an ONNX file for inputs of one example's shape
+        input_shape, e.g. (3, 32, 32) -> the onnx.ModelProto (minicnn.export.export_onnx)."""
+        from minicnn.export import export_onnx   # a room above nn/ (it reads checkpoints)
+        return export_onnx(self, path, input_shape, class_names, normalization,
+                           fold_normalization)
+
+
+def _checked_names(names, count, owner):
+    """names as a list of count distinct strings without dots ("" allowed: see _flat_items),
+    or ValueError naming owner."""
+    names = list(names)
+    if (len(names) != count or len(set(names)) != count
+            or not all(isinstance(n, str) and "." not in n for n in names)):
+        raise ValueError(f"{owner} names must be {count} distinct strings without dots, got "
+                         f"{names!r}.")
+    return names
+
 
 def _as_layer(body):
     return Sequential(body) if isinstance(body, (list, tuple)) else body
@@ -84,14 +130,16 @@ class Residual(Container):
     follows the addition after the block. dx = body.backward(dy) + shortcut.backward(dy).
     """
 
-    def __init__(self, body, shortcut=None):
+    def __init__(self, body, shortcut=None, names=("body", "shortcut")):
         super().__init__()
         self.body = _as_layer(body)
         self.shortcut = _as_layer(shortcut) if shortcut is not None else None
+        self.names = tuple(_checked_names(names, 2, "Residual"))   # body's, shortcut's
+        self._check_unique_keys()
 
     def named_layers(self):
-        named = [("body", self.body)]
-        return named + [("shortcut", self.shortcut)] if self.shortcut is not None else named
+        named = [(self.names[0], self.body)]
+        return named + [(self.names[1], self.shortcut)] if self.shortcut is not None else named
 
     def forward(self, x, training=False):
         y = self.body.forward(x, training)
@@ -109,33 +157,51 @@ class Residual(Container):
         return dx + (dy if self.shortcut is None else self.shortcut.backward(dy))
 
     def config(self):
-        return {"body": layer_config(self.body),
-                "shortcut": layer_config(self.shortcut) if self.shortcut is not None else None}
+        config = {"body": layer_config(self.body),
+                  "shortcut": layer_config(self.shortcut) if self.shortcut is not None else None}
+        if self.names != ("body", "shortcut"):      # files without the key load as before
+            config["names"] = list(self.names)
+        return config
 
     @classmethod
     def from_config(cls, config):
         shortcut = config.get("shortcut")
         return cls(layer_from_config(config["body"]),
-                   layer_from_config(shortcut) if shortcut is not None else None)
+                   layer_from_config(shortcut) if shortcut is not None else None,
+                   config.get("names", ("body", "shortcut")))
 
 
 class Sequential(Container):
     """Layers applied in order; backward runs them in reverse.
 
     Parameters are named "<index>.<key>" (and "<index>.body.<i>.<key>" inside a Residual),
-    like a PyTorch state_dict.
+    like a PyTorch state_dict. layers may also be a dict {name: layer}, as PyTorch's
+    Sequential(OrderedDict(...)), or come with names, a list of one per layer: then the names
+    stand for the indexes ("conv1.weight").
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers, names=None):
         super().__init__()
+        if isinstance(layers, dict):
+            layers, names = list(layers.values()), list(layers)
         self._layers = list(layers)
+        self._names = (None if names is None                # None: named 0, 1, 2, ...
+                       else _checked_names(names, len(self._layers), "Sequential"))
+        self._check_unique_keys()
         self.input_shape = None
         self._order = list(range(len(self._layers)))         # the last forward's schedule()
 
     def named_layers(self):
-        return [(str(i), layer) for i, layer in enumerate(self._layers)]
+        names = self._names or [str(i) for i in range(len(self._layers))]
+        return list(zip(names, self._layers))
 
     def __getitem__(self, i):
+        """The layer at index i, or (a named Sequential) of name i."""
+        if isinstance(i, str):
+            if self._names is None or i not in self._names:
+                raise KeyError(f"this Sequential has no layer named {i!r}; its layers are "
+                               f"{', '.join(name for name, _ in self.named_layers())}.")
+            return self._layers[self._names.index(i)]
         return self._layers[i]
 
     def __len__(self):
@@ -209,13 +275,22 @@ class Sequential(Container):
     def backward(self, dy, input_grad=True):
         """dy -> d loss / d input. input_grad=False skips the first layer's input gradient
         (a training loop never uses it; PyTorch skips it too) and returns None; only the
-        layers that have parameters take the shortcut."""
+        layers that have parameters take the shortcut. It also skips every layer before the
+        first one with trainable params (a frozen base, a leading Flatten): nothing there
+        needs a gradient."""
         order = self._order
+        if not input_grad:
+            learning = [p for p, i in enumerate(order) if self._layers[i].trainable_params]
+            if not learning:
+                return None
+            order = order[learning[0]:]
         for i in reversed(order):
             layer = self._layers[i]
             if i == order[0] and not input_grad and isinstance(layer, (Conv2D, Dense)):
                 return layer.backward(dy, input_grad=False)
             dy = layer.backward(dy)
+        if not input_grad:
+            return None
         if dy.ndim == 4 and dy.shape[2:] != self.input_shape[1:]:   # forward cropped the input
             n, c, h, w = dy.shape                         # (needed_input): 0 for the rest
             dx = array_module(dy).zeros((n, c) + self.input_shape[1:], dtype=dy.dtype)
@@ -224,14 +299,17 @@ class Sequential(Container):
         return dy
 
     def config(self):
-        return {"layers": [layer_config(layer) for layer in self._layers]}
+        config = {"layers": [layer_config(layer) for layer in self._layers]}
+        if self._names is not None:                 # files without the key: 0, 1, 2, ...
+            config["names"] = list(self._names)
+        return config
 
     @classmethod
     def from_config(cls, config):
-        return cls([layer_from_config(c) for c in config["layers"]])
+        return cls([layer_from_config(c) for c in config["layers"]], config.get("names"))
 
     def __repr__(self):
-        inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self._layers))
+        inner = "".join(f"\n  ({name}) {layer!r}" for name, layer in self.named_layers())
         return f"Sequential({inner}\n)"
 
     def summary(self, input_shape=None, print_fn=print, paths=False):
@@ -265,6 +343,10 @@ class Sequential(Container):
         state = sum(int(s.size) for s in self.state.values())
         print_fn(f"Total params: {total:,}" + (f"  (+ {state:,} non-trainable state values)"
                                                if state else ""))
+        trainable = sum(int(p.size) for p in self.trainable_params.values())
+        if trainable < total:                       # Keras's two lines, once a layer is frozen
+            print_fn(f"Trainable params: {trainable:,}")
+            print_fn(f"Non-trainable params: {total - trainable:,} (frozen)")
         if paths:
             for note in self._schedule_notes(input_shape):
                 print_fn(note)
@@ -296,7 +378,8 @@ def _output_size(layer, size):
     size (H, W); None for any other layer."""
     if type(layer) is ReLU:
         return size
-    if type(layer) in (MaxPool2D, AvgPool2D, Conv2D) and layer.padding in ("valid", (0, 0)):
+    if (type(layer) in (MaxPool2D, AvgPool2D, Conv2D) and layer.padding in ("valid", (0, 0))
+            and getattr(layer, "dilation", (1, 1)) == (1, 1)):
         return tuple(conv_output_size(n, k, s, 0, 0)
                      for n, k, s in zip(size, layer.kernel_size, layer.stride))
     return None
@@ -324,5 +407,5 @@ def _summary_rows(layer, x, indent, rows):
     rows.append((f"{indent}{type(layer).__name__}", ("N",) + tuple(y.shape[1:]), count, path))
     if isinstance(layer, Container):
         for name, sub in layer.named_layers():
-            _summary_rows(sub, x, indent + f"  {name}: ", rows)
+            _summary_rows(sub, x, indent + (f"  {name}: " if name else "  "), rows)
     return y

@@ -11,16 +11,18 @@ Keras's keys: "loss", "accuracy", "val_loss", "val_accuracy", "lr". Each step ru
 minicnn.parallel.data_parallel (the batch split over the cores), then optimizer.step().
 """
 import time
+from collections.abc import Mapping
 
 import numpy as np
 from tqdm import tqdm
 
+from minicnn import mixed_precision
 from minicnn.backend import array_module, to_numpy
 from minicnn.callbacks import CallbackList, History
 from minicnn.nn import optim
 from minicnn.nn.layers import Conv2D, Dense, walk
 from minicnn.nn.losses import SoftmaxCrossEntropy
-from minicnn.parallel import data_parallel
+from minicnn.parallel import data_parallel, group
 
 OPTIMIZERS = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
 LOSSES = {"sparse_categorical_crossentropy": SoftmaxCrossEntropy,
@@ -50,7 +52,8 @@ def compile(model, optimizer="adam", loss="sparse_categorical_crossentropy", met
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"Unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}.")
-    model.optimizer, model.loss = optimizer.bind(model), loss
+    # under mixed_float16: wrapped in a LossScaleOptimizer, as Keras's compile does
+    model.optimizer, model.loss = mixed_precision.for_policy(optimizer).bind(model), loss
     model.metrics = ["accuracy" if m == "acc" else m for m in metrics]
 
 
@@ -120,31 +123,77 @@ def _epochs_of(x, y, batch_size, shuffle, seed):
 
 
 # ---- running means of the loss and the metrics ----------------------------------------------
+# On a GPU every number read back to the host waits for all the work queued before it, so the
+# sums stay on the device and are read only when someone looks at them.
+def _hits(logits, labels, k):
+    """How many of the rows of logits (N, K) have their label among their k largest values:
+    a 0-d array on logits' device, as are labels (N,)."""
+    if k == 1:
+        return (logits.argmax(axis=1) == labels).sum()
+    top = array_module(logits).argsort(-logits, axis=1)[:, :k]              # (N, k)
+    return (top == labels[:, None]).any(axis=1).sum()
+
+
+def _to_host(values):
+    """[float]: numbers and 0-d arrays of one device, read back in one device-to-host copy."""
+    xp = array_module(*values)
+    if xp is np:                                                  # on the host already
+        return [float(v) for v in values]
+    return to_numpy(xp.stack([xp.asarray(v, dtype=xp.float64) for v in values])).tolist()
+
+
+class DeviceNumbers(Mapping):
+    """A read-only dict of numbers that stay on the model's device (0-d arrays) until one is
+    looked up: the first look-up reads them all back at once, as floats (one wait for a GPU;
+    none on the CPU). Its keys are known without a read: "loss" in logs waits for nothing.
+    fit's on_train_batch_end logs and params["progress"]["sums"] are these."""
+
+    def __init__(self, values):
+        self._values, self._host = dict(values), None
+
+    def __getitem__(self, key):
+        if self._host is None:
+            self._host = dict(zip(self._values, _to_host(list(self._values.values()))))
+        return self._host[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+    def __contains__(self, key):
+        return key in self._values
+
+    def __repr__(self):
+        return repr(dict(self))
+
+
 class _Means:
-    """The epoch's loss and metrics so far, weighted by batch size (Keras's running means)."""
+    """The epoch's loss and metrics so far, weighted by batch size (Keras's running means).
+    The sums are 0-d arrays on the model's device: add() waits for nothing."""
 
     def __init__(self, metrics, seen=0, sums=None):
         self.metrics, self.seen = metrics, seen
         self.sums = {**dict.fromkeys(["loss", *metrics], 0.0), **(sums or {})}
 
     def add(self, loss, logits, labels):
-        n = len(labels)
-        self.seen += n
-        self.sums["loss"] += loss * n
-        if self.metrics == ["accuracy"]:                    # one device-to-host copy of (N,)
-            hits = to_numpy(logits.argmax(axis=1)) == labels
-            self.sums["accuracy"] += float(hits.sum())
-        elif self.metrics:
-            top = np.argsort(-to_numpy(logits), axis=1)[:, :5]
-            for name in self.metrics:
-                k = METRICS[name]
-                self.sums[name] += float((top[:, :k] == labels[:, None]).any(axis=1).sum())
+        """loss: the batch's mean (a 0-d array, or a number); logits (N, K); labels (N,)."""
+        xp = array_module(logits)
+        labels = xp.asarray(labels)                                  # (N,) on logits' device
+        self.seen += len(labels)
+        self.sums["loss"] = self.sums["loss"] + xp.asarray(loss, dtype=xp.float64) * len(labels)
+        for name in self.metrics:
+            self.sums[name] = self.sums[name] + _hits(logits, labels, METRICS[name])
 
     def state(self):
-        return {"seen": self.seen, "sums": dict(self.sums)}
+        """{"seen": images, "sums": {name: sum}}, the sums read back when first looked up."""
+        return {"seen": self.seen, "sums": DeviceNumbers(self.sums)}
 
     def logs(self, prefix=""):
-        return {prefix + k: v / max(self.seen, 1) for k, v in self.sums.items()}
+        """{prefix + name: running mean}, read back when first looked up."""
+        seen = max(self.seen, 1)
+        return DeviceNumbers({prefix + k: v / seen for k, v in self.sums.items()})
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -174,6 +223,11 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None, validat
     initial_state: resume inside epoch initial_epoch: {"step": batches done, "seen": images
     done, "sums": {"loss": ..., "accuracy": ...}}, what params["progress"] held when a callback
     saved it. Callbacks see the running state in self.params["progress"] after every batch.
+
+    The running loss and metrics stay on the model's device, and are read back (on a GPU, a
+    wait for it) when the progress bar redraws (at most every REFRESH_SECONDS), at an epoch's
+    end, and when a callback looks at its batch logs or at params["progress"]["sums"]
+    (DeviceNumbers: one read for all the numbers of a batch).
     """
     _compiled(model, "fit")
     if not 0.0 <= validation_split < 1.0:
@@ -188,6 +242,7 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None, validat
     params = {"epochs": epochs, "steps": steps, "verbose": verbose, "progress": None}
     calls = CallbackList([*(callbacks or []), history], model, params)
     model.stop_training, logs = False, {}
+    verbose = verbose if group.is_root() else 0          # under mpiexec, rank 0 alone prints
     calls.on_train_begin(logs)
     if verbose:
         tqdm.write(table_header())
@@ -212,27 +267,35 @@ def fit(model, x, y=None, batch_size=32, epochs=1, validation_data=None, validat
     return history
 
 
+REFRESH_SECONDS = 0.1    # the progress bar's redraws (tqdm's default), each a read of the means
+
+
 def _train_epoch(model, epoch, batches, start, means, calls, params, verbose):
     """One epoch's steps, from batch start: forward, loss, backward (the batch split over the
     cores), optimizer step, the callbacks; -> the epoch's logs, with its "seconds"."""
     started, seen_before = time.perf_counter(), means.seen
     bar = tqdm(total=params["steps"], initial=start, desc=f"epoch {epoch + 1}", unit="batch",
-               leave=False, dynamic_ncols=True, disable=None if verbose == 1 else True)
+               leave=False, dynamic_ncols=True, disable=None if verbose == 1 else True,
+               mininterval=float("inf"))                # redrawn below, with the means read
+    redraw_at = started
     try:                                   # the bar is closed before any error is printed
         for step, (xb, yb) in enumerate(batches, start=start):
             calls.on_train_batch_begin(step, {})
-            yb = _labels(yb, len(xb), "fit")
-            loss, logits = data_parallel.train_step(model, _as_input(model, xb),
-                                                    _on_device(model, yb), model.loss)
+            yb = _labels(yb, len(xb), "fit")           # (N,) on the host: the loss checks them
+            loss, logits = data_parallel.train_step(model, _as_input(model, xb), yb,
+                                                    model.optimizer.scale_loss(model.loss))
             model.optimizer.step()
             means.add(loss, logits, yb)
             params["progress"] = {"epoch": epoch, "step": step + 1, **means.state()}
             logs = means.logs()
             calls.on_train_batch_end(step, logs)
             bar.update(1)
-            img_s = (means.seen - seen_before) / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix({**{k: f"{v:.4f}" for k, v in logs.items()}, "img_s": f"{img_s:.0f}"},
-                            refresh=False)
+            now = time.perf_counter()
+            if not bar.disable and now >= redraw_at:
+                img_s = (means.seen - seen_before) / max(now - started, 1e-9)
+                bar.set_postfix({**{k: f"{v:.4f}" for k, v in logs.items()},
+                                 "img_s": f"{img_s:.0f}"})
+                redraw_at = now + REFRESH_SECONDS
             if model.stop_training:
                 break
     finally:
@@ -250,10 +313,10 @@ def evaluate(model, x, y, batch_size=32, return_dict=False, verbose=0):
     for lo in tqdm(range(0, len(x), batch_size), desc="evaluate", leave=False,
                    disable=None if verbose == 1 else True):
         logits = data_parallel.predict(model, _as_input(model, x[lo:lo + batch_size]))
-        labels = y[lo:lo + batch_size]
-        loss, _ = model.loss(logits, array_module(logits).asarray(labels))
+        labels = y[lo:lo + batch_size]                  # (n,) on the host: the loss checks them
+        loss, _ = model.loss(logits, labels)
         means.add(loss, logits, labels)
-    values = means.logs()
+    values = dict(means.logs())                         # the one read of the sums
     if verbose == 2:
         tqdm.write("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     if return_dict:

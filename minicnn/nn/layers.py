@@ -9,6 +9,10 @@ Every layer has
                                          overwriting them: gradients are not accumulated
     params, grads                        dicts of live arrays, named "weight" and "bias"
     state                                non-trainable arrays (BatchNorm's running statistics)
+    trainable                            False freezes the layer (Keras's name): no optimiser
+                                         updates its params, backward computes no gradient
+                                         of them, and BatchNorm normalises with its running
+                                         statistics and keeps them (minicnn.nn.transfer)
 Images are NCHW. Parameters use PyTorch's shapes, so weights can be copied across.
 """
 import math
@@ -16,8 +20,9 @@ import numbers
 
 import numpy as np
 
-from minicnn import implementation, ops
+from minicnn import dtype_policy, implementation, ops
 from minicnn.parallel import workers
+from minicnn.nn import state_dicts
 from minicnn.backend import array_module, to_device
 from minicnn.ops.im2col import to_pair, same_padding
 
@@ -31,6 +36,7 @@ class Layer:
     """Base class: bookkeeping shared by every layer; subclasses add forward and backward."""
     _out_shape = None          # the last training forward's output shape: what dy must have
     is_container = False       # True for layers made of layers (their params are views)
+    _trainable = True          # False: frozen (the trainable property)
 
     def __init_subclass__(cls, abstract=False, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -62,6 +68,26 @@ class Layer:
         for g in self.grads.values():
             g[...] = 0
 
+    @property
+    def trainable(self):
+        """Whether training updates this layer (Keras's Layer.trainable). Set False to freeze
+        it: its grads are zeroed and stay zero, optimisers skip its params, and a BatchNorm
+        normalises with its running statistics and does not update them."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"trainable must be True or False, got {value!r}.")
+        if not value and self._trainable:
+            self.zero_grad()
+        self._trainable = value
+
+    @property
+    def trainable_params(self):
+        """The params an optimiser updates: all of them, or none when the layer is frozen."""
+        return self.params if self._trainable else {}
+
     def config(self):
         """The constructor arguments, JSON-serialisable: enough to rebuild the layer."""
         return {}
@@ -74,6 +100,19 @@ class Layer:
     def layers(self):
         """The sub-layers of a container; none for a plain layer."""
         return []
+
+    def state_dict(self):
+        """{name: NumPy array}: copies of the parameters and running statistics under
+        PyTorch's names ("weight", a model's "0.weight" or "layer1.0.bn1.running_mean"), as
+        torch's state_dict (minicnn.nn.state_dicts)."""
+        return state_dicts.state_dict(self)
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy a {name: array} mapping under PyTorch's names into the parameters and running
+        statistics; strict=True: the keys must be exactly this layer's (a StateDictError lists
+        the missing, unexpected and mis-shaped ones, and nothing is copied). -> (missing keys,
+        unexpected keys)."""
+        return state_dicts.load_state_dict(self, state_dict, strict)
 
     def to(self, backend):
         """Move parameters, gradients and state to backend ("numpy" or "cupy"); returns self."""
@@ -116,8 +155,11 @@ class Layer:
 
     def _weight_bias_backward(self, dy, input_grad):
         """backward of a layer with a weight and an optional bias (Conv2D, Dense): the kept
-        backward gives dx, dw, db; dw and db overwrite the grads."""
+        backward gives dx, dw, db; dw and db overwrite the grads. A frozen layer computes dx
+        only (nothing at all without input_grad), and its grads stay zero."""
         backward, cache = self._cached(dy)
+        if not self._trainable:
+            return backward(dy, cache, input_grad, weight_grad=False)[0] if input_grad else None
         dx, dw, db = backward(dy, cache, input_grad)
         self.grads["weight"][...] = dw
         if "bias" in self.grads:
@@ -127,7 +169,8 @@ class Layer:
     def _check_input(self, x, ndim=None, channels=None, dtype=None):
         """Raise ValueError naming the layer and the expected vs received shape or dtype.
 
-        ndim None: any number of dimensions; dtype None: any floating-point dtype.
+        ndim None: any number of dimensions; dtype None: any floating-point dtype. Under a
+        mixed-precision policy any floating-point input will do: each op casts it to its dtype.
         """
         name = type(self).__name__
         layout = {None: "an array", 2: "(N, features)", 4: "(N, C, H, W)"}[ndim]
@@ -139,10 +182,10 @@ class Layer:
             what = "features" if ndim == 2 else "channels"
             raise ValueError(f"{name} expects {channels} input {what}, got shape {tuple(x.shape)} "
                              f"({x.shape[1]} {what}).")
-        if dtype is not None and x.dtype != dtype:
+        if dtype is not None and x.dtype != dtype and not dtype_policy.global_policy().mixed:
             raise ValueError(f"{name} has {np.dtype(dtype).name} parameters and expects "
                              f"{np.dtype(dtype).name} input, got {x.dtype}.")
-        if x.dtype.kind != "f":
+        if not dtype_policy.is_floating(x.dtype):
             raise ValueError(f"{name} expects floating-point input, got {x.dtype}.")
 
 
@@ -164,13 +207,15 @@ def _uniform(rng, bound, shape, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
-def padding_for(padding, kernel, stride, h, w):
+def padding_for(padding, kernel, stride, h, w, dilation=(1, 1)):
     """((top, bottom), (left, right)) of a window layer's padding ("valid", "same" as
-    TensorFlow's, or a pair (ph, pw) for both sides) on an input of size h x w."""
+    TensorFlow's, or a pair (ph, pw) for both sides) on an input of size h x w; "same" counts
+    a dilated kernel's span, dilation*(kernel - 1) + 1 (PyTorch's and TensorFlow's rule)."""
     if padding == "valid":
         return (0, 0), (0, 0)
     if padding == "same":
-        return (same_padding(h, kernel[0], stride[0]), same_padding(w, kernel[1], stride[1]))
+        span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+        return (same_padding(h, span[0], stride[0]), same_padding(w, span[1], stride[1]))
     ph, pw = padding
     return (ph, ph), (pw, pw)
 
@@ -203,19 +248,28 @@ def _rng(rng):
 
 
 class Conv2D(Layer):
-    """2-D convolution, weight (out, in, kh, kw), bias (out,); padding int, pair, "same" or "valid".
+    """2-D convolution, weight (out, in // groups, kh, kw), bias (out,); padding int, pair,
+    "same" or "valid"; dilation: taps that many pixels apart; groups: in and out channels in
+    that many independent groups (groups == in_channels: depthwise), as PyTorch's Conv2d.
 
-    Initialised as PyTorch's Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias;
-    kernel_initializer="glorot_uniform" draws them as Keras's Conv2D does (zero bias).
+    Initialised as PyTorch's Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias,
+    fan_in = in // groups * kh * kw; kernel_initializer="glorot_uniform" draws them as Keras's
+    Conv2D does (zero bias). Under minicnn.use("raw") a dilated or grouped conv runs
+    minicnn.ops's (the CUDA kernels take neither).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 dtype=np.float32, rng=None, kernel_initializer=None):
+                 dtype=np.float32, rng=None, kernel_initializer=None, dilation=1, groups=1):
         super().__init__()
         self.in_channels = _positive_int(in_channels, "Conv2D in_channels")
         self.out_channels = _positive_int(out_channels, "Conv2D out_channels")
         self.kernel_size = to_pair(kernel_size, "kernel_size", minimum=1)
         self.stride = to_pair(stride, "stride", minimum=1)
+        self.dilation = to_pair(dilation, "dilation", minimum=1)
+        self.groups = _positive_int(groups, "Conv2D groups")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"Conv2D groups must divide in_channels and out_channels, got "
+                             f"groups={groups} for {in_channels} -> {out_channels} channels.")
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', "
@@ -226,29 +280,42 @@ class Conv2D(Layer):
         self.dtype = np.dtype(dtype)
         kh, kw = self.kernel_size
         self.kernel_initializer = kernel_initializer
-        _initial_params(self, (out_channels, in_channels, kh, kw), in_channels * kh * kw,
+        cin = self.in_channels // self.groups                   # each filter's input channels
+        _initial_params(self, (out_channels, cin, kh, kw), cin * kh * kw,
                         out_channels * kh * kw, bias, kernel_initializer, rng)
 
     def _padding_for(self, h, w):
-        return padding_for(self.padding, self.kernel_size, self.stride, h, w)
+        return padding_for(self.padding, self.kernel_size, self.stride, h, w, self.dilation)
+
+    def _plain(self):
+        """Dilation 1 and one group: the convolution every implementation (raw too) takes."""
+        return self.dilation == (1, 1) and self.groups == 1
 
     def forward(self, x, training=False):
         self._check_input(x, 4, self.in_channels, self.dtype)
         pad = self._padding_for(*x.shape[2:])
-        if any(x.shape[2 + a] + sum(pad[a]) < self.kernel_size[a] for a in (0, 1)):
-            raise ValueError(f"Conv2D kernel {self.kernel_size} is larger than the padded input "
-                             f"of shape {tuple(x.shape)}.")
+        span = [d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation)]
+        if any(x.shape[2 + a] + sum(pad[a]) < span[a] for a in (0, 1)):
+            dilated = "" if self.dilation == (1, 1) else f" (dilation {self.dilation})"
+            raise ValueError(f"Conv2D kernel {self.kernel_size}{dilated} is larger than the "
+                             f"padded input of shape {tuple(x.shape)}.")
         fns = implementation.ops_for(x)             # reference, fast (ops) or raw (CUDA)
-        out, cache = fns.conv2d_forward(x, self.params["weight"], self.params.get("bias"),
-                                        self.stride, pad)
+        w, b = self.params["weight"], self.params.get("bias")
+        if self._plain():
+            out, cache = fns.conv2d_forward(x, w, b, self.stride, pad)
+        else:                                       # the raw kernels take neither: ops's
+            fns = ops if implementation.name_for(x) == "raw" else fns
+            out, cache = fns.conv2d_forward(x, w, b, self.stride, pad, self.dilation,
+                                            self.groups)
         self._keep((fns.conv2d_backward, cache), training, out)
         return out
 
     def path(self, x):
         name = implementation.name_for(x)
-        if name == "fast":
+        if name == "fast" or (name == "raw" and not self._plain()):
             pad = self._padding_for(*x.shape[2:])
-            return "fast: " + ops.conv2d_path(self.in_channels, self.kernel_size, self.stride, pad)
+            return "fast: " + ops.conv2d_path(self.in_channels, self.kernel_size, self.stride,
+                                              pad, dilation=self.dilation, groups=self.groups)
         return "raw: CUDA implicit GEMM" if name == "raw" else name
 
     def backward(self, dy, input_grad=True):
@@ -256,10 +323,13 @@ class Conv2D(Layer):
         return self._weight_bias_backward(dy, input_grad)
 
     def config(self):
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
-                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-                "bias": "bias" in self.params, "dtype": self.dtype.name}
+        config = {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                  "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                  "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                  "bias": "bias" in self.params, "dtype": self.dtype.name}
+        if not self._plain():               # files without the keys (dilation 1, one group) load
+            config.update(dilation=list(self.dilation), groups=self.groups)
+        return config
 
 
 NO_PADDING = ((0, 0), (0, 0))
@@ -487,6 +557,11 @@ class _BatchNorm(Layer):
     """Batch normalisation over every axis but the channel, PyTorch's conventions:
     biased variance to normalise, unbiased variance in the running estimate,
     running = (1 - momentum) * running + momentum * batch.
+
+    Frozen (trainable = False), it runs in inference mode even in a training forward: it
+    normalises with the running statistics and leaves them as they are (Keras 3's rule, so
+    that fine-tuning a pretrained base does not wash out its statistics on a small new
+    dataset). Its backward is then the affine map's, dx = dy * gamma / sqrt(running_var + eps).
     """
     ndim = None
 
@@ -504,10 +579,12 @@ class _BatchNorm(Layer):
         self._check_input(x, self.ndim, self.num_features, self.dtype)
         w, b = self.params["weight"], self.params["bias"]
         fns = implementation.ops_for(x)
-        if not training:
+        if not training or not self._trainable:
             y = fns.batchnorm_inference(x, w, b, self.eps,
                                         self.state["running_mean"], self.state["running_var"])
-            self._keep(None, False)
+            frozen = training and ("frozen", w / array_module(x).sqrt(
+                self.state["running_var"] + self.eps))                 # scale (C,): backward's
+            self._keep(frozen or None, training, y)
             return y
         if x.size // x.shape[1] < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel in "
@@ -526,6 +603,9 @@ class _BatchNorm(Layer):
 
     def backward(self, dy):
         batchnorm_backward, cache = self._cached(dy)
+        if batchnorm_backward == "frozen":          # y = scale * x + shift, per channel
+            shape = (1, -1) + (1,) * (dy.ndim - 2)
+            return dy * cache.reshape(shape)
         dx, dgamma, dbeta = batchnorm_backward(dy, cache)
         self.grads["weight"][...] = dgamma
         self.grads["bias"][...] = dbeta

@@ -1,5 +1,8 @@
-"""Losses: callables (logits, labels) -> (mean loss as a Python float, dlogits)."""
+"""Losses: callables (logits, labels) -> (mean loss, dlogits). The loss is a 0-d array on logits'
+device (a NumPy scalar on the CPU): reading it, float(loss), waits for a GPU, so fit does that
+only when it shows or hands out numbers."""
 from minicnn import implementation
+from minicnn.backend import array_module
 
 
 class SoftmaxCrossEntropy:
@@ -15,7 +18,9 @@ class SoftmaxCrossEntropy:
         self.label_smoothing = label_smoothing
 
     def __call__(self, logits, labels):
-        """logits (N, K) float, labels (N,) ints in [0, K) -> (loss, dlogits (N, K))."""
+        """logits (N, K) float, labels (N,) ints in [0, K), on the host or logits' device
+        -> (loss, dlogits (N, K)). Labels on the host are checked there (no wait for a GPU),
+        then moved to logits' device."""
         if getattr(logits, "ndim", None) != 2:
             raise ValueError(f"SoftmaxCrossEntropy expects logits of shape (N, K), got "
                              f"{getattr(logits, 'shape', type(logits).__name__)}.")
@@ -26,11 +31,12 @@ class SoftmaxCrossEntropy:
         if logits.shape[0] == 0:
             raise ValueError("SoftmaxCrossEntropy got an empty batch (N = 0); its mean loss is "
                              "undefined.")
-        if bool(((labels < 0) | (labels >= logits.shape[1])).any()):   # one device sync
+        if bool(((labels < 0) | (labels >= logits.shape[1])).any()):   # device labels: one wait
             raise ValueError(f"SoftmaxCrossEntropy labels must lie in [0, {logits.shape[1]}), got "
                              f"values from {int(labels.min())} to {int(labels.max())}.")
         fns = implementation.ops_for(logits)         # minicnn.reference or minicnn.ops
-        return fns.softmax_cross_entropy(logits, labels, self.label_smoothing)
+        return fns.softmax_cross_entropy(logits, array_module(logits).asarray(labels),
+                                         self.label_smoothing)
 
     def __repr__(self):
         return f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing})"

@@ -22,7 +22,8 @@ OPTIMIZER_BUFFERS = ("momentum", "exp_avg", "exp_avg_sq")
 
 
 def layer_config(layer):
-    """{"type": class name, **constructor arguments}, nested for containers.
+    """{"type": class name, **constructor arguments}, nested for containers, and
+    "trainable": false for a frozen layer (a container's flag is its layers').
 
     Only minicnn's own layer classes: a file must say how to rebuild every layer it holds."""
     name = type(layer).__name__
@@ -30,17 +31,22 @@ def layer_config(layer):
         raise ValueError(f"{name} is not one of minicnn's layers ({', '.join(LAYER_TYPES)}), so "
                          f"a model holding it cannot be saved and rebuilt; save its params "
                          f"with numpy.savez instead.")
-    return {"type": name, **layer.config()}
+    frozen = {} if layer.is_container or layer.trainable else {"trainable": False}
+    return {"type": name, **layer.config(), **frozen}
 
 
 def layer_from_config(config):
     """Rebuild a layer (fresh parameters) from layer_config's output."""
     config = dict(config)
     name = config.pop("type", None)
+    trainable = config.pop("trainable", True)
     cls = LAYER_TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(f"unknown layer type {name!r} in config")
-    return cls.from_config(config)
+    layer = cls.from_config(config)
+    if not trainable:
+        layer.trainable = False
+    return layer
 
 
 def save_model(model, path, extra=None, arrays=None):

@@ -3,7 +3,8 @@ against before any layer is built (minicnn.nn.model.model_from_archive).
 
 A description is the tree layer_config writes: {"type": <a layer>, <argument>: <value>, ...},
 the arguments exactly the constructor's (FIELDS; rng and kernel_initializer are not saved), a
-Sequential's "layers" a list of descriptions, a Residual's "body" and "shortcut" one each.
+Sequential's "layers" a list of descriptions, a Residual's "body" and "shortcut" one each; any
+layer but a container may also say "trainable" (false: frozen).
 
     check_model(description) -> {"param:<name>" / "state:<name>": ArraySpec}
         every field of every layer checked (type, range, unknown or missing fields), and the
@@ -73,6 +74,9 @@ PROBABILITY = _Kind("a number from 0 to 1", lambda v: _is_number(v, 0, 1))
 POSITIVE = _Kind("a finite number above 0", lambda v: _is_number(v, 0, math.inf) and v > 0)
 LAYER = _Kind("a layer description (a JSON object)", lambda v: isinstance(v, dict))
 OPTIONAL_LAYER = _Kind("a layer description or null", lambda v: v is None or isinstance(v, dict))
+NAMES = _Kind("a list of distinct names (text without dots)",
+              lambda v: isinstance(v, list) and len(set(map(str, v))) == len(v)
+              and all(isinstance(n, str) and "." not in n and len(n) <= 200 for n in v))
 LAYER_LIST = _Kind(f"a list of at most {MAX_LAYERS:,} layer descriptions",
                    lambda v: isinstance(v, list) and len(v) <= MAX_LAYERS)
 
@@ -83,7 +87,8 @@ _BATCHNORM = {"num_features": (SIZE, True), "momentum": (PROBABILITY, False),
 FIELDS = {
     "Conv2D": {"in_channels": (SIZE, True), "out_channels": (SIZE, True),
                "kernel_size": (WINDOW, True), "stride": (WINDOW, False),
-               "padding": (PADDING, False), "bias": (BOOL, False), "dtype": (DTYPE, False)},
+               "padding": (PADDING, False), "bias": (BOOL, False), "dtype": (DTYPE, False),
+               "dilation": (WINDOW, False), "groups": (SIZE, False)},
     "MaxPool2D": _POOL,
     "AvgPool2D": _POOL,
     "GlobalAveragePooling2D": {},
@@ -95,13 +100,30 @@ FIELDS = {
     "Dropout": {"p": (PROBABILITY, False)},
     "BatchNorm2D": _BATCHNORM,
     "BatchNorm1D": _BATCHNORM,
-    "Residual": {"body": (LAYER, True), "shortcut": (OPTIONAL_LAYER, False)},
-    "Sequential": {"layers": (LAYER_LIST, True)},
+    "Residual": {"body": (LAYER, True), "shortcut": (OPTIONAL_LAYER, False),
+                 "names": (NAMES, False)},
+    "Sequential": {"layers": (LAYER_LIST, True), "names": (NAMES, False)},
 }
+
+CONTAINERS = ("Residual", "Sequential")      # their trainable flag is their layers'
 
 
 def _pair(value):
     return tuple(value) if isinstance(value, list) else (value, value)
+
+
+def _children(config):
+    """[(name prefix, description)] of a container's layers: a Sequential's named 0, 1, ... or
+    by its "names", a Residual's "body" and "shortcut" or its "names"; a name "" adds nothing
+    (minicnn.nn.containers: a sub-layer named "" lends its names to its container)."""
+    if config["type"] == "Sequential":
+        layers = config["layers"]
+        names = config.get("names", [str(i) for i in range(len(layers))])
+    else:
+        layers = [config["body"], config.get("shortcut")]
+        names = config.get("names", ["body", "shortcut"])
+    return [(f"{name}." if name else "", sub) for name, sub in zip(names, layers)
+            if sub is not None]
 
 
 def _where(prefix):
@@ -130,7 +152,7 @@ def _check_layer(config, prefix, depth, specs, counts):
     counts["layers"] += 1
     if counts["layers"] > MAX_LAYERS:
         raise SchemaError(f"the model has more than {MAX_LAYERS:,} layers")
-    fields = FIELDS[kind]
+    fields = FIELDS[kind] if kind in CONTAINERS else {**FIELDS[kind], "trainable": (BOOL, False)}
     unknown = [f for f in config if f != "type" and f not in fields]
     if unknown:
         raise SchemaError(f"{where} ({kind}) has the field {show(unknown[0])}, which {kind} "
@@ -146,8 +168,11 @@ def _check_layer(config, prefix, depth, specs, counts):
     arrays = []
     if kind == "Conv2D":
         kh, kw = _pair(config["kernel_size"])
-        f, c = config["out_channels"], config["in_channels"]
-        arrays = [("param", "weight", (f, c, kh, kw))]
+        f, c, groups = config["out_channels"], config["in_channels"], config.get("groups", 1)
+        if c % groups or f % groups:
+            raise SchemaError(f"{where} (Conv2D) has groups {groups}, which does not divide "
+                              f"both its in_channels {c} and out_channels {f}")
+        arrays = [("param", "weight", (f, c // groups, kh, kw))]
         arrays += [("param", "bias", (f,))] if config.get("bias", True) else []
     elif kind == "Dense":
         f = config["out_features"]
@@ -162,19 +187,23 @@ def _check_layer(config, prefix, depth, specs, counts):
         if not isinstance(padding, str) and any(p > k // 2 for p, k in zip(_pair(padding), window)):
             raise SchemaError(f"{where} ({kind}) has padding {show(padding)}, more than half "
                               f"its window {show(list(window))}")
+    if kind in ("Sequential", "Residual"):
+        count = len(config["layers"]) if kind == "Sequential" else 2
+        if len(config.get("names", [None] * count)) != count:
+            raise SchemaError(f"{where} ({kind}) has {len(config['names'])} names for its "
+                              f"{count} layers")
     for group, name, shape in arrays:
+        if f"{group}:{prefix}{name}" in specs:
+            raise SchemaError(f"two arrays of the model are named {show(prefix + name)} (at "
+                              f"{where})")
         counts["values"] += math.prod(shape)
         if counts["values"] > MAX_PARAMETERS:
             raise SchemaError(f"the model has more than {MAX_PARAMETERS:,} parameter values "
                               f"(at {where}, {kind} of shape {show(shape)})")
         specs[f"{group}:{prefix}{name}"] = ArraySpec(shape, dtype)
-    if kind == "Sequential":
-        for i, sub in enumerate(config["layers"]):
-            _check_layer(sub, f"{prefix}{i}.", depth + 1, specs, counts)
-    elif kind == "Residual":
-        _check_layer(config["body"], f"{prefix}body.", depth + 1, specs, counts)
-        if config.get("shortcut") is not None:
-            _check_layer(config["shortcut"], f"{prefix}shortcut.", depth + 1, specs, counts)
+    if kind in ("Sequential", "Residual"):
+        for name, sub in _children(config):
+            _check_layer(sub, prefix + name, depth + 1, specs, counts)
 
 
 def output_shape(config, input_shape, dtype="float32", limit=MAX_ACTIVATION):
@@ -202,14 +231,14 @@ def _follow(config, shape, dtype, prefix, peak, limit):
                               f"{limit:,}")
 
     if kind == "Sequential":
-        for i, sub in enumerate(config["layers"]):
-            shape, dtype = _follow(sub, shape, dtype, f"{prefix}{i}.", peak, limit)
+        for name, sub in _children(config):
+            shape, dtype = _follow(sub, shape, dtype, prefix + name, peak, limit)
         return shape, dtype
     if kind == "Residual":
-        body = _follow(config["body"], shape, dtype, f"{prefix}body.", peak, limit)
-        shortcut = config.get("shortcut")
-        other = ((shape, dtype) if shortcut is None
-                 else _follow(shortcut, shape, dtype, f"{prefix}shortcut.", peak, limit))
+        (body_name, body), *shortcut = _children(config)
+        body = _follow(body, shape, dtype, prefix + body_name, peak, limit)
+        other = ((shape, dtype) if not shortcut
+                 else _follow(shortcut[0][1], shape, dtype, prefix + shortcut[0][0], peak, limit))
         need(body == other, f"its body gives {show(body[0])} {body[1]} and its shortcut "
                             f"{show(other[0])} {other[1]}")
         return body
@@ -224,12 +253,14 @@ def _follow(config, shape, dtype, prefix, peak, limit):
         default_stride = 1 if kind == "Conv2D" else config["kernel_size"]
         stride = _pair(config.get("stride") or default_stride)
         padding = config.get("padding", 0)
+        dilation = _pair(config.get("dilation", 1))
         pads = padding_for(padding if isinstance(padding, str) else _pair(padding), window,
-                           stride, *shape[1:])
-        need(all(n + sum(p) >= k for n, p, k in zip(shape[1:], pads, window)),
+                           stride, *shape[1:], dilation)
+        need(all(n + sum(p) >= d * (k - 1) + 1
+                 for n, p, k, d in zip(shape[1:], pads, window, dilation)),
              f"its window {show(list(window))} is larger than the padded input")
-        oh, ow = (conv_output_size(n, k, s, *p)
-                  for n, p, k, s in zip(shape[1:], pads, window, stride))
+        oh, ow = (conv_output_size(n, k, s, *p, d)
+                  for n, p, k, s, d in zip(shape[1:], pads, window, stride, dilation))
         made(shape[0] * window[0] * window[1] * oh * ow, "window values")     # im2col, pooling
         shape = (config["out_channels"] if kind == "Conv2D" else shape[0], oh, ow)
     elif kind == "GlobalAveragePooling2D":

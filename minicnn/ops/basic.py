@@ -9,6 +9,7 @@ import numpy as np
 
 from minicnn.parallel import workers
 from minicnn.backend import array_module
+from minicnn.ops.gemm import matmul             # xp.matmul, float16 through float32 BLAS
 
 
 # ---- dense ---------------------------------------------------------------------------------
@@ -18,22 +19,23 @@ def dense_forward(x, w, b):
     Reference: minicnn.reference.dense_forward.
     Differs: the bias added in place (y += b), not into a new array.
     """
-    y = x @ w.T
+    y = matmul(x, w.T)
     if b is not None:
         y += b
     return y, (x, w)
 
 
-def dense_backward(dy, cache, input_grad=True):
+def dense_backward(dy, cache, input_grad=True, weight_grad=True):
     """dy (N, OUT) -> dx = dy @ w (N, IN), dw = dy.T @ x (OUT, IN), db = sum_n dy (OUT,).
 
-    input_grad=False skips dx (returned as None).
+    input_grad=False skips dx (returned as None); weight_grad=False skips dw and db (None).
 
     Reference: minicnn.reference.dense_backward.
     Differs: nothing (BLAS does the work either way).
     """
     x, w = cache
-    return (dy @ w if input_grad else None), dy.T @ x, dy.sum(axis=0)
+    dx = matmul(dy, w) if input_grad else None
+    return (dx, matmul(dy.T, x), dy.sum(axis=0)) if weight_grad else (dx, None, None)
 
 
 # ---- ReLU ----------------------------------------------------------------------------------
@@ -329,4 +331,4 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     q[xp.arange(n), labels] += 1.0 - label_smoothing
     loss = -(q * logp).sum() / n
     dlogits = (xp.exp(logp) - q) / n
-    return float(loss), dlogits
+    return loss, dlogits

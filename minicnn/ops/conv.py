@@ -21,11 +21,17 @@ core's cache. Backward rebuilds each chunk from the (9x smaller) padded input in
 keeping the matrix, and takes dx one of four ways, chosen by dx_strategy from the layer's
 shapes: as a convolution, tap by tap, dcols + col2im, or not at all (input_grad=False, a first
 layer, as PyTorch does). conv2d_path(...) says in words which path a layer takes.
+
+Dilation takes the same paths, its taps dilation apart in the im2col views; its dx is always
+dcols + col2im. Groups run as one ungrouped convolution per group (the reference's loop), each
+written into its channels of one NHWC output: simple, not tuned (a depthwise conv of C channels
+is C one-channel convolutions).
 """
 import numpy as np
 
 from minicnn.parallel import workers
 from minicnn.backend import array_module
+from minicnn.ops.gemm import matmul             # xp.matmul, float16 through float32 BLAS
 from minicnn.ops.im2col import (col2im, col2im_nhwc, conv_output_size, im2col, im2col_nhwc,
                                 pad_images, pad_nhwc, to_pair)
 
@@ -75,14 +81,15 @@ def _cols_buffer(shape, k, dtype, xp):
     return buf
 
 
-def conv2d_forward(x, w, b, stride, padding):
-    """out[n, f] = sum_{c, i, j} w[f, c, i, j] * xpad[n, c, s*oh + i, s*ow + j] + b[f]
+def conv2d_forward(x, w, b, stride, padding, dilation=(1, 1), groups=1):
+    """out[n, f] = sum_{c, i, j} w[f, c, i, j] * xpad[n, c, s*oh + d*i, s*ow + d*j] + b[f]
 
     Reference: minicnn.reference.conv2d_forward.
     Differs: NHWC memory, the bias as a GEMM column, cache-sized chunks on worker threads.
 
-    x (N, C, H, W), w (F, C, KH, KW), b (F,) or None, stride (sh, sw),
-    padding ((top, bottom), (left, right)) -> out (N, F, OH, OW), an NCHW view of NHWC memory.
+    x (N, C, H, W), w (F, C // groups, KH, KW), b (F,) or None, stride (sh, sw),
+    padding ((top, bottom), (left, right)), dilation (dh, dw), groups (see the reference)
+    -> out (N, F, OH, OW), an NCHW view of NHWC memory.
     cache: the padded NHWC input (backward rebuilds the cols chunk by chunk from it) and the
     GEMM-shaped weight.
 
@@ -91,14 +98,16 @@ def conv2d_forward(x, w, b, stride, padding):
     column. A separate out += b runs over only F floats at a time, and so does
     db = dY.sum(axis=0) (docs/performance.md#bias-in-the-gemm).
     """
+    if groups != 1:
+        return _forward_grouped(x, w, b, stride, padding, dilation, groups)
     if x.shape[1] < CHANNELS_FIRST_BELOW:
-        return _forward_channels_first(x, w, b, stride, padding)
+        return _forward_channels_first(x, w, b, stride, padding, dilation)
     xp = array_module(x)
     n, c, h, wd = x.shape
     f, _, kh, kw = w.shape
     (pt, pb), (pl, pr) = padding
-    oh = conv_output_size(h, kh, stride[0], pt, pb)
-    ow = conv_output_size(wd, kw, stride[1], pl, pr)
+    oh = conv_output_size(h, kh, stride[0], pt, pb, dilation[0])
+    ow = conv_output_size(wd, kw, stride[1], pl, pr, dilation[1])
     k = kh * kw * c
     kb = k + (b is not None)                                     # GEMM columns: + the bias's
     # weight as (F, KH*KW*C [+ 1]), columns in the (i, j, c) order of the cols rows, then b
@@ -121,24 +130,25 @@ def conv2d_forward(x, w, b, stride, padding):
         buf = _cols_buffer((min(chunk, hi - lo) * oh * ow, kb), k, x.dtype, xp)
         for s in range(lo, hi, chunk):
             e = min(s + chunk, hi)
-            cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, out=buf)   # (rows, K [+ 1])
+            cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, buf, dilation)   # (rows, K [+ 1])
             gemms = _gemm_stack(e - s, oh * ow, per_image)       # (GEMMs, rows of each)
-            xp.matmul(cols.reshape(gemms + (kb,)), w_cols,       # out rows (rows, F), a view
-                      out=out[s:e].reshape(gemms + (f,)))
+            matmul(cols.reshape(gemms + (kb,)), w_cols,          # out rows (rows, F), a view
+                   out=out[s:e].reshape(gemms + (f,)))
 
     workers.map(work, n, xp)
     cache = ("channels-last", x.shape, xpad, chunk, w_bias, w.shape, stride, padding,
-             b is not None)
+             b is not None, dilation)
     return out.transpose(0, 3, 1, 2), cache
 
 
-def conv2d_backward(dout, cache, input_grad=True):
+def conv2d_backward(dout, cache, input_grad=True, weight_grad=True):
     """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, KH, KW), db (F,) or None.
 
     Reference: minicnn.reference.conv2d_backward.
     Differs: NHWC memory, cols rebuilt per chunk on workers, db from the dW GEMM, four dx ways.
 
     input_grad=False skips dx (returned as None): a first layer's input needs no gradient.
+    weight_grad=False skips dw and db (both None), and the cols: a frozen layer's weights.
 
     With dY = dout as (N*OH*OW, F) and cols (N*OH*OW, K), chunk by chunk of images:
     dW += dY^T @ cols,  db = sum of dY's rows, which is the last column of dY^T @ [cols 1] when
@@ -148,10 +158,12 @@ def conv2d_backward(dout, cache, input_grad=True):
     workers start, or chunk by chunk beside dW, tap by tap (_dx_by_taps) or as dcols + col2im
     (_dx_col2im).
     """
+    if cache[0] == "grouped":
+        return _backward_grouped(dout, cache[1], input_grad, weight_grad)
     if cache[0] == "channels-first":
-        return _backward_channels_first(dout, cache, input_grad)
+        return _backward_channels_first(dout, cache, input_grad, weight_grad)
     xp = array_module(dout)
-    _, x_shape, xpad, chunk, w_bias, w_shape, stride, padding, has_bias = cache
+    _, x_shape, xpad, chunk, w_bias, w_shape, stride, padding, has_bias, dilation = cache
     n, c, h, wd = x_shape
     f, _, kh, kw = w_shape
     k, kb = kh * kw * c, w_bias.shape[1]                         # kb: k + 1 with a bias
@@ -161,14 +173,14 @@ def conv2d_backward(dout, cache, input_grad=True):
     pixels = dy.shape[1] * dy.shape[2]                           # OH*OW: rows per image
     dw_per_image = _per_image(kb, f)
 
-    strategy = dx_strategy(c, (kh, kw), stride, padding, input_grad)
+    strategy = dx_strategy(c, (kh, kw), stride, padding, input_grad, dilation)
     dx, add_dx, scratch_width = None, None, 0      # add_dx(dy_rows, dxpad, scratch): per chunk
     if strategy == "as-conv":
         dx = _dx_as_conv(dout, w_mat, (kh, kw), padding)         # (N, C, H, W), whole batch
     elif strategy == "by-taps":
         add_dx, scratch_width = _dx_by_taps(w_mat, (kh, kw)), c   # scratch: one tap's dx rows
     elif strategy == "col2im":
-        add_dx, scratch_width = _dx_col2im(w_mat, (kh, kw), stride), k   # scratch: dcols
+        add_dx, scratch_width = _dx_col2im(w_mat, (kh, kw), stride, dilation), k   # dcols
     dxpad = xp.empty(xpad.shape, dtype=dout.dtype) if add_dx else None   # NHWC memory
 
     def work(lo, hi):                                            # images lo:hi, one worker
@@ -181,24 +193,29 @@ def conv2d_backward(dout, cache, input_grad=True):
             dxpad[lo:hi] = 0
         for s in range(lo, hi, chunk):
             e = min(s + chunk, hi)
-            cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, out=cols_buf)   # (rows, K [+ 1])
             dy_rows = dy_part[s - lo:e - lo].reshape(-1, f)      # (rows, F)
-            if dw_per_image:                                     # (images, K [+ 1], F), summed
-                gemms = (e - s, pixels)                          # one GEMM per image
-                dw += xp.matmul(cols.reshape(gemms + (kb,)).transpose(0, 2, 1),
-                                dy_rows.reshape(gemms + (f,))).sum(axis=0).T
-            else:
-                xp.matmul(dy_rows.T, cols, out=dw_part)          # (F, K [+ 1]): dW [db]
-                dw += dw_part
             if add_dx:
                 add_dx(dy_rows, dxpad[s:e], scratch)             # dxpad[s:e] += this chunk's
+            if not weight_grad:
+                continue
+            cols = im2col_nhwc(xpad[s:e], (kh, kw), stride, cols_buf, dilation)  # (rows, K [+ 1])
+            if dw_per_image:                                     # (images, K [+ 1], F), summed
+                gemms = (e - s, pixels)                          # one GEMM per image
+                dw += matmul(cols.reshape(gemms + (kb,)).transpose(0, 2, 1),
+                             dy_rows.reshape(gemms + (f,))).sum(axis=0).T
+            else:
+                matmul(dy_rows.T, cols, out=dw_part)          # (F, K [+ 1]): dW [db]
+                dw += dw_part
         return dw
 
-    dw_bias = sum(workers.map(work, n, xp))                     # (F, K [+ 1])
-    db = xp.ascontiguousarray(dw_bias[:, k]) if has_bias else None
-    dw = dw_bias[:, :k].reshape(f, kh, kw, c).transpose(0, 3, 1, 2)   # (F, C, KH, KW)
+    dw_bias = (sum(workers.map(work, n, xp))                    # (F, K [+ 1])
+               if weight_grad or add_dx else None)
     if add_dx:
         dx = dxpad[:, pt:pt + h, pl:pl + wd, :].transpose(0, 3, 1, 2)
+    if not weight_grad:
+        return dx, None, None
+    db = xp.ascontiguousarray(dw_bias[:, k]) if has_bias else None
+    dw = dw_bias[:, :k].reshape(f, kh, kw, c).transpose(0, 3, 1, 2)   # (F, C, KH, KW)
     return dx, xp.ascontiguousarray(dw), db
 
 
@@ -206,13 +223,14 @@ def conv2d_backward(dout, cache, input_grad=True):
 DX_STRATEGIES = ("as-conv", "by-taps", "col2im", "none")
 
 
-def dx_strategy(c, kernel, stride, padding, input_grad=True):
+def dx_strategy(c, kernel, stride, padding, input_grad=True, dilation=(1, 1)):
     """How conv2d_backward computes dx for c input channels, kernel (KH, KW), stride (sh, sw),
-    padding ((top, bottom), (left, right)): one of DX_STRATEGIES.
+    padding ((top, bottom), (left, right)), dilation (dh, dw): one of DX_STRATEGIES.
 
         "none"     input_grad=False (a first layer's input needs no gradient)
-        "col2im"   stride != 1, or fewer than DX_GEMM_MIN_CHANNELS input channels (or fewer
-                   than CHANNELS_FIRST_BELOW: the channels-first backward has only this way)
+        "col2im"   stride != 1, dilation != 1, or fewer than DX_GEMM_MIN_CHANNELS input
+                   channels (or fewer than CHANNELS_FIRST_BELOW: the channels-first backward
+                   has only this way)
         "as-conv"  stride 1 and K-1-p <= p <= K-1 for the padding p of every side (3x3 with
                    padding 1 or 2, 1x1 with none): dx is a convolution of dy
         "by-taps"  stride 1, any other padding (a valid conv): dx summed tap by tap
@@ -220,7 +238,8 @@ def dx_strategy(c, kernel, stride, padding, input_grad=True):
     """
     if not input_grad:
         return "none"
-    if tuple(stride) != (1, 1) or c < max(DX_GEMM_MIN_CHANNELS, CHANNELS_FIRST_BELOW):
+    if (tuple(stride) != (1, 1) or tuple(dilation) != (1, 1)
+            or c < max(DX_GEMM_MIN_CHANNELS, CHANNELS_FIRST_BELOW)):
         return "col2im"
     flipped = _flipped_padding(kernel, padding)
     if all(0 <= q <= p for qs, ps in zip(flipped, padding) for q, p in zip(qs, ps)):
@@ -271,12 +290,12 @@ def _dx_by_taps(w_mat, kernel):
     return add
 
 
-def _dx_col2im(w_mat, kernel, stride):
+def _dx_col2im(w_mat, kernel, stride, dilation):
     """dx as dcols = dY @ W and col2im, chunk by chunk: -> add(dy_rows, dxpad, scratch), which
     adds a chunk's col2im_nhwc(dy_rows @ W) into dxpad; scratch (>= rows, K) holds dcols.
 
-    Chosen ("col2im") for any stride other than 1 (the other ways need stride 1) and for few
-    input channels (DX_GEMM_MIN_CHANNELS). Why: it is the general way; the dcols GEMM is one
+    Chosen ("col2im") for any stride or dilation other than 1 (the other ways need both 1) and
+    for few input channels (DX_GEMM_MIN_CHANNELS). Why: it is the general way; the dcols GEMM is one
     wide GEMM (K columns), one per image when F and K are small (PER_IMAGE_GEMM_MAX_SIZE).
     w_mat (F, KH*KW*C), columns in (i, j, c) order.
     """
@@ -288,8 +307,8 @@ def _dx_col2im(w_mat, kernel, stride):
         images = len(dxpad)
         dcols = scratch[:len(dy_rows)]                           # (rows, K) = dY @ W
         gemms = _gemm_stack(images, len(dy_rows) // images, per_image)
-        xp.matmul(dy_rows.reshape(gemms + (f,)), w_mat, out=dcols.reshape(gemms + (k,)))
-        col2im_nhwc(dcols, dxpad, kernel, stride)
+        matmul(dy_rows.reshape(gemms + (f,)), w_mat, out=dcols.reshape(gemms + (k,)))
+        col2im_nhwc(dcols, dxpad, kernel, stride, dilation)
     return add
 
 
@@ -312,7 +331,7 @@ def _add_taps(dy_rows, w_taps, dxpad, buf):
     dy_stack, tap_stack = dy_rows.reshape(gemms + (f,)), tap.reshape(gemms + (c,))
     for i in range(kh):
         for j in range(kw):
-            xp.matmul(dy_stack, w_taps[i, j], out=tap_stack)    # (n*OH*OW, C) as (GEMMs, rows, C)
+            matmul(dy_stack, w_taps[i, j], out=tap_stack)    # (n*OH*OW, C) as (GEMMs, rows, C)
             dst = dxpad[:, i:i + oh, j:j + ow]
             xp.add(dst, tap.reshape(n, oh, ow, c), out=dst)
 
@@ -322,23 +341,27 @@ _DX_WORDS = {"as-conv": "dx as conv", "by-taps": "dx by taps", "col2im": "dx col
              "none": "no dx"}
 
 
-def conv2d_path(c, kernel, stride, padding, input_grad=True):
+def conv2d_path(c, kernel, stride, padding, input_grad=True, dilation=1, groups=1):
     """The path a conv of c input channels takes, in words: its layout, then its dx strategy,
-    e.g. "channels-first im2col; dx col2im" or "channels-last; dx as conv".
+    e.g. "channels-first im2col; dx col2im" or "channels-last; dx as conv"; a grouped conv
+    says "G groups of " and the path of each.
 
-    kernel, stride: an int or a pair; padding: an int, a pair, or ((top, bottom), (left,
-    right)) as conv2d_forward takes it. input_grad=False: "...; no dx".
+    kernel, stride, dilation: an int or a pair; padding: an int, a pair, or ((top, bottom),
+    (left, right)) as conv2d_forward takes it. input_grad=False: "...; no dx".
     """
     kernel, stride = to_pair(kernel, "kernel"), to_pair(stride, "stride")
+    dilation = to_pair(dilation, "dilation")
     if not (isinstance(padding, (tuple, list)) and all(isinstance(p, (tuple, list))
                                                        for p in padding)):
         padding = tuple((p, p) for p in to_pair(padding, "padding"))
+    c //= groups                                                 # each group's channels
     layout = "channels-first im2col" if c < CHANNELS_FIRST_BELOW else "channels-last"
-    return f"{layout}; {_DX_WORDS[dx_strategy(c, kernel, stride, padding, input_grad)]}"
+    dx = _DX_WORDS[dx_strategy(c, kernel, stride, padding, input_grad, dilation)]
+    return (f"{groups} groups of " if groups != 1 else "") + f"{layout}; {dx}"
 
 
 # ---- few input channels: the teaching layout, cols (N, C*KH*KW, OH*OW) -----------------------
-def _forward_channels_first(x, w, b, stride, padding):
+def _forward_channels_first(x, w, b, stride, padding, dilation):
     """conv2d_forward for fewer than CHANNELS_FIRST_BELOW input channels: the same maths, the
     cols of each chunk of images built by minicnn.ops.im2col.im2col from NCHW memory, one GEMM
     per image, out[n] (OH*OW, F) = cols[n]^T @ [W b]^T, so the output is NHWC memory as the
@@ -346,8 +369,8 @@ def _forward_channels_first(x, w, b, stride, padding):
     xp = array_module(x)
     n, c, h, wd = x.shape
     f, _, kh, kw = w.shape
-    oh = conv_output_size(h, kh, stride[0], *padding[0])
-    ow = conv_output_size(wd, kw, stride[1], *padding[1])
+    oh = conv_output_size(h, kh, stride[0], *padding[0], dilation[0])
+    ow = conv_output_size(wd, kw, stride[1], *padding[1], dilation[1])
     pixels, k = oh * ow, c * kh * kw
     kb = k + (b is not None)                                     # GEMM rows: + the bias's
     w_cols = xp.empty((kb, f), dtype=w.dtype)                    # rows in (c, i, j) order, b
@@ -362,21 +385,21 @@ def _forward_channels_first(x, w, b, stride, padding):
         buf = _cols_buffer((min(chunk, hi - lo), kb, pixels), k, x.dtype, xp)
         for s in range(lo, hi, chunk):
             e = min(s + chunk, hi)
-            im2col(xpad[s:e], (kh, kw), stride, _NO_PADDING, out=buf[:e - s])
-            xp.matmul(buf[:e - s].transpose(0, 2, 1), w_cols, out=out[s:e])
+            im2col(xpad[s:e], (kh, kw), stride, _NO_PADDING, buf[:e - s], dilation)
+            matmul(buf[:e - s].transpose(0, 2, 1), w_cols, out=out[s:e])
 
     workers.map(work, n, xp)
     cache = ("channels-first", x.shape, xpad, chunk, w_cols, w.shape, stride, padding,
-             b is not None)
+             b is not None, dilation)
     return out.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), cache
 
 
-def _backward_channels_first(dout, cache, input_grad):
+def _backward_channels_first(dout, cache, input_grad, weight_grad=True):
     """conv2d_backward of _forward_channels_first, per image n with dY[n] (OH*OW, F):
     [dW db]^T += cols[n] @ dY[n],  dcols[n] = W^T @ dY[n]^T,  dx = col2im(dcols) (NCHW memory,
     whose adds run along image rows). Its only dx strategies are "col2im" and "none"."""
     xp = array_module(dout)
-    _, x_shape, xpad, chunk, w_cols, w_shape, stride, padding, has_bias = cache
+    _, x_shape, xpad, chunk, w_cols, w_shape, stride, padding, has_bias, dilation = cache
     n, c, h, wd = x_shape
     f, _, kh, kw = w_shape
     k, kb = c * kh * kw, w_cols.shape[0]
@@ -395,22 +418,65 @@ def _backward_channels_first(dout, cache, input_grad):
             dxpad[lo:hi] = 0
         for s in range(lo, hi, chunk):
             e = min(s + chunk, hi)
-            im2col(xpad[s:e], (kh, kw), stride, _NO_PADDING, out=buf[:e - s])
             g = dy_part[s - lo:e - lo]                           # (images, OH*OW, F)
-            dw += xp.matmul(buf[:e - s], g).sum(axis=0)          # (K [+ 1], F): [dW db]^T
+            if weight_grad:
+                im2col(xpad[s:e], (kh, kw), stride, _NO_PADDING, buf[:e - s], dilation)
+                dw += matmul(buf[:e - s], g).sum(axis=0)      # (K [+ 1], F): [dW db]^T
             if input_grad:
-                dcols = xp.matmul(w_cols[:k], g.transpose(0, 2, 1), out=dcols_buf[:e - s])
-                col2im(dcols, (e - s, c, h, wd), (kh, kw), stride, padding, out=dxpad[s:e])
+                dcols = matmul(w_cols[:k], g.transpose(0, 2, 1), out=dcols_buf[:e - s])
+                col2im(dcols, (e - s, c, h, wd), (kh, kw), stride, padding, dxpad[s:e],
+                       dilation)
         return dw
 
-    dw_t = sum(workers.map(work, n, xp))                        # (K [+ 1], F)
+    dw_t = sum(workers.map(work, n, xp)) if weight_grad or input_grad else None   # (K [+ 1], F)
+    dx = dxpad[:, :, pt:pt + h, pl:pl + wd] if input_grad else None
+    if not weight_grad:
+        return dx, None, None
     db = xp.ascontiguousarray(dw_t[k]) if has_bias else None
     dw = xp.ascontiguousarray(dw_t[:k].T).reshape(f, c, kh, kw)
-    dx = dxpad[:, :, pt:pt + h, pl:pl + wd] if input_grad else None
     return dx, dw, db
 
 
 _NO_PADDING = ((0, 0), (0, 0))
+
+
+# ---- groups: one ungrouped convolution per group -----------------------------------------------
+def _forward_grouped(x, w, b, stride, padding, dilation, groups):
+    """conv2d_forward of a grouped conv: conv2d_forward of each group's C/groups channels and
+    F/groups filters, written into its channels of one NHWC output (the layout every path
+    returns). cache: ("grouped", the groups' caches)."""
+    xp = array_module(x)
+    c, f = x.shape[1] // groups, w.shape[0] // groups            # per group
+    out, caches = None, []
+    for g in range(groups):
+        part, cache = conv2d_forward(x[:, g * c:(g + 1) * c], w[g * f:(g + 1) * f],
+                                     None if b is None else b[g * f:(g + 1) * f],
+                                     stride, padding, dilation)  # (N, F/groups, OH, OW)
+        if out is None:
+            out = xp.empty((len(x),) + part.shape[2:] + (w.shape[0],), dtype=x.dtype)
+        out[..., g * f:(g + 1) * f] = part.transpose(0, 2, 3, 1)   # (N, OH, OW, F/groups)
+        caches.append(cache)
+    return out.transpose(0, 3, 1, 2), ("grouped", caches)
+
+
+def _backward_grouped(dout, caches, input_grad, weight_grad):
+    """conv2d_backward of _forward_grouped: each group's backward on its filters' share of
+    dout; dx (NHWC memory), dw and db put together from the groups'."""
+    xp = array_module(dout)
+    f = dout.shape[1] // len(caches)                             # filters per group
+    n, c, h, wd = caches[0][1]                                   # one group's input shape
+    dx = xp.empty((n, h, wd, c * len(caches)), dtype=dout.dtype) if input_grad else None
+    dws, dbs = [], []
+    for g, cache in enumerate(caches):
+        dx_g, dw_g, db_g = conv2d_backward(dout[:, g * f:(g + 1) * f], cache, input_grad,
+                                           weight_grad)
+        if input_grad:
+            dx[..., g * c:(g + 1) * c] = dx_g.transpose(0, 2, 3, 1)
+        dws.append(dw_g)
+        dbs.append(db_g)
+    return (dx.transpose(0, 3, 1, 2) if input_grad else None,
+            xp.concatenate(dws) if weight_grad else None,
+            xp.concatenate(dbs) if weight_grad and dbs[0] is not None else None)
 
 
 def _per_image(*sizes):

@@ -23,6 +23,12 @@ gradients equal the one-model step's up to float rounding (tests/test_data_paral
 the same split gives the same bits every time (a resumed training run is bitwise the one that
 was not stopped).
 
+A frozen layer (trainable = False) is frozen in every copy: the worker processes' copies are
+forked from the model with its flags, and a pool is made for one model description, which
+says which layers are frozen (a change forks a new pool); the thread replicas take the flags
+each step. Frozen BatchNorm layers then use their running statistics in every copy, with no
+sums to wait for.
+
 Dropout draws each image's mask from a generator of its own, seeded from one draw of the
 layer's generator and the image's index in the whole batch
 (minicnn.reference.activations.image_generators). Each copy's Dropout layers draw from copies
@@ -32,15 +38,23 @@ with any number of workers, and the model's generators (which a training checkpo
 advance as in the one-model step.
 
 The step falls back to the plain one (each op split over the workers) on CuPy arrays, with one
-worker, with fewer than two images a worker, and for a model with a layer minicnn cannot
-rebuild from its config. A loss function that cannot be pickled into a message (a lambda)
-keeps the split on threads, and so does a process that cannot fork.
+worker, with fewer than two images a worker, for a model with a layer minicnn cannot
+rebuild from its config, and while model.whole_batch_step is True (a step the backprop trace
+watches, minicnn.trace: it reads every image's numbers from the model's own layers). A loss
+function that cannot be pickled into a message (a lambda) keeps the split on threads, and so
+does a process that cannot fork.
+
+Under mpiexec the processes it started are the split (rank_step): each runs its share of the
+global batch through its own model, BatchNorm's sums and the gradients summed over them by
+MPI, or by NCCL for CuPy arrays (minicnn.parallel.mpi, docs/distributed.md); no in-machine
+copies are made there.
 """
 import weakref
 from copy import deepcopy
 
 import numpy as np
 
+from minicnn.parallel import group, mpi
 from minicnn.parallel import workers
 from minicnn.parallel import processes
 from minicnn import implementation
@@ -64,7 +78,9 @@ def _split_config(model, x):
     """model's config when the step on x splits over workers.threads() workers (the copies
     are made from it, or checked against it); None for the plain step."""
     k = workers.threads()
-    if k < 2 or array_module(x) is not np or len(x) < 2 * k or workers.in_worker():
+    if (k < 2 or array_module(x) is not np or len(x) < 2 * k or workers.in_worker()
+            or getattr(model, "whole_batch_step", False)
+            or group.launched()[1] > 1):        # mpiexec's processes: no forks of them
         return None
     if implementation.active() == "reference":      # the reference runs as written: one model
         return None
@@ -102,10 +118,11 @@ def _replicas_of(model, count, config):
     if replicas is None or len(replicas) != count:
         replicas = [layer_from_config(config) for _ in range(count)]
         _replicas[model] = replicas
-    for replica in replicas:             # (again each step: the model's arrays may be new ones)
-        for mine, theirs in zip(walk(model), walk(replica)):
+    for replica in replicas:             # (again each step: the model's arrays may be new ones,
+        for mine, theirs in zip(walk(model), walk(replica)):      # its layers newly frozen)
             if not mine.is_container:
                 theirs.params, theirs.state = mine.params, mine.state
+                theirs.trainable = mine.trainable
     return replicas
 
 
@@ -113,7 +130,11 @@ def train_step(model, x, labels, loss_fn):
     """Forward, loss and backward of one training step of model (a Sequential); model.grads
     get the whole batch's gradients (the first layer's input gradient is skipped, as
     model.backward(..., input_grad=False) does). -> (loss, logits). loss_fn must average over
-    the batch, as SoftmaxCrossEntropy does."""
+    the batch, as SoftmaxCrossEntropy does. Under mpiexec, x is the global batch, the same in
+    every process, and each takes its share (rank_step)."""
+    world = mpi.world()
+    if world is not None:
+        return rank_step(world, model, x, labels, loss_fn)
     config = _split_config(model, x)
     if config is None:
         return _part_step(model, x, labels, loss_fn, 1.0)
@@ -124,6 +145,43 @@ def train_step(model, x, labels, loss_fn):
     results = _run_split(model, config, _part_step, parts, grads=True)
     return (sum(loss * len(a) for (loss, _), ((a, _), _) in zip(results, parts)) / n,
             np.concatenate([logits for _, logits in results]))
+
+
+def rank_share(n, world):
+    """(lo, hi): the images of a global batch of n that this rank of world takes (contiguous,
+    sizes differing by at most one, rank order); ValueError when a rank would get none."""
+    if n < world.size:
+        raise ValueError(f"A batch of {n} image{'s' if n != 1 else ''} cannot be shared by "
+                         f"{world.size} processes (one image each at least): give a larger "
+                         f"batch, or fewer processes.")
+    return workers.split(n, world.size)[world.rank]
+
+
+REFERENCE_ALONE = ("The reference maths runs as written, one model on the whole batch: its "
+                   "BatchNorm sums nothing across processes. Run it without mpiexec, or use "
+                   "the fast implementation.")
+
+
+def rank_step(world, model, x, labels, loss_fn):
+    """train_step in one of the processes of world (mpiexec's, minicnn.parallel.mpi): x is the
+    global batch; this process runs its share through its own model, BatchNorm summing its
+    batch sums over world, then model.grads = the sum of every process's gradients.
+    -> (the global batch's loss, its logits), the same in every process.
+
+    Its own model, not the in-machine copies: the processes are the split (their ops may
+    still use threads: MINICNN_THREADS). On CuPy arrays the sums go through NCCL
+    (minicnn.parallel.nccl), else through MPI."""
+    if implementation.active() == "reference":
+        raise ValueError(REFERENCE_ALONE)
+    lo, hi = rank_share(len(x), world)
+    sums = world.for_arrays(x)
+    # the other ranks on this machine have the other cores: BLAS's own threads would spin there
+    # (docs/performance.md#single-threaded-blas)
+    workers._single_threaded_blas()
+    with workers.member(sums, 0, worker=False):   # member 0: its model's state is its own
+        loss, logits = _part_step(model, x[lo:hi], labels[lo:hi], loss_fn, (hi - lo) / len(x), lo)
+    sums.sum_in_place(list(model.grads.values()))
+    return sums.sum([loss * ((hi - lo) / len(x))])[0], sums.gather(logits)
 
 
 def _part_step(copy, x, labels, loss_fn, share, first=0, dropout_rngs=None):

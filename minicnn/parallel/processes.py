@@ -37,7 +37,9 @@ import warnings
 
 import numpy as np
 
+from minicnn import dtype_policy
 from minicnn.parallel import workers
+from minicnn.parallel.group import Group, add_in_rank_order
 from minicnn.errors import MinicnnError
 from minicnn.nn.layers import walk
 from minicnn.nn.model import layer_config
@@ -66,10 +68,11 @@ def _shared_arrays(model):
 
 
 def describe(model, config=None):
-    """What a pool is made for: the model's config (layer_config(model) unless given) and its
-    arrays' shapes and dtypes. ValueError for a layer minicnn cannot describe (a user's own
-    class)."""
-    return (repr(layer_config(model) if config is None else config),
+    """What a pool is made for: the model's config (layer_config(model) unless given), with
+    the precision policy its workers compute under (forked with it), and its arrays' shapes and
+    dtypes. ValueError for a layer minicnn cannot describe (a user's own class)."""
+    return (repr(layer_config(model) if config is None else config)
+            + f" under {dtype_policy.global_policy().name}",
             tuple(_specs(d[k] for d, k in _shared_arrays(model))),
             tuple(_specs(d[k] for d, k in _arrays(model, "grads"))))
 
@@ -313,9 +316,10 @@ def _recv(conn):
     return conn.recv()
 
 
-class _Hub:
-    """workers.all_sum in rank 0: through shared memory (_SharedSums), else every worker's
-    values, summed with this process's in rank order, and the sums sent back to each."""
+class _Hub(Group):
+    """workers.all_sum in rank 0 (a minicnn.parallel.group.Group): through shared memory
+    (_SharedSums), else every worker's values, summed with this process's in rank order, and
+    the sums sent back to each."""
 
     def __init__(self, conns, shared):
         self.conns, self.shared = conns, shared
@@ -324,7 +328,7 @@ class _Hub:
         arrays = self.shared.fitting(values)
         if arrays is not None:
             return self.shared.sum(values, arrays, self._check)
-        sums = workers.add_in_rank_order([values] + [_receive(c, "sum") for c in self.conns])
+        sums = add_in_rank_order([values] + [_receive(c, "sum") for c in self.conns])
         for conn in self.conns:
             conn.send(sums)
         return sums
@@ -340,9 +344,9 @@ class _Hub:
                                   "they were due in shared memory.")
 
 
-class _Spoke:
-    """workers.all_sum in a worker: through shared memory (_SharedSums), else its values to
-    rank 0 and the sums back."""
+class _Spoke(Group):
+    """workers.all_sum in a worker (a minicnn.parallel.group.Group): through shared memory
+    (_SharedSums), else its values to rank 0 and the sums back."""
 
     def __init__(self, conn, shared):
         self.conn, self.shared = conn, shared
@@ -414,7 +418,7 @@ class _SharedSums:
                 time.sleep(SLEEP_SECONDS)
         members = [values if k == self.rank else self._read(slots[k], values, arrays)
                    for k in range(len(slots))]
-        return workers.add_in_rank_order(members)
+        return add_in_rank_order(members)
 
     @staticmethod
     def _read(slot, values, arrays):

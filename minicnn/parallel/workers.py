@@ -40,16 +40,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from minicnn.parallel.group import Group, add_in_rank_order, processes_here
+
 
 def _default_threads():
-    """MINICNN_THREADS when it is a positive int, else the cores this process may run on."""
+    """MINICNN_THREADS when it is a positive int, else the cores this process may run on,
+    shared with the other processes mpiexec started on this machine."""
     env = os.environ.get("MINICNN_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:                        # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores // processes_here())
 
 
 _threads = _default_threads()
@@ -128,10 +132,11 @@ def _as_worker(fn, errors, *args):
 
 
 # ---- groups: one whole task a worker, summing values across them ------------------------------
-class _Group:
-    """The workers of one together() call: a barrier, and two sets of slots that sum()
-    alternates between (a member can start the next sum only after every member has reached
-    this one's barrier, so the other set is free by then: one wait a sum)."""
+class _Group(Group):
+    """The workers of one together() call (a minicnn.parallel.group.Group): a barrier, and two
+    sets of slots that sum() alternates between (a member can start the next sum only after
+    every member has reached this one's barrier, so the other set is free by then: one wait a
+    sum)."""
 
     def __init__(self, size):
         self.size = size
@@ -145,13 +150,6 @@ class _Group:
         slots[_local.rank] = values
         self.barrier.wait()
         return add_in_rank_order(slots)
-
-
-def add_in_rank_order(members):
-    """[each value summed over the members' lists of values, member 0's first]: the same sums,
-    added in the same order, for every member."""
-    return [sum((values[i] for values in members[1:]), members[0][i])
-            for i in range(len(members[0]))]
 
 
 def together(fns):
@@ -195,11 +193,13 @@ def _as_member(fn, group, rank, errors):
 
 
 @contextlib.contextmanager
-def member(group, rank):
-    """Inside: the calling thread is member `rank` of group (any object whose sum(values)
-    adds values up across its members: a together() group, or minicnn.parallel.processes' worker
-    processes), and a worker (parallel.map runs in it)."""
-    _local.group, _local.rank, _local.sums, _local.worker = group, rank, 0, True
+def member(group, rank, worker=True):
+    """Inside: the calling thread is member `rank` of group (a minicnn.parallel.group.Group:
+    a together() group, minicnn.parallel.processes' worker processes, or mpiexec's processes),
+    and with worker=True a worker (parallel.map runs in it). rank is the member's place among
+    those that share the model's arrays (rank 0 updates their state): each of mpiexec's
+    processes holds its own, and is member 0 for that."""
+    _local.group, _local.rank, _local.sums, _local.worker = group, rank, 0, worker
     try:
         yield
     finally:

@@ -13,14 +13,17 @@ def dense_forward(x, w, b):
     return y, (x, w)
 
 
-def dense_backward(dy, cache, input_grad=True):
+def dense_backward(dy, cache, input_grad=True, weight_grad=True):
     """dx = dy @ w,  dw = dy^T @ x,  db = sum_n dy
 
-    dy (N, OUT) -> dx (N, IN) (None when input_grad=False), dw (OUT, IN), db (OUT,).
+    dy (N, OUT) -> dx (N, IN) (None when input_grad=False), dw (OUT, IN), db (OUT,) (both
+    None when weight_grad=False: a frozen layer).
     db is returned with or without a bias, as the fast version (the layer ignores it then).
     """
     x, w = cache
     dx = dy @ w if input_grad else None                           # (N, IN)
+    if not weight_grad:
+        return dx, None, None
     dw = dy.T @ x                                                 # (OUT, IN)
     db = dy.sum(axis=0)                                           # (OUT,)
     return dx, dw, db

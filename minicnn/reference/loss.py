@@ -8,7 +8,8 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     dlogits = (softmax(logits) - q) / N,  target q = (1 - eps) * onehot(labels) + eps / K
     (PyTorch's CrossEntropyLoss(label_smoothing=eps)).
 
-    logits (N, K), labels (N,) ints in [0, K) -> (loss as a Python float, dlogits (N, K)).
+    logits (N, K), labels (N,) ints in [0, K) -> (loss, a 0-d array on logits' device,
+    dlogits (N, K)); float(loss) reads the loss (on a GPU, a wait for it).
     """
     xp = array_module(logits)
     n, k = logits.shape
@@ -17,4 +18,4 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     q = (1.0 - label_smoothing) * onehot + label_smoothing / k    # (N, K)
     loss = -(q * log_softmax(logits)).sum() / n
     dlogits = (softmax(logits) - q) / n                           # (N, K)
-    return float(loss), dlogits
+    return loss, dlogits

@@ -48,8 +48,10 @@ SETTING_TYPES = {"data": (str,), "model": (str,), "epochs": (int,), "batch_size"
                  "schedule": (str,), "label_smoothing": (float,), "augment": (str,),
                  "seed": (int,), "image_size": (str, int), "backend": (str,),
                  "implementation": (str,), "out": (str,), "resume": (bool,), "force": (bool,),
+                 "precision": (str,),
                  "early_stopping": (int,), "val_split": (float,), "checkpoint_every": (int,),
-                 "limit": (int,), "tta": (bool,)}
+                 "limit": (int,), "tta": (bool,), "pretrained": (str,), "freeze_base": (bool,),
+                 "unfreeze_after": (int,), "fine_tune_lr": (float,), "trace": (int,)}
 # What a resumed run reads back from a checkpoint's info: load_checkpoint(resumable=True)
 # requires every one (each present is checked either way).
 RUN_FIELDS = ("epoch", "step", "history", "best_val_acc", "bad_epochs", "partial", "rng",
@@ -71,8 +73,9 @@ def save_checkpoint(path, model, optimizer, info):
     sd = optimizer.state_dict()
     # info last would let a resumed run's header (read from the previous checkpoint, with its
     # own "optimizer" entry) overwrite the live optimizer's lr and step count.
-    save_model(model, path, {**info, "kind": "checkpoint",
-                             "optimizer": {"lr": sd["lr"], "steps": sd["steps"]}}, arrays)
+    # (A LossScaleOptimizer's loss scale too: --precision mixed_float16.)
+    kept = {k: sd[k] for k in ("lr", "steps", "loss_scale") if k in sd}
+    save_model(model, path, {**info, "kind": "checkpoint", "optimizer": kept}, arrays)
 
 
 def load_checkpoint(path, resumable=False):
@@ -275,6 +278,10 @@ def _check_training_info(path, info, resumable):
     if not (isinstance(optimizer, dict) and _is_number(optimizer.get("lr"))
             and optimizer["lr"] >= 0 and _is_int(optimizer.get("steps"))):
         _fail(path, "optimizer", "an lr >= 0 and a count of steps", optimizer)
+    scale = optimizer.get("loss_scale", {"scale": 1.0, "good_steps": 0})
+    if not (_is_fields(scale, ("scale", "good_steps"), lambda v: _is_number(v) and v >= 0)
+            and scale["scale"] > 0 and _is_int(scale["good_steps"])):
+        _fail(path, "optimizer's loss_scale", "a scale > 0 and a count of good steps", scale)
     if "code_version" in info and not isinstance(info["code_version"], str):
         _fail(path, "code_version", "a string", info["code_version"])
     _check_settings(path, info, resumable)

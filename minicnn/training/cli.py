@@ -9,6 +9,7 @@ import warnings
 
 import minicnn
 from minicnn.errors import MinicnnError
+from minicnn.parallel import mpi
 
 EXIT_BAD_INPUT = 2
 EXIT_BUG = 70           # sysexits.h EX_SOFTWARE: an internal error, not the user's
@@ -30,6 +31,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def run(main, argv=None):
+    """_run(main, argv): the exit status. Under mpiexec (minicnn.parallel.mpi), a process that
+    ends with an error leaves at once, and the launcher ends the others, which may be waiting
+    for it in a sum."""
+    status = _run(main, argv)
+    if status:
+        mpi.leave_after_error(status)
+    return status
+
+
+def _run(main, argv=None):
     """Call main(argv); what it raises becomes lines on stderr and an exit status:
 
         MinicnnError (the tools' bad-input errors)     error: SENTENCE                status 2
@@ -52,7 +63,8 @@ def run(main, argv=None):
     except MinicnnError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):       # quiet: another process says it (mpiexec)
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:          # the reader went away (predict ... | head): not an error
         _quiet_stdout()

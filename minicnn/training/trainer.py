@@ -9,6 +9,7 @@ Everything the run writes goes to --out DIR:
     history.json/.csv       per-epoch metrics;  settings.json   the settings and code version
     curves.png              loss and accuracy per epoch, train vs val
     report.json, confusion.png, predictions.png     the final evaluation
+    trace.jsonl, trace.png  with --trace N: the backprop trace (minicnn.trace)
     .minicnn.lock           only while the run goes on: its pid (one run at a time per --out)
 """
 import argparse
@@ -39,19 +40,21 @@ except ImportError:            # Windows: no flock, so --out is not locked (see 
     fcntl = None
 
 import minicnn
-from minicnn import augment, implementation
-from minicnn.callbacks import Callback
+from minicnn import augment, implementation, mixed_precision
+from minicnn.callbacks import BackpropTrace, Callback
 from minicnn.nn import fitting
 from minicnn.datasets import loading as datasets
 from minicnn.nn import optim
 from minicnn.backend import get_backend, to_device
 from minicnn.training.checkpoint import load_checkpoint, predict_logits, save_checkpoint
 from minicnn.training.cli import run
+from minicnn.training import finetune
 from minicnn.errors import CheckpointError, DataError, FolderInUseError, MinicnnError, UsageError
 from minicnn.nn.layers import Dropout, walk
 from minicnn.nn.losses import SoftmaxCrossEntropy
 from minicnn.training.metrics import classification_report, format_report
 from minicnn.training.plots import plot_confusion, plot_curves, plot_predictions
+from minicnn.parallel import data_parallel, group, mpi
 from minicnn.parallel.processes import WorkerError
 from minicnn.nn.serialization import atomic_write, is_temporary_of
 from minicnn.nn.model import layer_config
@@ -78,10 +81,23 @@ HYPERPARAMETERS = {
                            "transforms rotation=DEG, shift=F, wshift=F, hshift=F, shear=DEG, "
                            "zoom=F, hflip, vflip, fill=nearest|reflect|wrap|constant "
                            "(e.g. crop+flip or rotation=15+zoom=0.1+hflip)"),
+    "pretrained": (None, str, "a model file or checkpoint written by minicnn to start from: its "
+                              "last Dense layer is replaced by a fresh one for the data's classes "
+                              "(docs/transfer.md)"),
+    "freeze_base": (False, bool, "with --pretrained: train the new head only, every other layer "
+                                 "frozen"),
+    "unfreeze_after": (0, int, "with --freeze-base: after N epochs unfreeze everything and "
+                               "fine-tune at --fine-tune-lr (0: never)"),
+    "fine_tune_lr": (None, float, "the learning rate after --unfreeze-after (default: --lr / 10), "
+                                  "with a fresh optimiser and --schedule over the epochs left"),
     "seed": (0, int, "seed of every random generator (init, split, order, augmentation)"),
     "image_size": ("32", str, "H or HxW: the size image-folder images are resized to (the "
                               "checkpoint keeps it; evaluate and predict resize to it)"),
     "backend": ("numpy", str, "numpy (CPU) or cupy (GPU)"),
+    "precision": ("fp32", str, "fp32, mixed_float16 (layers compute in float16, float32 master "
+                               "weights, dynamic loss scaling) or mixed_bfloat16 (needs "
+                               "ml_dtypes); on a CPU slower than fp32: for studying the "
+                               "numerics (docs/precision.md)"),
     "implementation": ("fast", str, "reference (minicnn.reference: the textbook maths, slow), "
                                     "fast (minicnn.ops; on a GPU CuPy's operations and cuBLAS) or "
                                     "raw (the hand-written CUDA kernels of kernels/*.cu for the "
@@ -97,6 +113,10 @@ HYPERPARAMETERS = {
     "limit": (0, int, "train on a stratified subset of this many images, at least one per "
                       "class (0: all)"),
     "tta": (None, bool, "evaluate with horizontal-flip test-time augmentation"),
+    "trace": (0, int, "record the backprop trace every N steps (N: 50 when left out): each "
+                      "layer's activations, gradients and update ratios, a table and the broken "
+                      "rules of thumb each epoch, trace.jsonl and trace.png in --out "
+                      "(docs/trace.md); 0: off"),
 }
 
 MODEL_DEFAULTS = {
@@ -117,16 +137,26 @@ MODEL_DEFAULTS = {
     "keras-dropout": dict(epochs=15, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0,
                           schedule="none", label_smoothing=0.0,
                           augment="rotation=40+shift=0.2+shear=0.2+zoom=0.2+hflip", tta=False),
+    # torchvision's ResNet-18: its reference ImageNet recipe (SGD momentum 0.9, lr 0.1 for
+    # batch 256, weight decay 1e-4, x0.1 at each third of the run), at batch 128 and lr 0.05,
+    # 30 epochs not 90; not tuned here (for pretrained weights see docs/transfer.md).
+    "resnet18": dict(epochs=30, batch_size=128, optimizer="sgd", lr=0.05, weight_decay=1e-4,
+                     schedule="step", label_smoothing=0.0, augment="crop+flip", tta=False),
 }
+
+# --precision's words -> minicnn.mixed_precision's policies
+PRECISIONS = {"fp32": "float32", "mixed_float16": "mixed_float16",
+              "mixed_bfloat16": "mixed_bfloat16"}
 
 # Settings that may differ between a run and its --resume without changing the result (the
 # backend and kernels only up to float32 rounding: a run started on a GPU may go on on the CPU).
-RESUME_FREE = ("resume", "force", "out", "data", "debug", "backend", "implementation")
+RESUME_FREE = ("resume", "force", "out", "data", "debug", "backend", "implementation", "trace")
 
 # The files a run writes to --out: a new run refuses a directory that holds them (unless
 # --force), and only their temporary files (NAME.<8 hex digits>.tmp) count as debris.
+TRACE_FILES = ("trace.jsonl", "trace.png")                     # only with --trace N
 RUN_FILES = ("last.npz", "best.npz", "history.json", "history.csv", "settings.json", "curves.png",
-             "report.json", "confusion.png", "predictions.png")
+             "report.json", "confusion.png", "predictions.png", *TRACE_FILES)
 
 
 class TrainingStopped(MinicnnError):
@@ -147,7 +177,10 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, (default, kind, help_text) in HYPERPARAMETERS.items():
         flag = "--" + name.replace("_", "-")
-        if kind is bool and default is None:       # a preset's choice: --tta or --no-tta
+        if name == "trace":                        # --trace alone: every 50 steps
+            parser.add_argument(flag, type=int, nargs="?", const=50, default=None,
+                                metavar="N", help=help_text)
+        elif kind is bool and default is None:     # a preset's choice: --tta or --no-tta
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text + " (default: the preset's)")
         elif kind is bool:
@@ -181,6 +214,8 @@ def resolve_settings(overrides):
         if not str(settings["data"]).strip():
             raise UsageError("--data is empty; give a path, or leave it out to download CIFAR-10.")
         settings["data"] = os.path.abspath(settings["data"])
+    if settings["pretrained"] is not None:
+        settings["pretrained"] = os.path.abspath(settings["pretrained"])
     _validate(settings)
     return settings
 
@@ -202,18 +237,23 @@ def _validate(s):
         (s["early_stopping"] >= 0, f"--early-stopping must be >= 0, got {s['early_stopping']}."),
         (s["checkpoint_every"] >= 0, f"--checkpoint-every must be >= 0, got {s['checkpoint_every']}."),
         (s["limit"] >= 0, f"--limit must be >= 0, got {s['limit']}."),
+        (s["trace"] >= 0, f"--trace must be >= 0 (0: off), got {s['trace']}."),
         (s["seed"] >= 0, f"--seed must be >= 0, got {s['seed']}."),
         (s["backend"] in ("numpy", "cupy"), f"--backend must be numpy or cupy, got {s['backend']!r}."),
         (s["implementation"] in implementation.IMPLEMENTATIONS,
          f"--implementation must be reference, fast or raw, got {s['implementation']!r}."),
         (s["implementation"] != "raw" or s["backend"] == "cupy",
          "--implementation raw needs --backend cupy: the CUDA kernels run on the GPU only."),
+        (s["precision"] in PRECISIONS,
+         f"--precision must be {', '.join(PRECISIONS)}, got {s['precision']!r}."),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
     parse_augment(s["augment"])
     parse_image_size(s["image_size"])
+    mixed_precision.Policy(PRECISIONS[s["precision"]])    # bfloat16 without ml_dtypes: say so
+    finetune.check_settings(s)
 
 
 def parse_image_size(text):
@@ -293,6 +333,23 @@ def prepare_data(settings):
                 classes=list(ds.classes), mean=mean, std=std, has_test=ds.x_test is not None)
 
 
+def _check_shares(s, d):
+    """Under mpiexec: every global batch (the epoch's last, smaller one too) must give each
+    process an image, and the layers' maths must be one that sums across processes."""
+    world = mpi.world()
+    if world is not None and s["implementation"] == "reference":
+        raise UsageError(f"--implementation reference: {data_parallel.REFERENCE_ALONE}")
+    if world is not None and s.get("trace"):
+        raise UsageError("--trace watches one model on the whole batch; under mpiexec each "
+                         "process holds a share of it: trace a run without mpiexec.")
+    last = len(d["x_train"]) % s["batch_size"] or s["batch_size"]
+    if world is not None and min(last, s["batch_size"]) < world.size:
+        raise DataError(f"--batch-size {s['batch_size']} on {len(d['x_train']):,} training "
+                        f"images leaves a batch of {min(last, s['batch_size'])}, fewer images "
+                        f"than the {world.size} processes: choose a --batch-size that leaves "
+                        f"every batch at least {world.size}.")
+
+
 def _build_model(settings, **kwargs):
     """The preset settings["model"] (zoo.build_model); the ValueError of an image size the
     preset cannot take is the user's, raised as a UsageError naming --image-size."""
@@ -305,12 +362,17 @@ def _build_model(settings, **kwargs):
 
 
 def make_optimizer(settings, model):
+    """The optimiser of --optimizer; under --precision mixed_float16 inside a
+    LossScaleOptimizer (minicnn.mixed_precision: dynamic loss scaling)."""
     lr, wd = settings["lr"], settings["weight_decay"]
     if settings["optimizer"] == "sgd":
-        return optim.SGD(model, lr, momentum=0.9, nesterov=True, weight_decay=wd)
-    if settings["optimizer"] == "adam":
-        return optim.Adam(model, lr, weight_decay=wd)
-    return optim.AdamW(model, lr, weight_decay=wd)
+        optimizer = optim.SGD(model, lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    elif settings["optimizer"] == "adam":
+        optimizer = optim.Adam(model, lr, weight_decay=wd)
+    else:
+        optimizer = optim.AdamW(model, lr, weight_decay=wd)
+    policy = mixed_precision.Policy(PRECISIONS[settings.get("precision") or "fp32"])
+    return mixed_precision.for_policy(optimizer, policy)
 
 
 def make_schedule(settings, optimizer, steps_per_epoch):
@@ -366,11 +428,24 @@ def fit(**overrides):
 
     resume=True continues --out's last.npz with the settings that run was started with; the
     settings given here must agree with them (or force=True). One run at a time per --out:
-    another process (or thread) training into it makes this raise FolderInUseError."""
-    given = {k: v for k, v in overrides.items() if v is not None and k != "debug"}
-    s = resolve_settings(given)
-    with hold_out(Path(s["out"]), s["force"]):      # before anything in --out is read
-        return _fit(s, given)
+    another process (or thread) training into it makes this raise FolderInUseError.
+
+    Under mpiexec every process runs this with the same settings (minicnn.parallel.mpi): each
+    sets the run up alone, rank 0 holding --out, and an error in any one's setup is raised on
+    every one (rank 0's says what it was)."""
+    world = mpi.world()            # None unless mpiexec started several processes
+    if world is not None:
+        world.started = False      # this run's setup: its errors are agreed on (MpiGroup.agree)
+    try:
+        given = {k: v for k, v in overrides.items() if v is not None and k != "debug"}
+        s = resolve_settings(given)
+        with (hold_out(Path(s["out"]), s["force"]) if group.is_root()   # before anything in
+              else contextlib.nullcontext()):                          # --out is read
+            return _fit(s, given)
+    except BaseException as e:
+        if world is not None and not world.started:     # in the setup: tell every rank
+            world.agree(e)
+        raise
 
 
 def _fit(s, given):
@@ -389,49 +464,67 @@ def _fit(s, given):
             saved.pop("implementation", None)
         s = resolve_settings({**saved, **given})       # what is not given: the run's own
     xp = get_backend(s["backend"])
+    if mpi.world() is not None and s["backend"] == "cupy":
+        from minicnn.parallel import nccl             # one GPU a process
+        nccl.use_local_gpu(xp)
     _check_out(out, s)
     d = prepare_data(s)
+    _check_shares(s, d)
     steps_per_epoch = -(-len(d["x_train"]) // s["batch_size"])
     seed = s["seed"]
     rng_order, rng_augment = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
+    phase = finetune.phase_settings(s, info["epoch"] if s["resume"] else 0)
     if s["resume"]:
         _check_resume(info, s, d["classes"], last_path)
+        if s["pretrained"]:                      # the base's statistics, as the run began
+            d["mean"], d["std"] = (np.asarray(info["norm"][k], dtype=np.float32)
+                                   for k in ("mean", "std"))
         model.to(s["backend"])
-        optimizer = make_optimizer(s, model)
+        optimizer = make_optimizer(phase, model)
         optimizer.load_state_dict({"lr": info["optimizer"]["lr"], "steps": info["optimizer"]["steps"],
+                                   "loss_scale": info["optimizer"].get("loss_scale"),
                                    "state": {n: {b: to_device(v, s["backend"]) for b, v in bufs.items()}
                                              for n, bufs in buffers.items()}})
     else:
-        model = _build_model(s, num_classes=len(d["classes"]),
-                             image_size=tuple(d["x_train"].shape[2:]),
-                             rng=np.random.default_rng([seed, 0])).to(s["backend"])
+        model = (finetune.pretrained_model(s, d, np.random.default_rng([seed, 0]))
+                 if s["pretrained"] else
+                 _build_model(s, num_classes=len(d["classes"]),
+                              image_size=tuple(d["x_train"].shape[2:]),
+                              rng=np.random.default_rng([seed, 0]))).to(s["backend"])
         for i, layer in enumerate(_dropout_layers(model)):
             layer.rng = np.random.default_rng([seed, 4, i])
-        optimizer = make_optimizer(s, model)
+        optimizer = make_optimizer(phase, model)
         info = dict(epoch=0, step=0, history=_empty_history(), best_val_acc=-1.0, bad_epochs=0,
                     partial=dict(loss_sum=0.0, correct=0, seen=0),
                     rng=dict(order=rng_order.bit_generator.state,
                              augment=rng_augment.bit_generator.state))
-    schedule, schedule_unit = make_schedule(s, optimizer, steps_per_epoch)
+    schedule, schedule_unit = make_schedule(phase, optimizer, steps_per_epoch)
     if s["resume"]:
-        _restore_lr(s, info, optimizer, schedule, schedule_unit, steps_per_epoch)
+        saved_phase = finetune.phase_settings(info["settings"], info["epoch"])
+        _restore_lr(phase, dict(info, settings=saved_phase), optimizer, schedule, schedule_unit,
+                    steps_per_epoch)
         rng_order.bit_generator.state = info["rng"]["order"]
         rng_augment.bit_generator.state = info["rng"]["augment"]
         for layer, state in zip(_dropout_layers(model), info["rng"]["dropout"]):
             layer.rng.bit_generator.state = state
-        print(f"Resuming {datasets.display_name(last_path)} at epoch {info['epoch'] + 1}, "
-              f"step {info['step']}.")
-    out.mkdir(parents=True, exist_ok=True)
-    # (LOCK_FILE is not among RUN_FILES: --force never deletes the lock this run holds)
-    for path in out.iterdir():
-        if s["force"] and not s["resume"] and path.name in RUN_FILES:   # the old run's files
-            path.unlink()
-        elif is_temporary_of(path.name, RUN_FILES):     # a run killed while writing a file
-            path.unlink()
-    _write_json(out / "settings.json", {"settings": s, "code_version": code_version(),
-                                        "classes": d["classes"], "train_images": len(d["x_train"]),
-                                        "val_images": len(d["x_val"])})
-    _print_header(s, d, model)
+        if group.is_root():
+            print(f"Resuming {datasets.display_name(last_path)} at epoch {info['epoch'] + 1}, "
+                  f"step {info['step']}.")
+    if group.is_root():                       # under mpiexec, rank 0 alone writes and prints
+        out.mkdir(parents=True, exist_ok=True)
+        # (LOCK_FILE is not among RUN_FILES: --force never deletes the lock this run holds)
+        for path in out.iterdir():
+            if s["force"] and not s["resume"] and path.name in RUN_FILES:  # the old run's files
+                path.unlink()
+            elif is_temporary_of(path.name, RUN_FILES):     # a run killed while writing a file
+                path.unlink()
+        _write_json(out / "settings.json", {"settings": s, "code_version": code_version(),
+                                            "classes": d["classes"],
+                                            "train_images": len(d["x_train"]),
+                                            "val_images": len(d["x_val"])})
+        _print_header(s, d, model)
+    if mpi.world() is not None:
+        mpi.world().agree()     # the setup went well in every process, or all raise here
 
     loop = dict(s=s, d=d, xp=xp, model=model, optimizer=optimizer, schedule=schedule,
                 schedule_unit=schedule_unit, rng_order=rng_order, rng_augment=rng_augment,
@@ -439,6 +532,7 @@ def _fit(s, given):
     # A diverging loss is reported by the loop in one sentence, not by NumPy's overflow warnings.
     epochs_done = info["epoch"]
     with (_StopSignal() as stop, implementation.use(s["implementation"]),
+          mixed_precision.set_global_policy(PRECISIONS[s["precision"]]),
           np.errstate(over="ignore", invalid="ignore", divide="ignore")):
         try:
             status = _train(loop, stop)
@@ -449,10 +543,13 @@ def _fit(s, given):
                 "signal": stop.signum}
     # A finished run resumed trains no epoch, so nothing rewrote these: it may have been killed
     # between its last checkpoint and them.
+    if not group.is_root():
+        return {"status": status, "history": info["history"], "report": None, "out": str(out)}
     if info["epoch"] == epochs_done:
         _write_history(out, info["history"])
         plot_curves(info["history"], out / "curves.png")
-    with implementation.use(s["implementation"]):
+    with (implementation.use(s["implementation"]),
+          mixed_precision.set_global_policy(PRECISIONS[s["precision"]])):
         report = final_report(loop)
     return {"status": status, "history": info["history"], "report": report, "out": str(out)}
 
@@ -473,10 +570,17 @@ def _train(loop, stop):
     try:
         model.fit(source, epochs=s["epochs"], initial_epoch=info["epoch"], initial_state=resume,
                   validation_data=(x_val, d["y_val"]), validation_batch_size=500,
-                  callbacks=[run], verbose=1)
+                  callbacks=[*_trace(s, loop["out"]), run], verbose=1)
     except _Interrupted:
         return _interrupted(loop, stop)
     return run.status
+
+
+def _trace(s, out):
+    """[the backprop trace] for --trace N (appending to the run's trace.jsonl on --resume),
+    or []. It goes before the run's callback, which may stop fit inside a step."""
+    return ([BackpropTrace(every=s["trace"], log_dir=out, append=s["resume"])]
+            if s["trace"] and group.is_root() else [])
 
 
 class _Batches:
@@ -520,32 +624,54 @@ class _RunCallback(Callback):
     def __init__(self, loop, stop, source):
         super().__init__()
         self.loop, self.stop, self.source, self.status = loop, stop, source, "finished"
+        self.check_at = 0.0                    # when the loss is next read (see below)
 
     def on_train_batch_end(self, step, logs=None):
         loop, info, s = self.loop, self.loop["info"], self.loop["s"]
-        if not math.isfinite(logs["loss"]):
-            xb, yb = self.source.last
-            raise TrainingStopped(_diverged(loop, xb, loop["xp"].asarray(yb), self.model.loss,
-                                            logs["loss"], info["epoch"] + 1, step + 1))
+        info["step"] = self.params["progress"]["step"]
+        every = s["checkpoint_every"]
+        save = self._signalled() or (every and info["step"] % every == 0
+                                     and info["step"] < loop["steps_per_epoch"])
+        # Reading the loss waits for a GPU: there it is checked at the progress bar's pace and
+        # before every checkpoint; on the CPU, where a read costs nothing, after every step.
+        now = time.perf_counter()
+        if save or loop["xp"] is np or now >= self.check_at:
+            self.check_at = now + fitting.REFRESH_SECONDS
+            self._stop_if_diverged(logs["loss"])
         if loop["schedule_unit"] == "batch":
             loop["schedule"].step()
-        progress = self.params["progress"]
-        info["step"] = progress["step"]
-        info["partial"] = dict(loss_sum=progress["sums"]["loss"], seen=progress["seen"],
-                               correct=int(progress["sums"]["accuracy"]))
-        every = s["checkpoint_every"]
-        if self.stop.signum is not None or (every and info["step"] % every == 0
-                                            and info["step"] < loop["steps_per_epoch"]):
+        if save:
+            progress = self.params["progress"]
+            info["partial"] = dict(loss_sum=progress["sums"]["loss"], seen=progress["seen"],
+                                   correct=int(progress["sums"]["accuracy"]))
             _save(loop, "last.npz")
             if self.stop.signum is not None:
                 raise _Interrupted
+
+    def _signalled(self):
+        """Whether SIGINT or SIGTERM came; under mpiexec, to any of its processes (they all
+        stop after this step, and rank 0 names the signal)."""
+        world = mpi.world()
+        if world is not None:
+            self.stop.signum = next((n for n in world.allgather(self.stop.signum) if n), None)
+        return self.stop.signum is not None
+
+    def _stop_if_diverged(self, loss):
+        """TrainingStopped, in _diverged's sentence, when loss (the epoch's running mean: nan
+        or inf from the first such batch on) is not finite. Under mpiexec rank 0 raises it (the
+        loss is the same in every process), and its exit ends the others."""
+        if group.is_root() and not math.isfinite(loss):
+            loop, (xb, yb) = self.loop, self.source.last
+            raise TrainingStopped(_diverged(loop, xb, loop["xp"].asarray(yb), self.model.loss,
+                                            loss, loop["info"]["epoch"] + 1, loop["info"]["step"]))
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        self._stop_if_diverged(logs["loss"])                 # before the epoch's checkpoints
         status = _end_of_epoch(self.loop, logs, time.perf_counter() - self.started)
-        if self.stop.signum is not None:
+        if self._signalled():
             raise _Interrupted
         if status:
             self.status, self.model.stop_training = status, True
@@ -614,6 +740,8 @@ def _end_of_epoch(loop, logs, seconds):
         loop["schedule"].step()
     elif loop["schedule_unit"] == "metric":
         loop["schedule"].step(logs["val_loss"])
+    if finetune.unfreezes_after(s, epoch):             # its checkpoints start the new phase
+        finetune.start_fine_tuning(loop, make_optimizer, make_schedule)
     val_acc = logs["val_accuracy"]
     improved = val_acc > info["best_val_acc"]
     info["best_val_acc"] = max(val_acc, info["best_val_acc"])
@@ -622,18 +750,23 @@ def _end_of_epoch(loop, logs, seconds):
     if improved:
         _save(loop, "best.npz")
     _save(loop, "last.npz")
-    _write_history(loop["out"], h)
-    plot_curves(h, loop["out"] / "curves.png")
+    if group.is_root():
+        _write_history(loop["out"], h)
+        plot_curves(h, loop["out"] / "curves.png")
     patience = s["early_stopping"]
     if patience and info["bad_epochs"] >= patience and epoch < s["epochs"]:
         epochs = "1 epoch" if patience == 1 else f"{patience} epochs"
-        tqdm.write(f"Early stopping: no val-accuracy gain for {epochs} "
-                   f"(best {info['best_val_acc']:.4f}).")
+        if group.is_root():
+            tqdm.write(f"Early stopping: no val-accuracy gain for {epochs} "
+                       f"(best {info['best_val_acc']:.4f}).")
         return "early-stopped"
     return None
 
 
 def _save(loop, name):
+    """Checkpoint the run to --out/name (under mpiexec, rank 0 alone)."""
+    if not group.is_root():
+        return
     info, s = loop["info"], loop["s"]
     if info["step"] == 0:    # between epochs: the next epoch's order comes from the current state
         info["rng"]["order"] = loop["rng_order"].bit_generator.state
@@ -649,9 +782,12 @@ def _save(loop, name):
 def _interrupted(loop, stop):
     name = signal.Signals(stop.signum).name
     info = loop["info"]
-    print(f"\n{name} received: saved {loop['out'] / 'last.npz'} at epoch {info['epoch'] + 1}, "
-          f"step {info['step']}. Resume with: python -m minicnn.train --resume --out {loop['out']}",
-          file=sys.stderr)
+    if group.is_root():
+        print(f"\n{name} received: saved {loop['out'] / 'last.npz'} at epoch {info['epoch'] + 1}, "
+              f"step {info['step']}. Resume with: python -m minicnn.train --resume --out "
+              f"{loop['out']}", file=sys.stderr)
+    if mpi.world() is not None:
+        mpi.world().barrier()     # every process leaves once rank 0 has saved and said so
     return "interrupted"
 
 
@@ -874,6 +1010,8 @@ def _check_resume(info, settings, classes, path):
         raise CheckpointError(f"{path} was trained on {_names(info.get('classes', []))}, but "
                               f"{settings['data'] or 'CIFAR-10'} has {_names(classes)}: resume "
                               f"with the run's data.")
+    # (a setting newer than the checkpoint: its default, which the run had)
+    saved = {k: saved.get(k, HYPERPARAMETERS.get(k, (None,))[0]) for k in settings}
     differ = [k for k in settings if k not in RESUME_FREE and saved.get(k) != settings[k]]
     if differ and not settings["force"]:
         detail = "; ".join(f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {settings[k]!r}"
@@ -919,8 +1057,12 @@ _IMPLEMENTATION_NOTE = {"fast": "", "raw": " (raw CUDA kernels)",
 
 def _print_header(s, d, model):
     params = sum(int(p.size) for p in model.params.values())
-    print(f"minicnn {code_version()} | model {s['model']} ({params:,} parameters) | backend "
+    trainable = sum(int(p.size) for p in model.trainable_params.values())
+    frozen = f", {params - trainable:,} frozen" if trainable < params else ""
+    base = f" from {datasets.display_name(s['pretrained'])}" if s["pretrained"] else ""
+    print(f"minicnn {code_version()} | model {s['model']}{base} ({params:,} parameters{frozen}) | backend "
           f"{s['backend']}{_IMPLEMENTATION_NOTE[s['implementation']]} | "
+          f"{'' if s['precision'] == 'fp32' else 'precision ' + s['precision'] + ' | '}"
           f"{len(d['x_train']):,} train / {len(d['x_val']):,} val images | "
           f"{len(d['classes'])} classes")
     print(f"optimizer {s['optimizer']} lr {s['lr']} wd {s['weight_decay']} schedule {s['schedule']} "
@@ -957,7 +1099,8 @@ def final_report(loop):
     plot_predictions(d["x_test"][show], d["y_test"][show], logits[show].argmax(axis=1),
                      d["classes"], out / "predictions.png", probs=_softmax_np(logits[show]))
     say(f"Wrote {datasets.display_name(out)}/: last.npz best.npz history.json history.csv "
-        f"settings.json curves.png report.json confusion.png predictions.png")
+        f"settings.json curves.png report.json confusion.png predictions.png"
+        f"{' trace.jsonl trace.png' if s['trace'] else ''}")
     return report
 
 
@@ -967,7 +1110,9 @@ def _softmax_np(logits):
 
 
 def _main(argv):
-    args = build_parser().parse_args(argv)
+    # under mpiexec every process parses the same argv: rank 0 alone says what is wrong in it
+    with contextlib.redirect_stderr(sys.stderr if group.is_root() else io.StringIO()):
+        args = build_parser().parse_args(argv)
     result = fit(**vars(args))
     if result["status"] == "interrupted":
         return 128 + result["signal"]
