@@ -156,14 +156,14 @@ def net(num_classes, rng):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     """The image folder, the model file, the settings, and the one-process run's --out: what
-    every command-line test compares with. (36 steps, each checkpointed: the signal tests'
+    every command-line test compares with. (72 steps, each checkpointed: the signal tests'
     signal lands in the middle of the run.)"""
     from _data_helpers import make_folder
     root = tmp_path_factory.mktemp("mpi_cli")
     (root / "net.py").write_text(NET)
     make_folder(root / "data", per_class=40)
     args = ["-m", "minicnn.train", "--data", str(root / "data"), "--model",
-            f"{root / 'net.py'}:net", "--image-size", "8", "--epochs", "3", "--batch-size", "8",
+            f"{root / 'net.py'}:net", "--image-size", "8", "--epochs", "6", "--batch-size", "8",
             "--val-split", "0.2", "--checkpoint-every", "1"]
     one = root / "one"
     done = _run([sys.executable, *args, "--out", str(one)], env=_env(threads=2))
@@ -226,11 +226,17 @@ def _start_and_hit(args, out, how, tmp_path):
                             "--out", str(out)], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
-        pid = _rank_pid(marker, 1)
+        pids = [_rank_pid(marker, rank) for rank in (0, 1)]
         end = time.monotonic() + 60
         while not (out / "last.npz").exists() and time.monotonic() < end:
-            time.sleep(0.05)
-        os.kill(pid, how)
+            time.sleep(0.005)
+        # Both ranks held still while the signal is sent, so that it lands mid-run even when
+        # the machine is slow to schedule this test and quick to run the job's tiny steps.
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(pids[1], how)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
         stdout, stderr = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
