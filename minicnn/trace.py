@@ -57,6 +57,7 @@ from minicnn.backend import to_numpy
 from minicnn.nn.gradcheck import gradcheck as _gradcheck
 from minicnn.nn.layers import ReLU
 from minicnn.nn.serialization import atomic_write
+from minicnn.nn.state_dicts import named_layers_flat
 
 UPDATE_LOW, UPDATE_HIGH = 1e-4, 1e-2     # 10x either side of CS231n's 1e-3
 # Adam's first step moves each weight by lr: a ratio of lr / rms(weight), 0.055 for the Keras
@@ -278,19 +279,14 @@ def cache_bytes(cache):
 
 
 def _named_leaves(model):
-    """[(name, layer)] of the model's layers that are not containers, in the order of
-    model.layers(), named as their parameters are ("3", "4.body.0"; a bare layer: "")."""
+    """[(name, layer)] of the model's layers that are not containers, in forward order, named as
+    their parameters are ("3", "4.body.0", "layer1.0.bn1"; a bare layer: ""); a layer used twice
+    is watched once."""
     found, seen = [], set()
-
-    def visit(layer, name):
-        if not layer.is_container:
-            if id(layer) not in seen:                 # a layer used twice is watched once
-                seen.add(id(layer))
-                found.append((name, layer))
-            return
-        for sub_name, sub in layer.named_layers():
-            visit(sub, f"{name}.{sub_name}" if name else sub_name)
-    visit(model, "")
+    for prefix, layer in named_layers_flat(model):
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            found.append((prefix[:-1], layer))            # "4.body.0." -> "4.body.0"
     return found
 
 

@@ -46,3 +46,11 @@ def emulator(tmp_path_factory):
     """The CUDA emulation (tests/cuda_emulation.py), built once per session."""
     from cuda_emulation import EmulatedCUDA, build_emulator
     return EmulatedCUDA(build_emulator(tmp_path_factory.mktemp("cuda_emulator")))
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """A small image folder of three shape classes (make_folder), the data cache in tmp_path."""
+    from _data_helpers import make_folder
+    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
+    return make_folder(tmp_path / "shapes")

@@ -15,7 +15,6 @@ import time
 import pytest
 
 import minicnn
-from _data_helpers import make_folder
 from minicnn.errors import FolderInUseError, MinicnnError, UsageError
 from minicnn.training import cli, predict
 from minicnn.training import trainer as train
@@ -24,12 +23,6 @@ from minicnn.training.checkpoint import load_checkpoint
 TRAIN = [sys.executable, "-m", "minicnn.train"]
 BUG_LINE = (f"error: this is a bug in minicnn {minicnn.__version__}, not a problem with your "
             f"input: please report it with the traceback above and the command you ran.")
-
-
-@pytest.fixture
-def folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
-    return make_folder(tmp_path / "shapes")
 
 
 def _args(folder, out, *extra):

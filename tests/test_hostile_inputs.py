@@ -494,28 +494,30 @@ def write_archive(data, work, folder, files, log):
     return path
 
 
+def train_on_a_hostile_archive(references, tmp_path, data, contents, folder):
+    """Draw an archive's files from contents(log), packed under folder; train and evaluate."""
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    log = []
+    files = data.draw(contents(log))
+    archive = write_archive(data, work, folder, files, log)
+    note("\n".join(log))
+    train_then_evaluate(archive, work, references["cifar"][2], CIFAR_TRAIN)
+
+
 @EXAMPLES
 @given(data=st.data())
 def test_hostile_binary_archives_train_and_evaluate_or_say_one_sentence(
         references, tmp_path, data):
-    work = Path(tempfile.mkdtemp(dir=tmp_path))
-    log = []
-    files = data.draw(binary_contents(log))
-    archive = write_archive(data, work, "cifar-10-batches-bin", files, log)
-    note("\n".join(log))
-    train_then_evaluate(archive, work, references["cifar"][2], CIFAR_TRAIN)
+    train_on_a_hostile_archive(references, tmp_path, data, binary_contents,
+                               "cifar-10-batches-bin")
 
 
 @EXAMPLES
 @given(data=st.data())
 def test_hostile_python_archives_train_and_evaluate_or_say_one_sentence(
         references, tmp_path, data):
-    work = Path(tempfile.mkdtemp(dir=tmp_path))
-    log = []
-    files = data.draw(python_contents(log))
-    archive = write_archive(data, work, "cifar-10-batches-py", files, log)
-    note("\n".join(log))
-    train_then_evaluate(archive, work, references["cifar"][2], CIFAR_TRAIN)
+    train_on_a_hostile_archive(references, tmp_path, data, python_contents,
+                               "cifar-10-batches-py")
 
 
 # ---- images: every mode, size and format Pillow writes, and hand-made PNG and TIFF headers -----

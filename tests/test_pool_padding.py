@@ -180,6 +180,22 @@ def test_padded_pools_on_every_backend(xp):
 
 
 # ---- PyTorch, a second opinion ------------------------------------------------------------------
+def _assert_as_torch(layer, torch_fn, x, rng, impl):
+    """layer's forward and backward (under implementation impl, a random dy) equal torch_fn's
+    on x, float64; -> the layer's output."""
+    import torch
+    with minicnn.use(impl):
+        y = layer.forward(x, training=True)
+        dy = rng.standard_normal(y.shape)
+        dx = layer.backward(dy)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch_fn(tx)
+    ty.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+    return y
+
+
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("kernel, stride, padding", [
     (2, 2, 1), (3, 2, 1), (3, 1, 1), ((3, 2), (1, 2), (1, 1)), ((3, 5), 2, (0, 2))])
@@ -195,15 +211,7 @@ def test_explicit_padding_as_pytorch(kernel, stride, padding, impl):
              lambda t: F.max_pool2d(t, kernel, stride, padding)),
             (AvgPool2D(kernel, stride, padding),
              lambda t: F.avg_pool2d(t, kernel, stride, padding, count_include_pad=False))):
-        with minicnn.use(impl):
-            y = layer.forward(x, training=True)
-            dy = rng.standard_normal(y.shape)
-            dx = layer.backward(dy)
-        tx = torch.tensor(x, requires_grad=True)
-        ty = torch_fn(tx)
-        ty.backward(torch.tensor(dy))
-        np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+        _assert_as_torch(layer, torch_fn, x, rng, impl)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
@@ -231,16 +239,8 @@ def test_same_padding_as_pytorch_on_a_padded_copy(h, w, kernel, stride, impl):
             (MaxPool2D(kernel, stride, "same"),
              lambda t: F.max_pool2d(F.pad(t, (pl, pr, pt, pb), value=-math.inf), k, s)),
             (AvgPool2D(kernel, stride, "same"), torch_avg)):
-        with minicnn.use(impl):
-            y = layer.forward(x, training=True)
-            dy = rng.standard_normal(y.shape)
-            dx = layer.backward(dy)
-        tx = torch.tensor(x, requires_grad=True)
-        ty = torch_fn(tx)
-        ty.backward(torch.tensor(dy))
+        y = _assert_as_torch(layer, torch_fn, x, rng, impl)
         assert y.shape[2:] == (math.ceil(h / s[0]), math.ceil(w / s[1]))
-        np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
 # ---- gradcheck -----------------------------------------------------------------------------------

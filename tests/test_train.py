@@ -28,12 +28,6 @@ from test_parallel import thread_workers
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 
 
-@pytest.fixture
-def folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINICNN_DATA", str(tmp_path / "cache"))
-    return make_folder(tmp_path / "shapes")
-
-
 def _train_args(folder, out, *extra):
     return ["--data", str(folder), "--out", str(out), "--epochs", "2", "--batch-size", "16",
             "--val-split", "0.25", *extra]
