@@ -162,4 +162,4 @@ def start_fine_tuning(loop, make_optimizer, make_schedule):
     loop["schedule"], loop["schedule_unit"] = make_schedule(phase, loop["optimizer"],
                                                             loop["steps_per_epoch"])
     tqdm.write(f"Unfrozen after epoch {s['unfreeze_after']}: fine-tuning every layer at lr "
-          f"{phase['lr']:g} for {phase['epochs']} more epochs.")
+               f"{phase['lr']:g} for {phase['epochs']} more epochs.")
