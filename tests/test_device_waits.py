@@ -16,7 +16,7 @@ from minicnn.backend import to_numpy
 from minicnn.datasets import loading
 from minicnn.nn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, fitting
 from minicnn.training import trainer as train
-from test_train import _train_args as train_args, folder  # noqa: F401 (folder: a fixture)
+from test_train import _train_args as train_args
 
 STEPS, EPOCHS = 6, 2                     # 48 images in batches of 8
 

@@ -17,7 +17,7 @@ from minicnn.ops import gemm
 from minicnn.parallel import processes
 from minicnn.training import trainer as train
 from minicnn.training.checkpoint import load_checkpoint
-from test_train import _train_args as _args, folder  # noqa: F401 (a fixture)
+from test_train import _train_args as _args
 
 try:                            # the test extra installs it; without it, its tests skip
     from ml_dtypes import bfloat16 as BFLOAT16
